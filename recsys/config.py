@@ -1,0 +1,246 @@
+"""Typed configuration: one dataclass per Hydra group, registered in Hydra's ConfigStore.
+
+The YAML files under ``conf/<group>/`` extend these schemas (``defaults: [base_<group>]``), so a
+misspelt key or a value of the wrong type fails when the config is composed, before any work.
+Library code receives these dataclasses (or plain arguments), never a DictConfig.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+from typing import List, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import OmegaConf
+
+
+class ConfigError(ValueError):
+    """A configuration value that cannot work, found before any work starts."""
+
+
+def _check(condition: bool, message: str) -> None:
+    if not condition:
+        raise ConfigError(message)
+
+
+@dataclass
+class DataConfig:
+    """Where interactions come from, how ids are mapped and how the log is split."""
+
+    name: str = "synthetic"
+    """``synthetic`` (generated, seeded) or ``parquet`` (a file or directory of Parquet files)."""
+    root: str = "data"
+    """Directory where prepared datasets (Parquet + vocabularies + manifest) are written."""
+    path: Optional[str] = None
+    """``parquet``: the interactions (file or directory). With ``split=given``: the train file."""
+    test_path: Optional[str] = None
+    """``split=given``: the test interactions (same columns as ``path``)."""
+    user_column: str = "user_id"
+    item_column: str = "item_id"
+    timestamp_column: Optional[str] = "timestamp"
+    """Optional: used by ``split=temporal``; ignored when absent from the file."""
+    weight_column: Optional[str] = None
+    split: str = "random"
+    """``random`` (per-user random holdout), ``temporal`` (global time cut-off) or ``given``."""
+    test_fraction: float = 0.2
+    """Share of each user's interactions (random) or of the log by time (temporal) held out."""
+    duplicates: str = "drop"
+    """``drop`` repeated (user, item) pairs (counted in the manifest) or ``keep`` them."""
+    seed: int = 0
+    """Seed of the synthetic generator and of the random split (independent of training)."""
+    num_users: int = 20_000
+    """``synthetic``: number of users."""
+    num_items: int = 5_000
+    """``synthetic``: number of items."""
+    num_interactions: int = 500_000
+    """``synthetic``: approximate number of interactions (before the split)."""
+    latent_dim: int = 16
+    """``synthetic``: dimension of the planted user/item structure."""
+    popularity_exponent: float = 1.0
+    """``synthetic``: Zipf exponent of item popularity."""
+    affinity: float = 3.0
+    """``synthetic``: weight of the planted user-item affinity against log popularity."""
+
+    def __post_init__(self) -> None:
+        _check(self.name in ("synthetic", "parquet"), f"data.name must be synthetic or parquet, got {self.name!r}")
+        _check(self.split in ("random", "temporal", "given"), f"data.split must be random, temporal or given, got {self.split!r}")
+        _check(self.duplicates in ("drop", "keep"), f"data.duplicates must be drop or keep, got {self.duplicates!r}")
+        _check(0.0 < self.test_fraction < 1.0, f"data.test_fraction must be in (0, 1), got {self.test_fraction}")
+        if self.name == "parquet":
+            _check(self.path is not None, "data=parquet needs data.path=FILE_OR_DIR")
+        if self.split == "given":
+            _check(self.path is not None and self.test_path is not None,
+                   "data.split=given needs data.path (train) and data.test_path (test)")
+        if self.name == "synthetic":
+            _check(self.split != "given", "data=synthetic cannot use split=given")
+            _check(self.num_users > 0 and self.num_items > 1, "data.num_users and data.num_items must be positive")
+            _check(self.num_interactions >= self.num_users,
+                   "data.num_interactions must be at least data.num_users (every user interacts)")
+
+
+@dataclass
+class ModelConfig:
+    """The dot-product model: user and item embedding tables."""
+
+    name: str = "mf"
+    """``mf``: matrix factorisation (id embeddings only)."""
+    embedding_dim: int = 64
+    normalize: bool = True
+    """Score with L2-normalised vectors (cosine); exported vectors are then normalised too."""
+    init_std: float = 0.1
+    """Standard deviation of the (sharding-independent) normal initialisation of the tables."""
+
+    def __post_init__(self) -> None:
+        _check(self.name == "mf", f"model.name must be mf, got {self.name!r}")
+        _check(self.embedding_dim > 0, f"model.embedding_dim must be positive, got {self.embedding_dim}")
+        _check(self.init_std > 0, f"model.init_std must be positive, got {self.init_std}")
+
+
+@dataclass
+class LossConfig:
+    """Sampled softmax over in-batch negatives from every rank plus uniform negatives."""
+
+    name: str = "sampled_softmax"
+    temperature: float = 0.2
+    """Logits are scores / temperature."""
+    num_negatives: int = 256
+    """Uniform negatives per step over all ranks (each rank samples num_negatives / world_size)."""
+    logq_correction: bool = True
+    """Subtract log of each candidate's sampling probability (popularity for in-batch ones)."""
+    mask_accidental_hits: bool = True
+    """Mask candidates that are the row's own item or another row of the same user."""
+
+    def __post_init__(self) -> None:
+        _check(self.name == "sampled_softmax", f"loss.name must be sampled_softmax, got {self.name!r}")
+        _check(self.temperature > 0, f"loss.temperature must be positive, got {self.temperature}")
+        _check(self.num_negatives >= 0, f"loss.num_negatives must be >= 0, got {self.num_negatives}")
+
+
+@dataclass
+class OptimConfig:
+    """Fused in-backward optimizer of the embedding tables, and the optimizer of dense parameters."""
+
+    name: str = "rowwise_adagrad"
+    """Table optimizer: ``rowwise_adagrad`` (CPU and GPU) or ``sgd``."""
+    lr: float = 0.3
+    eps: float = 1e-8
+    dense_lr: float = 1e-3
+    """Learning rate of Adam for dense parameters (none in ``mf``)."""
+
+    def __post_init__(self) -> None:
+        _check(self.name in ("rowwise_adagrad", "sgd"), f"optim.name must be rowwise_adagrad or sgd, got {self.name!r}")
+        _check(self.lr > 0, f"optim.lr must be positive, got {self.lr}")
+
+
+@dataclass
+class TrainConfig:
+    """The training loop."""
+
+    epochs: int = 8
+    max_steps: Optional[int] = None
+    """Stop after this many steps (a cap for short runs); None: run all epochs."""
+    batch_size: int = 1024
+    """Global batch: interactions per step over all ranks (divisible by the world size)."""
+    device: str = "auto"
+    """``auto`` (CUDA when available), ``cpu`` or ``cuda``."""
+    sharding_types: List[str] = field(default_factory=list)
+    """Restrict the planner (e.g. [row_wise]); empty: the planner chooses."""
+    log_every_steps: int = 20
+    progress: bool = True
+    """Show a tqdm progress bar (rank 0)."""
+
+    def __post_init__(self) -> None:
+        _check(self.epochs > 0, f"train.epochs must be positive, got {self.epochs}")
+        _check(self.max_steps is None or self.max_steps > 0, f"train.max_steps must be positive, got {self.max_steps}")
+        _check(self.batch_size > 0, f"train.batch_size must be positive, got {self.batch_size}")
+        _check(self.device in ("auto", "cpu", "cuda"), f"train.device must be auto, cpu or cuda, got {self.device!r}")
+        known = {"table_wise", "row_wise", "column_wise", "table_row_wise", "table_column_wise"}
+        for t in self.sharding_types:
+            _check(t in known, f"train.sharding_types: unknown sharding type {t!r} (known: {sorted(known)})")
+
+
+@dataclass
+class EvalConfig:
+    """Exact full-corpus ranking metrics with each user's training items masked."""
+
+    ks: List[int] = field(default_factory=lambda: [10, 20, 50])
+    user_chunk: int = 1024
+    """Users scored per matrix product (bounds memory: user_chunk x num_items scores)."""
+    popularity: bool = True
+    """Also evaluate the popularity baseline with the same evaluator."""
+
+    def __post_init__(self) -> None:
+        _check(len(self.ks) > 0 and all(k > 0 for k in self.ks), f"eval.ks must be positive integers, got {self.ks}")
+        _check(self.user_chunk > 0, f"eval.user_chunk must be positive, got {self.user_chunk}")
+
+
+@dataclass
+class ExportConfig:
+    """Vectors written with their raw ids."""
+
+    enabled: bool = True
+    dir: str = "export"
+    """Relative to the run directory."""
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
+    seed: int = 0
+
+
+GROUPS = {
+    "data": DataConfig,
+    "model": ModelConfig,
+    "loss": LossConfig,
+    "optim": OptimConfig,
+    "train": TrainConfig,
+    "eval": EvalConfig,
+    "export": ExportConfig,
+}
+
+
+def register_configs() -> None:
+    cs = ConfigStore.instance()
+    cs.store(name="base_config", node=Config)
+    for group, node in GROUPS.items():
+        cs.store(group=group, name=f"base_{group}", node=node)
+
+
+def _parent_start_time() -> Optional[float]:
+    """Start time (epoch seconds) of the parent process: torchrun, shared by its local ranks."""
+    try:
+        ticks = int(open(f"/proc/{os.getppid()}/stat").read().rsplit(")", 1)[1].split()[19])
+        boot = next(float(line.split()[1]) for line in open("/proc/stat") if line.startswith("btime"))
+        return boot + ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError, StopIteration):
+        return None
+
+
+def run_id() -> str:
+    """The run directory's name, identical on every rank of a job.
+
+    ``RECSYS_RUN_ID`` when set (jobs/*.sh set it); under torchrun, the launcher's start time
+    (and its rendezvous id on multi-node jobs); otherwise the current time."""
+    if os.environ.get("RECSYS_RUN_ID"):
+        return os.environ["RECSYS_RUN_ID"]
+    stamp = time.time()
+    if "LOCAL_RANK" in os.environ:
+        stamp = _parent_start_time() or stamp
+        rdzv = os.environ.get("TORCHELASTIC_RUN_ID", "none")
+        if rdzv not in ("", "none") and int(os.environ.get("WORLD_SIZE", 1)) > int(os.environ.get("LOCAL_WORLD_SIZE", 1)):
+            return time.strftime("%Y-%m-%d", time.localtime(stamp)) + f"/{rdzv}"
+    return time.strftime("%Y-%m-%d/%H-%M-%S", time.localtime(stamp))
+
+
+def register_resolvers() -> None:
+    if not OmegaConf.has_resolver("recsys_run_id"):
+        OmegaConf.register_new_resolver("recsys_run_id", run_id, use_cache=True)

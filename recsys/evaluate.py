@@ -1,0 +1,183 @@
+"""Evaluation: exact full-corpus Recall@K and NDCG@K with each user's training items masked.
+
+Users with test items are split across ranks; each rank scores its users against every item
+by chunked matrix products, masks the users' training items, takes the top max(K) and sums the
+per-user metrics; the sums are all-reduced. Recall@K = hits in the top K / number of the user's
+test items; NDCG@K uses binary relevance and the ideal DCG over min(K, test items) (the LightGCN
+protocol). The popularity baseline goes through the same code with item score = train count.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Dict, List, Sequence
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from recsys.data import CSR, ITEM_FEATURE, USER_FEATURE, ids_kjt
+
+
+def _gather_csr(csr: CSR, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(row position, item) pairs of the given users, vectorised."""
+    starts, stops = csr.indptr[rows], csr.indptr[rows + 1]
+    counts = stops - starts
+    pos = np.repeat(np.arange(len(rows)), counts)
+    offsets = np.arange(counts.sum()) - np.repeat(np.cumsum(counts) - counts, counts)
+    return pos, csr.indices[np.repeat(starts, counts) + offsets]
+
+
+@torch.no_grad()
+def ranking_metric_sums(
+    user_vecs: torch.Tensor,
+    item_vecs: torch.Tensor,
+    users: np.ndarray,
+    train: CSR,
+    test: CSR,
+    ks: Sequence[int],
+    user_chunk: int = 1024,
+) -> Dict[str, float]:
+    """Sums over `users` of recall@K and ndcg@K, and their count (key ``users``).
+
+    `user_vecs[i]` is the vector of user row `users[i]`; `item_vecs` holds every item."""
+    num_items = item_vecs.shape[0]
+    kmax = max(ks)
+    if kmax > num_items:
+        raise ValueError(f"eval.ks: K={kmax} is larger than the number of items ({num_items})")
+    device = item_vecs.device
+    discount = 1.0 / torch.log2(torch.arange(2, kmax + 2, device=device, dtype=torch.float64))
+    ideal = torch.cumsum(discount, 0)
+    sums = {f"{m}@{k}": 0.0 for k in ks for m in ("recall", "ndcg")}
+    for start in range(0, len(users), user_chunk):
+        rows = users[start : start + user_chunk]
+        c = len(rows)
+        scores = user_vecs[start : start + c].to(device) @ item_vecs.T
+        pos, items = _gather_csr(train, rows)
+        scores[torch.from_numpy(pos).to(device), torch.from_numpy(items).to(device)] = float("-inf")
+        top = torch.topk(scores, kmax, dim=1).indices
+        pos, items = _gather_csr(test, rows)
+        truth = torch.zeros(c, num_items, dtype=torch.bool, device=device)
+        truth[torch.from_numpy(pos).to(device), torch.from_numpy(items).to(device)] = True
+        rel = truth.gather(1, top).double()
+        n_test = torch.from_numpy(test.indptr[rows + 1] - test.indptr[rows]).to(device).double()
+        if bool((n_test == 0).any()):
+            raise ValueError("ranking_metric_sums: every evaluated user needs at least one test item")
+        for k in ks:
+            hits = rel[:, :k].sum(1)
+            sums[f"recall@{k}"] += float((hits / n_test).sum())
+            dcg = (rel[:, :k] * discount[:k]).sum(1)
+            idcg = ideal[(torch.clamp(n_test, max=k) - 1).long()]
+            sums[f"ndcg@{k}"] += float((dcg / idcg).sum())
+    sums["users"] = float(len(users))
+    return sums
+
+
+def reduce_means(sums: Dict[str, float], device: torch.device) -> Dict[str, float]:
+    """All-reduce metric sums over ranks and divide by the number of users."""
+    keys = sorted(sums)
+    t = torch.tensor([sums[k] for k in keys], dtype=torch.float64, device=device)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(t)
+    total = dict(zip(keys, t.tolist()))
+    n = total.pop("users")
+    out = {k: total[k] / n for k in sorted(total, key=lambda s: (s.split("@")[0], int(s.split("@")[1])))}
+    out["users"] = int(n)
+    return out
+
+
+def rank_slice(n: int, rank: int, world: int) -> slice:
+    """Contiguous near-equal share of range(n) for `rank`."""
+    bounds = np.linspace(0, n, world + 1).round().astype(int)
+    return slice(bounds[rank], bounds[rank + 1])
+
+
+@torch.no_grad()
+def tower_outputs(
+    tower: Callable,
+    key: str,
+    ids: np.ndarray,
+    num_calls: int,
+    chunk: int,
+    dim: int,
+    device: torch.device,
+) -> torch.Tensor:
+    """Vectors of `ids` from a (possibly sharded) tower, in `num_calls` equal-sized calls.
+
+    Sharded lookups are collective: every rank makes the same number of calls with the same
+    batch size (short ranks pad with id 0 and drop the padding)."""
+    out = torch.empty(len(ids), dim, device=device)
+    for call in range(num_calls):
+        part = ids[call * chunk : (call + 1) * chunk]
+        padded = np.zeros(chunk, dtype=np.int64)
+        padded[: len(part)] = part
+        vecs = tower(ids_kjt(key, torch.from_numpy(padded)).to(device))
+        out[call * chunk : call * chunk + len(part)] = vecs[: len(part)]
+    return out
+
+
+def gather_padded(x: torch.Tensor, sizes: List[int], dst: int | None = None) -> torch.Tensor | None:
+    """Concatenate rank-local row blocks of different sizes on every rank (or on `dst` only)."""
+    world = len(sizes)
+    if world == 1:
+        return x
+    padded = torch.zeros(max(sizes), *x.shape[1:], dtype=x.dtype, device=x.device)
+    padded[: len(x)] = x
+    if dst is None:
+        parts = [torch.empty_like(padded) for _ in range(world)]
+        dist.all_gather(parts, padded)
+    else:
+        parts = [torch.empty_like(padded) for _ in range(world)] if dist.get_rank() == dst else None
+        dist.gather(padded, parts, dst=dst)
+        if parts is None:
+            return None
+    return torch.cat([p[:n] for p, n in zip(parts, sizes)])
+
+
+def all_vectors(tower: Callable, key: str, count: int, dim: int, device: torch.device, chunk: int,
+                dst: int | None = None) -> torch.Tensor | None:
+    """Vectors of rows 0..count-1, computed a share per rank and gathered (everywhere or on dst)."""
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    sizes = [len(range(count)[rank_slice(count, r, world)]) for r in range(world)]
+    num_calls = -(-max(sizes) // chunk)
+    ids = np.arange(count)[rank_slice(count, rank, world)]
+    local = tower_outputs(tower, key, ids, num_calls, chunk, dim, device)
+    return gather_padded(local, sizes, dst)
+
+
+@torch.no_grad()
+def evaluate_model(
+    model,
+    num_users: int,
+    num_items: int,
+    train: CSR,
+    test: CSR,
+    ks: Sequence[int],
+    device: torch.device,
+    user_chunk: int = 1024,
+) -> Dict[str, float]:
+    """Recall/NDCG of a two-tower model (plain or sharded) over the users that have test items."""
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    dim = model.embedding_dim
+    item_vecs = all_vectors(model.item_vectors, ITEM_FEATURE, num_items, dim, device, user_chunk)
+    eval_users = np.flatnonzero(test.counts() > 0)
+    local = eval_users[rank_slice(len(eval_users), rank, world)]
+    max_local = max(len(range(len(eval_users))[rank_slice(len(eval_users), r, world)]) for r in range(world))
+    user_vecs = tower_outputs(model.user_vectors, USER_FEATURE, local, -(-max_local // user_chunk),
+                              user_chunk, dim, device)
+    sums = ranking_metric_sums(user_vecs, item_vecs, local, train, test, ks, user_chunk)
+    return reduce_means(sums, device)
+
+
+def evaluate_popularity(
+    item_counts: np.ndarray, train: CSR, test: CSR, ks: Sequence[int], device: torch.device, user_chunk: int = 1024,
+) -> Dict[str, float]:
+    """The most-popular-items baseline (training counts, training items masked), same evaluator."""
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    eval_users = np.flatnonzero(test.counts() > 0)
+    local = eval_users[rank_slice(len(eval_users), rank, world)]
+    item_vecs = torch.from_numpy(item_counts.astype(np.float32))[:, None].to(device)
+    user_vecs = torch.ones(len(local), 1, device=device)
+    return reduce_means(ranking_metric_sums(user_vecs, item_vecs, local, train, test, ks, user_chunk), device)

@@ -1,0 +1,90 @@
+"""Sampled softmax over in-batch negatives gathered from every rank plus uniform negatives.
+
+Each rank holds B positives (user vector, item vector) and N uniformly sampled items. The
+candidates of every row are the positive items of all ranks (W*B) followed by the uniform
+negatives of all ranks (W*N), gathered with an autograd-aware all-gather so that gradients flow
+back to the rank that looked an item up. The loss of one rank is the mean over its rows; the
+mean of the ranks' losses is the loss of the single-process global batch.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+import torch.distributed._functional_collectives as funcol
+import torch.nn.functional as F
+
+
+def _world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def gather_rows(x: torch.Tensor, differentiable: bool) -> torch.Tensor:
+    """Concatenate `x` of every rank along dim 0 (same shape on every rank)."""
+    rank, world = _world()
+    if world == 1:
+        return x
+    if differentiable:
+        return funcol.all_gather_tensor_autograd(x, gather_dim=0, group=dist.group.WORLD)
+    return funcol.all_gather_tensor(x, gather_dim=0, group=dist.group.WORLD).wait()
+
+
+def sampled_softmax_loss(
+    user_vecs: torch.Tensor,
+    item_vecs: torch.Tensor,
+    user_ids: torch.Tensor,
+    item_ids: torch.Tensor,
+    temperature: float,
+    mask_accidental_hits: bool = True,
+    item_log_prob: Optional[torch.Tensor] = None,
+    num_items: int = 0,
+) -> torch.Tensor:
+    """Mean softmax cross-entropy of this rank's rows over all ranks' candidates.
+
+    Args:
+        user_vecs: [B, D] this rank's user vectors.
+        item_vecs: [B + N, D] the B positive item vectors followed by N uniform negatives.
+        user_ids, item_ids: rows of the same ([B], [B + N]); used to mask accidental hits.
+        temperature: logits are scores / temperature.
+        mask_accidental_hits: mask candidates equal to the row's positive item, and in-batch
+            candidates that belong to another row of the same user (known positives).
+        item_log_prob: [num_items] log of each item's share of training interactions; when
+            given, the logQ correction subtracts log(expected count of the candidate among the
+            sampled candidates): popularity-proportional for in-batch ones, uniform for the rest.
+        num_items: catalogue size (needed with item_log_prob).
+    """
+    rank, world = _world()
+    b = user_vecs.shape[0]
+    n = item_vecs.shape[0] - b
+    pos_all = gather_rows(item_vecs[:b], differentiable=True)
+    pos_ids = gather_rows(item_ids[:b], differentiable=False)
+    if n > 0:
+        neg_all = gather_rows(item_vecs[b:], differentiable=True)
+        neg_ids = gather_rows(item_ids[b:], differentiable=False)
+        candidates = torch.cat([pos_all, neg_all])
+        candidate_ids = torch.cat([pos_ids, neg_ids])
+    else:
+        candidates, candidate_ids = pos_all, pos_ids
+    logits = user_vecs @ candidates.T / temperature  # [B, W*B + W*N]
+    labels = torch.arange(b, device=logits.device) + rank * b
+
+    if item_log_prob is not None:
+        in_batch = item_log_prob[pos_ids] + math.log(world * b)
+        correction = in_batch
+        if n > 0:
+            uniform = torch.full((world * n,), math.log(world * n) - math.log(num_items), device=logits.device)
+            correction = torch.cat([in_batch, uniform])
+        logits = logits - correction
+
+    if mask_accidental_hits:
+        hit = candidate_ids[None, :] == item_ids[:b, None]
+        all_users = gather_rows(user_ids, differentiable=False)
+        hit[:, : world * b] |= all_users[None, :] == user_ids[:, None]
+        hit[torch.arange(b, device=logits.device), labels] = False
+        logits = logits.masked_fill(hit, float("-inf"))
+    return F.cross_entropy(logits, labels)

@@ -1,0 +1,228 @@
+"""Train: prepare data, build and shard the model, run the loop, evaluate, export.
+
+    python -m recsys.train [hydra overrides]                          # one process
+    torchrun --nproc_per_node 2 -m recsys.train [hydra overrides]     # 2 ranks (gloo/NCCL)
+
+The Hydra entry point ``main`` turns the composed config into typed dataclasses and calls
+``train(cfg, run_dir)``, which reads top to bottom: setup, loop, evaluate, export, close.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import random
+import sys
+import time
+import warnings
+from pathlib import Path
+from typing import Dict, Optional
+
+import hydra
+import numpy as np
+import torch
+import torch.distributed as dist
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf
+from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
+from tqdm import tqdm
+
+from recsys.config import Config, ConfigError, register_configs, register_resolvers
+from recsys.data import DataError, Dataset, TrainBatches, prepare, write_json_atomic
+from recsys.evaluate import evaluate_model, evaluate_popularity
+from recsys.export import export_model
+from recsys.model import RetrievalTask, TwoTower
+from recsys.parallelize import describe_plan, destroy_distributed, init_distributed, init_tables, shard_model
+
+logger = logging.getLogger("recsys.train")
+warnings.filterwarnings("ignore", message=".*deprecating ShardedTensor.*")
+warnings.filterwarnings("ignore", message=".*is_fx_tracing will return true.*")
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def broadcast_object(obj, src: int = 0):
+    holder = [obj]
+    dist.broadcast_object_list(holder, src=src)
+    return holder[0]
+
+
+def train(cfg: Config, run_dir: Path, config_hash: str = "") -> Dict:
+    """Run one training job on the current process group (created when missing)."""
+    run_dir = Path(run_dir)
+    info = init_distributed(cfg.train.device)
+    rank, world, device = info.rank, info.world_size, info.device
+    try:
+        logging.getLogger("torchrec").setLevel(logging.WARNING)
+        if rank != 0:
+            logging.getLogger("recsys").setLevel(logging.WARNING)
+        ranks_dirs = [None] * world
+        dist.all_gather_object(ranks_dirs, str(run_dir.resolve()))
+        if len(set(ranks_dirs)) != 1:
+            raise ConfigError(f"ranks resolved different run directories {sorted(set(ranks_dirs))}: "
+                              "pass hydra.run.dir=DIR (or RECSYS_RUN_ID) to all ranks")
+        if cfg.train.batch_size % world:
+            raise ConfigError(f"train.batch_size={cfg.train.batch_size} is not divisible by the world size {world}")
+        if cfg.loss.num_negatives % world:
+            raise ConfigError(f"loss.num_negatives={cfg.loss.num_negatives} is not divisible by the world size {world}")
+        seed_everything(cfg.seed)
+
+        # ---- data: rank 0 prepares (or reuses) the dataset, every rank loads it
+        error = None
+        data_dir = None
+        if rank == 0:
+            try:
+                data_dir = str(prepare(cfg.data))
+            except (DataError, ConfigError) as e:
+                error = e
+        data_dir, error = broadcast_object((data_dir, error))
+        if error is not None:
+            raise error
+        dataset = Dataset.load(Path(data_dir))
+        if max(cfg.eval.ks) > dataset.num_items:
+            raise ConfigError(f"eval.ks: K={max(cfg.eval.ks)} is larger than the number of items ({dataset.num_items})")
+        counts = dataset.manifest["counts"]
+        logger.info("dataset %s: %d users, %d items, %d train / %d test interactions, dropped %s",
+                    data_dir, counts["num_users"], counts["num_items"], counts["train_interactions"],
+                    counts["test_interactions"], dataset.manifest["dropped"])
+        train_csr, test_csr = dataset.train_csr(), dataset.test_csr()
+        item_counts = dataset.item_counts()
+
+        # ---- model: built on meta, sharded by the planner, tables initialised identically for any sharding
+        model = TwoTower(dataset.num_users, dataset.num_items, cfg.model.embedding_dim, cfg.model.normalize)
+        item_log_prob = None
+        if cfg.loss.logq_correction:
+            item_log_prob = torch.from_numpy(np.log(np.maximum(item_counts, 1) / item_counts.sum())).float().to(device)
+        task = RetrievalTask(model, cfg.loss.temperature, cfg.loss.mask_accidental_hits, item_log_prob)
+        dmp, optimizer, plan = shard_model(task, device, cfg.optim.name, cfg.optim.lr, cfg.optim.eps,
+                                           cfg.optim.dense_lr, cfg.train.sharding_types)
+        init_tables(dmp, cfg.model.init_std, cfg.seed)
+        logger.info("world size %d, device %s, backend %s\n%s", world, device, info.backend, describe_plan(plan))
+
+        # ---- loop
+        steps_per_epoch = len(dataset.train_users) // cfg.train.batch_size
+        if steps_per_epoch == 0:
+            raise ConfigError(f"train.batch_size={cfg.train.batch_size} is larger than the "
+                              f"{len(dataset.train_users)} training interactions")
+        unused = len(dataset.train_users) - steps_per_epoch * cfg.train.batch_size
+        total_steps = steps_per_epoch * cfg.train.epochs
+        if cfg.train.max_steps is not None:
+            total_steps = min(total_steps, cfg.train.max_steps)
+        logger.info("%d steps of %d interactions (%d per epoch; the %d left over by the batch size are "
+                    "a different random subset each epoch)", total_steps, cfg.train.batch_size, steps_per_epoch, unused)
+        pipeline = TrainPipelineSparseDist(dmp, optimizer, device, execute_all_batches=True)
+        dmp.train()
+        history = []
+        step = 0
+        bar = tqdm(total=total_steps * cfg.train.batch_size, unit="int", unit_scale=True, dynamic_ncols=True,
+                   disable=rank != 0 or not cfg.train.progress, desc="train", mininterval=1.0)
+        t0 = time.perf_counter()
+        for epoch in range(cfg.train.epochs):
+            if step >= total_steps:
+                break
+            batches = TrainBatches(dataset.train_users, dataset.train_items, dataset.num_items,
+                                   cfg.train.batch_size, cfg.loss.num_negatives, rank, world, cfg.seed, epoch,
+                                   max_batches=total_steps - step)
+            it = iter(batches)
+            loss_sum, n = torch.zeros((), dtype=torch.float64, device=device), 0
+            while True:
+                try:
+                    (loss,) = pipeline.progress(it)
+                except StopIteration:
+                    break
+                loss_sum += loss.double()
+                n += 1
+                step += 1
+                bar.update(cfg.train.batch_size)
+                if step % cfg.train.log_every_steps == 0:
+                    bar.set_postfix(epoch=epoch, loss=f"{loss.item():.4f}")
+            if world > 1:
+                dist.all_reduce(loss_sum)
+            epoch_loss = float(loss_sum) / max(n, 1) / world
+            history.append({"epoch": epoch, "steps": step, "loss": epoch_loss,
+                            "wall_s": round(time.perf_counter() - t0, 3)})
+            logger.info("epoch %d: %d steps, loss %.4f", epoch, step, epoch_loss)
+        wall = time.perf_counter() - t0
+        bar.close()
+        model_ = pipeline.detach().module.model  # the (sharded) TwoTower, its original forwards restored
+        dmp.eval()
+
+        # ---- evaluate (model and popularity baseline, same evaluator)
+        t_eval = time.perf_counter()
+        test_metrics = evaluate_model(model_, dataset.num_users, dataset.num_items, train_csr, test_csr,
+                                      cfg.eval.ks, device, cfg.eval.user_chunk)
+        eval_s = time.perf_counter() - t_eval
+        metrics = {"test": test_metrics}
+        if cfg.eval.popularity:
+            metrics["popularity"] = evaluate_popularity(item_counts, train_csr, test_csr, cfg.eval.ks, device,
+                                                        cfg.eval.user_chunk)
+        metrics["train"] = {
+            "steps": step,
+            "epochs": len(history),
+            "wall_s": round(wall, 3),
+            "interactions_per_s": round(step * cfg.train.batch_size / max(wall, 1e-9), 1),
+            "world_size": world,
+            "device": str(device),
+            "history": history,
+        }
+        metrics["eval"] = {"wall_s": round(eval_s, 3)}
+        metrics["data"] = {"path": data_dir, **counts, "dropped": dataset.manifest["dropped"]}
+
+        # ---- export
+        if cfg.export.enabled:
+            path = export_model(model_, dataset.vocab("users"), dataset.vocab("items"), run_dir / cfg.export.dir,
+                                device, config_hash)
+            metrics["export"] = {"dir": str(path) if path else str(run_dir / cfg.export.dir)}
+        if rank == 0:
+            write_json_atomic(metrics, run_dir / "metrics.json")
+            _report(metrics, cfg.eval.ks, run_dir)
+        return metrics
+    finally:
+        destroy_distributed()
+
+
+def _report(metrics: Dict, ks, run_dir: Path) -> None:
+    rows = [("model", metrics["test"])]
+    if "popularity" in metrics:
+        rows.append(("popularity", metrics["popularity"]))
+    header = "".join(f"{f'{m}@{k}':>12}" for k in ks for m in ("recall", "ndcg"))
+    lines = [f"{'':<12}{header}"]
+    for name, m in rows:
+        lines.append(f"{name:<12}" + "".join(f"{m[f'{k_m}@{k}']:>12.4f}" for k in ks for k_m in ("recall", "ndcg")))
+    t = metrics["train"]
+    lines.append(f"{t['steps']} steps in {t['wall_s']:.1f}s ({t['interactions_per_s']:,.0f} interactions/s) "
+                 f"on {t['world_size']} rank(s); {metrics['test']['users']} test users")
+    lines.append(f"metrics: {run_dir / 'metrics.json'}")
+    if "export" in metrics:
+        lines.append(f"vectors: {metrics['export']['dir']}/items.parquet, users.parquet")
+    print("\n".join(lines), flush=True)
+
+
+register_configs()
+register_resolvers()
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="config")
+def main(dcfg: DictConfig) -> Optional[float]:
+    try:
+        cfg: Config = OmegaConf.to_object(dcfg)
+    except Exception as e:  # __post_init__ checks raise through OmegaConf
+        cause = e.__cause__ or e
+        print(f"error: invalid configuration: {cause}", file=sys.stderr)
+        sys.exit(2)
+    config_hash = hashlib.sha256(OmegaConf.to_yaml(dcfg, resolve=True).encode()).hexdigest()[:16]
+    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    try:
+        metrics = train(cfg, run_dir, config_hash)
+    except (ConfigError, DataError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    return metrics["test"].get("recall@20")
+
+
+if __name__ == "__main__":
+    main()
