@@ -18,6 +18,7 @@ from torch.distributed._shard.sharded_tensor import ShardedTensor
 from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
 from torchrec.distributed.model_parallel import DistributedModelParallel
 from torchrec.distributed.planner import EmbeddingShardingPlanner, ParameterConstraints, Topology
+from torchrec.distributed.planner.storage_reservations import FixedPercentageStorageReservation
 from torchrec.distributed.types import ShardingPlan, ShardingType
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
@@ -26,6 +27,19 @@ from torchrec.optim.optimizers import in_backward_optimizer_filter
 from torchrec.optim.rowwise_adagrad import RowWiseAdagrad
 
 logger = logging.getLogger(__name__)
+
+
+class _DropMessages(logging.Filter):
+    def __init__(self, *fragments: str) -> None:
+        super().__init__()
+        self.fragments = fragments
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not any(f in record.getMessage() for f in self.fragments)
+
+
+# Topology() is the constructor every TorchRec release has (TopologyFactory is recent): mute its nag.
+logging.getLogger("torchrec.distributed.planner.types").addFilter(_DropMessages("TopologyFactory"))
 
 
 @dataclass
@@ -91,7 +105,7 @@ def embedding_modules(model: nn.Module) -> List[EmbeddingBagCollection]:
 
 
 def plan_sharding(model: nn.Module, world_size: int, device_type: str, sharding_types: List[str],
-                  pg: Optional[dist.ProcessGroup] = None) -> ShardingPlan:
+                  pg: Optional[dist.ProcessGroup] = None, batch_size: int = 512) -> ShardingPlan:
     """Run TorchRec's planner (collectively when `pg` is given, so all ranks agree)."""
     constraints: Dict[str, ParameterConstraints] = {}
     if sharding_types:
@@ -102,6 +116,8 @@ def plan_sharding(model: nn.Module, world_size: int, device_type: str, sharding_
     planner = EmbeddingShardingPlanner(
         topology=Topology(world_size=world_size, compute_device=device_type, local_world_size=local_world),
         constraints=constraints or None,
+        batch_size=batch_size,
+        storage_reservation=FixedPercentageStorageReservation(0.15),
     )
     sharders = [EmbeddingBagSharder()]
     if pg is not None:
@@ -117,6 +133,7 @@ def shard_model(
     eps: float,
     dense_lr: float,
     sharding_types: List[str],
+    local_batch_size: int = 512,
 ) -> tuple[DistributedModelParallel, torch.optim.Optimizer, ShardingPlan]:
     """Fuse the table optimizer into the backward, plan, and shard `model` (built on meta).
 
@@ -125,7 +142,8 @@ def shard_model(
     kwargs = {"lr": lr, "eps": eps} if optim_name == "rowwise_adagrad" else {"lr": lr}
     for ebc in embedding_modules(model):
         apply_optimizer_in_backward(table_optimizer(optim_name), ebc.parameters(), kwargs)
-    plan = plan_sharding(model, dist.get_world_size(), device.type, sharding_types, dist.group.WORLD)
+    plan = plan_sharding(model, dist.get_world_size(), device.type, sharding_types, dist.group.WORLD,
+                         local_batch_size)
     dmp = DistributedModelParallel(module=model, device=device, plan=plan, sharders=[EmbeddingBagSharder()])
     dense = dict(in_backward_optimizer_filter(dmp.named_parameters()))
     optimizers = [dmp.fused_optimizer]

@@ -58,6 +58,7 @@ def train(cfg: Config, run_dir: Path, config_hash: str = "") -> Dict:
     rank, world, device = info.rank, info.world_size, info.device
     try:
         logging.getLogger("torchrec").setLevel(logging.WARNING)
+        logging.getLogger("torch.fx._symbolic_trace").setLevel(logging.ERROR)
         if rank != 0:
             logging.getLogger("recsys").setLevel(logging.WARNING)
         ranks_dirs = [None] * world
@@ -99,7 +100,7 @@ def train(cfg: Config, run_dir: Path, config_hash: str = "") -> Dict:
             item_log_prob = torch.from_numpy(np.log(np.maximum(item_counts, 1) / item_counts.sum())).float().to(device)
         task = RetrievalTask(model, cfg.loss.temperature, cfg.loss.mask_accidental_hits, item_log_prob)
         dmp, optimizer, plan = shard_model(task, device, cfg.optim.name, cfg.optim.lr, cfg.optim.eps,
-                                           cfg.optim.dense_lr, cfg.train.sharding_types)
+                                           cfg.optim.dense_lr, cfg.train.sharding_types, cfg.train.batch_size // world)
         init_tables(dmp, cfg.model.init_std, cfg.seed)
         logger.info("world size %d, device %s, backend %s\n%s", world, device, info.backend, describe_plan(plan))
 
@@ -118,7 +119,7 @@ def train(cfg: Config, run_dir: Path, config_hash: str = "") -> Dict:
         dmp.train()
         history = []
         step = 0
-        bar = tqdm(total=total_steps * cfg.train.batch_size, unit="int", unit_scale=True, dynamic_ncols=True,
+        bar = tqdm(total=total_steps * cfg.train.batch_size, unit=" interactions", unit_scale=True, dynamic_ncols=True,
                    disable=rank != 0 or not cfg.train.progress, desc="train", mininterval=1.0)
         t0 = time.perf_counter()
         for epoch in range(cfg.train.epochs):
