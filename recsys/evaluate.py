@@ -55,10 +55,13 @@ def ranking_metric_sums(
         pos, items = _gather_csr(train, rows)
         scores[torch.from_numpy(pos).to(device), torch.from_numpy(items).to(device)] = float("-inf")
         top = torch.topk(scores, kmax, dim=1).indices
+        # Relevance of the top K by binary search among the chunk's sorted (user, item) test keys:
+        # memory c x K, not c x num_items.
         pos, items = _gather_csr(test, rows)
-        truth = torch.zeros(c, num_items, dtype=torch.bool, device=device)
-        truth[torch.from_numpy(pos).to(device), torch.from_numpy(items).to(device)] = True
-        rel = truth.gather(1, top).double()
+        keys = torch.from_numpy(pos * num_items + items).to(device)  # sorted: CSR rows hold sorted items
+        query = torch.arange(c, device=device)[:, None] * num_items + top
+        found = torch.searchsorted(keys, query).clamp_(max=max(len(keys) - 1, 0))
+        rel = (keys[found] == query).double() if len(keys) else torch.zeros(c, kmax, dtype=torch.float64, device=device)
         n_test = torch.from_numpy(test.indptr[rows + 1] - test.indptr[rows]).to(device).double()
         if bool((n_test == 0).any()):
             raise ValueError("ranking_metric_sums: every evaluated user needs at least one test item")

@@ -70,7 +70,7 @@ def sampled_softmax_loss(
         candidate_ids = torch.cat([pos_ids, neg_ids])
     else:
         candidates, candidate_ids = pos_all, pos_ids
-    logits = user_vecs @ candidates.T / temperature  # [B, W*B + W*N]
+    logits = (user_vecs / temperature) @ candidates.T  # [B, W*B + W*N]; dividing [B, D] is cheaper
     labels = torch.arange(b, device=logits.device) + rank * b
 
     if item_log_prob is not None:
@@ -86,5 +86,5 @@ def sampled_softmax_loss(
         all_users = gather_rows(user_ids, differentiable=False)
         hit[:, : world * b] |= all_users[None, :] == user_ids[:, None]
         hit[torch.arange(b, device=logits.device), labels] = False
-        logits = logits.masked_fill(hit, float("-inf"))
+        logits = logits.masked_fill_(hit, float("-inf"))  # in place: neither mm nor sub needs it back
     return F.cross_entropy(logits, labels)

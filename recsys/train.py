@@ -37,6 +37,7 @@ from recsys.parallelize import describe_plan, destroy_distributed, init_distribu
 logger = logging.getLogger("recsys.train")
 warnings.filterwarnings("ignore", message=".*deprecating ShardedTensor.*")
 warnings.filterwarnings("ignore", message=".*is_fx_tracing will return true.*")
+warnings.filterwarnings("ignore", message=".*all_gather_into_tensor. is deprecated.*")
 
 
 def seed_everything(seed: int) -> None:
@@ -140,7 +141,7 @@ def train(cfg: Config, run_dir: Path, config_hash: str = "") -> Dict:
                 step += 1
                 bar.update(cfg.train.batch_size)
                 if step % cfg.train.log_every_steps == 0:
-                    bar.set_postfix(epoch=epoch, loss=f"{loss.item():.4f}")
+                    bar.set_postfix(epoch=epoch, loss=f"{loss.item():.4f}", refresh=False)
             if world > 1:
                 dist.all_reduce(loss_sum)
             epoch_loss = float(loss_sum) / max(n, 1) / world

@@ -94,3 +94,30 @@ def test_multirun_sweep(tmp_path):
         assert metrics["train"]["steps"] == 5
         dims.append((sweep / sub / ".hydra" / "overrides.yaml").read_text())
     assert "model.embedding_dim=8" in dims[0] and "model.embedding_dim=16" in dims[1]
+
+
+def test_parquet_input_end_to_end(tmp_path):
+    # A user's log: string user ids, int item ids, a timestamp column under another name.
+    rng = np.random.default_rng(0)
+    n = 4000
+    users = np.array([f"user-{u}" for u in rng.integers(0, 150, n)])
+    items = (rng.zipf(1.3, n) % 80) * 1000 + 7
+    import pyarrow as pa
+
+    log = tmp_path / "logs"
+    log.mkdir()
+    for part in range(2):  # a directory of files
+        sl = slice(part * n // 2, (part + 1) * n // 2)
+        pq.write_table(pa.table({"uid": users[sl], "sku": items[sl], "ts": np.arange(n)[sl]}), log / f"part-{part}.parquet")
+    run_dir = tmp_path / "run"
+    run([sys.executable, "-m", "recsys.train", "data=parquet", f"data.path={log}", "data.user_column=uid",
+         "data.item_column=sku", "data.timestamp_column=ts", "data.split=temporal", f"data.root={tmp_path / 'data'}",
+         "model.embedding_dim=8", "train.epochs=1", "train.batch_size=128", "loss.num_negatives=16",
+         "train.progress=false", f"hydra.run.dir={run_dir}"], tmp_path)
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    dropped = metrics["data"]["dropped"]
+    assert metrics["data"]["train_interactions"] + metrics["data"]["test_interactions"] + sum(dropped.values()) == n
+    ids, vectors = read_vectors(run_dir / "export" / "users.parquet")
+    assert all(isinstance(i, str) and i.startswith("user-") for i in ids) and vectors.shape[1] == 8
+    ids, _ = read_vectors(run_dir / "export" / "items.parquet")
+    assert all(isinstance(i, int) and i % 1000 == 7 for i in ids)
