@@ -71,6 +71,10 @@ def train(cfg: Config, run_dir: Path, config_hash: str = "") -> Dict:
             raise ConfigError(f"train.batch_size={cfg.train.batch_size} is not divisible by the world size {world}")
         if cfg.loss.num_negatives % world:
             raise ConfigError(f"loss.num_negatives={cfg.loss.num_negatives} is not divisible by the world size {world}")
+        if cfg.data.weight_column:
+            logger.warning("data.weight_column=%s is kept in the prepared data, but the sampled softmax "
+                           "loss does not weight interactions yet: every interaction counts once",
+                           cfg.data.weight_column)
         seed_everything(cfg.seed)
 
         # ---- data: rank 0 prepares (or reuses) the dataset, every rank loads it
