@@ -16,6 +16,7 @@ import torch
 import torch.distributed as dist
 
 from recsys.data import CSR, ITEM_FEATURE, USER_FEATURE, ids_kjt
+from recsys.loss import rank_and_world
 
 
 def _gather_csr(csr: CSR, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -88,10 +89,17 @@ def reduce_means(sums: Dict[str, float], device: torch.device) -> Dict[str, floa
     return out
 
 
-def rank_slice(n: int, rank: int, world: int) -> slice:
-    """Contiguous near-equal share of range(n) for `rank`."""
-    bounds = np.linspace(0, n, world + 1).round().astype(int)
-    return slice(bounds[rank], bounds[rank + 1])
+def rank_bounds(n: int, world: int) -> np.ndarray:
+    """Contiguous near-equal shares of range(n): rank r owns [bounds[r], bounds[r + 1])."""
+    return np.linspace(0, n, world + 1).round().astype(int)
+
+
+def local_eval_users(test: CSR) -> tuple[np.ndarray, int]:
+    """This rank's share of the users that have test items, and the largest share of any rank."""
+    rank, world = rank_and_world()
+    users = np.flatnonzero(test.counts() > 0)
+    bounds = rank_bounds(len(users), world)
+    return users[bounds[rank] : bounds[rank + 1]], int(np.diff(bounds).max())
 
 
 @torch.no_grad()
@@ -139,11 +147,11 @@ def gather_padded(x: torch.Tensor, sizes: List[int], dst: int | None = None) -> 
 def all_vectors(tower: Callable, key: str, count: int, dim: int, device: torch.device, chunk: int,
                 dst: int | None = None) -> torch.Tensor | None:
     """Vectors of rows 0..count-1, computed a share per rank and gathered (everywhere or on dst)."""
-    rank = dist.get_rank() if dist.is_initialized() else 0
-    world = dist.get_world_size() if dist.is_initialized() else 1
-    sizes = [len(range(count)[rank_slice(count, r, world)]) for r in range(world)]
+    rank, world = rank_and_world()
+    bounds = rank_bounds(count, world)
+    sizes = np.diff(bounds).tolist()
     num_calls = -(-max(sizes) // chunk)
-    ids = np.arange(count)[rank_slice(count, rank, world)]
+    ids = np.arange(bounds[rank], bounds[rank + 1])
     local = tower_outputs(tower, key, ids, num_calls, chunk, dim, device)
     return gather_padded(local, sizes, dst)
 
@@ -160,13 +168,9 @@ def evaluate_model(
     user_chunk: int = 1024,
 ) -> Dict[str, float]:
     """Recall/NDCG of a two-tower model (plain or sharded) over the users that have test items."""
-    rank = dist.get_rank() if dist.is_initialized() else 0
-    world = dist.get_world_size() if dist.is_initialized() else 1
     dim = model.embedding_dim
     item_vecs = all_vectors(model.item_vectors, ITEM_FEATURE, num_items, dim, device, user_chunk)
-    eval_users = np.flatnonzero(test.counts() > 0)
-    local = eval_users[rank_slice(len(eval_users), rank, world)]
-    max_local = max(len(range(len(eval_users))[rank_slice(len(eval_users), r, world)]) for r in range(world))
+    local, max_local = local_eval_users(test)
     user_vecs = tower_outputs(model.user_vectors, USER_FEATURE, local, -(-max_local // user_chunk),
                               user_chunk, dim, device)
     sums = ranking_metric_sums(user_vecs, item_vecs, local, train, test, ks, user_chunk)
@@ -177,10 +181,7 @@ def evaluate_popularity(
     item_counts: np.ndarray, train: CSR, test: CSR, ks: Sequence[int], device: torch.device, user_chunk: int = 1024,
 ) -> Dict[str, float]:
     """The most-popular-items baseline (training counts, training items masked), same evaluator."""
-    rank = dist.get_rank() if dist.is_initialized() else 0
-    world = dist.get_world_size() if dist.is_initialized() else 1
-    eval_users = np.flatnonzero(test.counts() > 0)
-    local = eval_users[rank_slice(len(eval_users), rank, world)]
+    local, _ = local_eval_users(test)
     item_vecs = torch.from_numpy(item_counts.astype(np.float32))[:, None].to(device)
     user_vecs = torch.ones(len(local), 1, device=device)
     return reduce_means(ranking_metric_sums(user_vecs, item_vecs, local, train, test, ks, user_chunk), device)

@@ -20,10 +20,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
-import torch.distributed as dist
 
 from recsys.data import ITEM_FEATURE, USER_FEATURE, write_json_atomic
 from recsys.evaluate import all_vectors
+from recsys.loss import rank_and_world
 
 
 def vectors_table(id_name: str, ids: pa.Array, vectors: np.ndarray) -> pa.Table:
@@ -83,7 +83,7 @@ def export_model(model, user_vocab: pa.Array, item_vocab: pa.Array, out_dir: Pat
     users = all_vectors(model.user_vectors, USER_FEATURE, len(user_vocab), dim, device, chunk, dst=0)
     items = all_vectors(model.item_vectors, ITEM_FEATURE, len(item_vocab), dim, device, chunk, dst=0)
     path = None
-    if not dist.is_initialized() or dist.get_rank() == 0:
+    if rank_and_world()[0] == 0:
         path = write_export(out_dir, user_vocab, users.cpu().numpy(), item_vocab, items.cpu().numpy(),
                             model.normalize, config_hash)
     return path

@@ -18,7 +18,8 @@ import torch.distributed._functional_collectives as funcol
 import torch.nn.functional as F
 
 
-def _world() -> tuple[int, int]:
+def rank_and_world() -> tuple[int, int]:
+    """(rank, world size) of the default group; (0, 1) without one."""
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
@@ -26,7 +27,7 @@ def _world() -> tuple[int, int]:
 
 def gather_rows(x: torch.Tensor, differentiable: bool) -> torch.Tensor:
     """Concatenate `x` of every rank along dim 0 (same shape on every rank)."""
-    rank, world = _world()
+    rank, world = rank_and_world()
     if world == 1:
         return x
     if differentiable:
@@ -58,7 +59,7 @@ def sampled_softmax_loss(
             sampled candidates): popularity-proportional for in-batch ones, uniform for the rest.
         num_items: catalogue size (needed with item_log_prob).
     """
-    rank, world = _world()
+    rank, world = rank_and_world()
     b = user_vecs.shape[0]
     n = item_vecs.shape[0] - b
     pos_all = gather_rows(item_vecs[:b], differentiable=True)

@@ -26,6 +26,8 @@ from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizerWrapper
 from torchrec.optim.optimizers import in_backward_optimizer_filter
 from torchrec.optim.rowwise_adagrad import RowWiseAdagrad
 
+from recsys.loss import rank_and_world
+
 logger = logging.getLogger(__name__)
 
 
@@ -218,7 +220,7 @@ def gather_tables(model: nn.Module, dst: int = 0) -> Dict[str, torch.Tensor]:
     """Full (unsharded) copies of every embedding table on rank `dst` (empty dict elsewhere).
 
     Collective: every rank must call it."""
-    rank = dist.get_rank() if dist.is_initialized() else 0
+    rank, _ = rank_and_world()
     out: Dict[str, torch.Tensor] = {}
     for name, weight in sorted(table_weights(model).items()):
         if isinstance(weight, ShardedTensor):
