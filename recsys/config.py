@@ -30,11 +30,14 @@ class DataConfig:
     """Where interactions come from, how ids are mapped and how the log is split."""
 
     name: str = "synthetic"
-    """``synthetic`` (generated, seeded) or ``parquet`` (a file or directory of Parquet files)."""
+    """``synthetic`` (generated, seeded); ``parquet`` or ``csv`` (a file or a directory of files with
+    named columns); ``lightgcn`` (a directory with train.txt / test.txt, lines ``user item item ...``;
+    the given split is kept); ``movielens`` (an ml-100k / ml-1m / ml-10m / ml-20m / ml-25m / latest
+    directory or its ratings file)."""
     root: str = "data"
     """Directory where prepared datasets (Parquet + vocabularies + manifest) are written."""
     path: Optional[str] = None
-    """``parquet``: the interactions (file or directory). With ``split=given``: the train file."""
+    """The interactions (file or directory). With ``split=given``: the train file."""
     test_path: Optional[str] = None
     """``split=given``: the test interactions (same columns as ``path``)."""
     user_column: str = "user_id"
@@ -42,10 +45,19 @@ class DataConfig:
     timestamp_column: Optional[str] = "timestamp"
     """Optional: used by ``split=temporal``; ignored when absent from the file."""
     weight_column: Optional[str] = None
+    rating_column: Optional[str] = None
+    """``parquet``/``csv``: a rating column; with ``min_rating`` only rows rated >= min_rating are kept."""
+    min_rating: Optional[float] = None
+    """Implicit feedback from ratings: keep interactions rated at least this (MovieLens: 4.0)."""
+    separator: str = ","
+    """``csv``: the field separator (one character)."""
     split: str = "random"
     """``random`` (per-user random holdout), ``temporal`` (global time cut-off) or ``given``."""
     test_fraction: float = 0.2
     """Share of each user's interactions (random) or of the log by time (temporal) held out."""
+    valid_fraction: float = 0.0
+    """Share of each user's training interactions held out for model selection (epochs, early
+    stopping); 0: no validation split. The test split is never used for selection."""
     duplicates: str = "drop"
     """``drop`` repeated (user, item) pairs (counted in the manifest) or ``keep`` them."""
     seed: int = 0
@@ -64,13 +76,19 @@ class DataConfig:
     """``synthetic``: weight of the planted user-item affinity against log popularity."""
 
     def __post_init__(self) -> None:
-        _check(self.name in ("synthetic", "parquet"), f"data.name must be synthetic or parquet, got {self.name!r}")
+        names = ("synthetic", "parquet", "csv", "lightgcn", "movielens")
+        _check(self.name in names, f"data.name must be one of {', '.join(names)}, got {self.name!r}")
         _check(self.split in ("random", "temporal", "given"), f"data.split must be random, temporal or given, got {self.split!r}")
         _check(self.duplicates in ("drop", "keep"), f"data.duplicates must be drop or keep, got {self.duplicates!r}")
         _check(0.0 < self.test_fraction < 1.0, f"data.test_fraction must be in (0, 1), got {self.test_fraction}")
-        if self.name == "parquet":
-            _check(self.path is not None, "data=parquet needs data.path=FILE_OR_DIR")
-        if self.split == "given":
+        _check(0.0 <= self.valid_fraction < 1.0, f"data.valid_fraction must be in [0, 1), got {self.valid_fraction}")
+        _check(len(self.separator) == 1, f"data.separator must be one character, got {self.separator!r}")
+        if self.name != "synthetic":
+            _check(self.path is not None, f"data={self.name} needs data.path=FILE_OR_DIR")
+        if self.name == "lightgcn":
+            _check(self.split == "given", "data=lightgcn keeps the given train.txt/test.txt split (data.split=given)")
+            _check(self.test_path is None, "data=lightgcn reads test.txt from data.path; do not set data.test_path")
+        if self.split == "given" and self.name != "lightgcn":
             _check(self.path is not None and self.test_path is not None,
                    "data.split=given needs data.path (train) and data.test_path (test)")
         if self.name == "synthetic":
@@ -82,20 +100,34 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    """The dot-product model: user and item embedding tables."""
+    """The dot-product model: a user tower and an item tower over embedding tables."""
 
     name: str = "mf"
-    """``mf``: matrix factorisation (id embeddings only)."""
+    """``mf``: matrix factorisation (id embeddings only); ``two_tower``: the user tower also pools
+    a bag of the user's training items (YouTube-DNN / SimpleX form)."""
     embedding_dim: int = 64
     normalize: bool = True
     """Score with L2-normalised vectors (cosine); exported vectors are then normalised too."""
     init_std: float = 0.1
     """Standard deviation of the (sharding-independent) normal initialisation of the tables."""
+    history_weight: float = 0.5
+    """``two_tower``: user = (1 - w) * id embedding + w * pooled history (w in (0, 1])."""
+    history_pooling: str = "mean"
+    """``two_tower``: ``mean`` or ``sum`` of the history bag."""
+    history_max_len: int = 0
+    """``two_tower``: keep only the most recent N items of each history (0: all)."""
+    share_item_table: bool = True
+    """``two_tower``: look the history up in the item table (else in a table of its own)."""
+    projection: bool = False
+    """``two_tower``: a linear layer (initialised to the identity) on the pooled history."""
 
     def __post_init__(self) -> None:
-        _check(self.name == "mf", f"model.name must be mf, got {self.name!r}")
+        _check(self.name in ("mf", "two_tower"), f"model.name must be mf or two_tower, got {self.name!r}")
         _check(self.embedding_dim > 0, f"model.embedding_dim must be positive, got {self.embedding_dim}")
         _check(self.init_std > 0, f"model.init_std must be positive, got {self.init_std}")
+        _check(0.0 < self.history_weight <= 1.0, f"model.history_weight must be in (0, 1], got {self.history_weight}")
+        _check(self.history_pooling in ("mean", "sum"), f"model.history_pooling must be mean or sum, got {self.history_pooling!r}")
+        _check(self.history_max_len >= 0, f"model.history_max_len must be >= 0, got {self.history_max_len}")
 
 
 @dataclass
@@ -103,8 +135,14 @@ class LossConfig:
     """Sampled softmax over in-batch negatives from every rank plus uniform negatives."""
 
     name: str = "sampled_softmax"
+    """``sampled_softmax`` or ``bpr`` (each positive against one uniform negative, the classic reference)."""
     temperature: float = 0.2
     """Logits are scores / temperature."""
+    margin: float = 0.0
+    """Additive margin: the positive's score is lowered by this before the softmax (AM-softmax;
+    the cosine contrastive loss' margin idea)."""
+    l2: float = 0.0
+    """L2 penalty on the batch's embeddings before normalisation (per row, averaged)."""
     num_negatives: int = 256
     """Uniform negatives per step over all ranks (each rank samples num_negatives / world_size)."""
     logq_correction: bool = True
@@ -113,7 +151,8 @@ class LossConfig:
     """Mask candidates that are the row's own item or another row of the same user."""
 
     def __post_init__(self) -> None:
-        _check(self.name == "sampled_softmax", f"loss.name must be sampled_softmax, got {self.name!r}")
+        _check(self.name in ("sampled_softmax", "bpr"), f"loss.name must be sampled_softmax or bpr, got {self.name!r}")
+        _check(self.l2 >= 0, f"loss.l2 must be >= 0, got {self.l2}")
         _check(self.temperature > 0, f"loss.temperature must be positive, got {self.temperature}")
         _check(self.num_negatives >= 0, f"loss.num_negatives must be >= 0, got {self.num_negatives}")
 
@@ -147,6 +186,9 @@ class TrainConfig:
     """``auto`` (CUDA when available), ``cpu`` or ``cuda``."""
     sharding_types: List[str] = field(default_factory=list)
     """Restrict the planner (e.g. [row_wise]); empty: the planner chooses."""
+    patience: int = 0
+    """With a validation split: stop after this many validations without improvement (0: never
+    stop early). The best validated weights are restored before the test evaluation and export."""
     log_every_steps: int = 20
     progress: bool = True
     """Show a tqdm progress bar (rank 0)."""
@@ -155,6 +197,7 @@ class TrainConfig:
         _check(self.epochs > 0, f"train.epochs must be positive, got {self.epochs}")
         _check(self.max_steps is None or self.max_steps > 0, f"train.max_steps must be positive, got {self.max_steps}")
         _check(self.batch_size > 0, f"train.batch_size must be positive, got {self.batch_size}")
+        _check(self.patience >= 0, f"train.patience must be >= 0, got {self.patience}")
         _check(self.device in ("auto", "cpu", "cuda"), f"train.device must be auto, cpu or cuda, got {self.device!r}")
         known = {"table_wise", "row_wise", "column_wise", "table_row_wise", "table_column_wise"}
         for t in self.sharding_types:
@@ -170,10 +213,18 @@ class EvalConfig:
     """Users scored per matrix product (bounds memory: user_chunk x num_items scores)."""
     popularity: bool = True
     """Also evaluate the popularity baseline with the same evaluator."""
+    select_metric: str = "recall@20"
+    """With a validation split: the validation metric that picks the best epoch."""
+    test_every_epoch: bool = False
+    """Also record test metrics after every epoch (a learning curve to look at; never used to
+    select anything)."""
 
     def __post_init__(self) -> None:
         _check(len(self.ks) > 0 and all(k > 0 for k in self.ks), f"eval.ks must be positive integers, got {self.ks}")
         _check(self.user_chunk > 0, f"eval.user_chunk must be positive, got {self.user_chunk}")
+        metric, _, k = self.select_metric.partition("@")
+        _check(metric in ("recall", "ndcg") and k.isdigit() and int(k) > 0,
+               f"eval.select_metric must be recall@K or ndcg@K, got {self.select_metric!r}")
 
 
 @dataclass

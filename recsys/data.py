@@ -28,23 +28,20 @@ from typing import Dict, Iterator, Optional, Tuple
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 import torch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 from torchrec.streamable import Pipelineable
 
 from recsys.config import DataConfig
+from recsys.readers import DataError, read_columns, read_lightgcn, read_movielens
 
 logger = logging.getLogger(__name__)
 
 PREPARED_VERSION = 1
 USER_FEATURE = "user"
 ITEM_FEATURE = "item"
-
-
-class DataError(ValueError):
-    """Input that cannot be used; the message names the file, the column and the reason."""
+HISTORY_FEATURE = "history"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -129,56 +126,10 @@ def generate_synthetic(
 # ---------------------------------------------------------------------------------------------
 
 
-def _id_type_ok(t: pa.DataType) -> bool:
-    return pa.types.is_integer(t) or pa.types.is_string(t) or pa.types.is_large_string(t)
-
-
 def read_interactions(path: str, cfg: DataConfig) -> Tuple[pa.Table, Dict[str, int]]:
-    """Read a Parquet file or directory into a table with columns user_id, item_id[, timestamp][, weight].
-
-    Returns the table and the counts of dropped rows (null ids)."""
-    p = Path(path)
-    if not p.exists():
-        raise DataError(f"{p}: no such file or directory (data.path)")
-    try:
-        dataset = ds.dataset(str(p), format="parquet", exclude_invalid_files=False)
-        files = dataset.files
-    except (pa.ArrowInvalid, OSError) as e:
-        raise DataError(f"{p}: cannot be read as Parquet: {e}") from None
-    if not files:
-        raise DataError(f"{p}: directory holds no Parquet files")
-    schema = dataset.schema
-    columns = {"user_id": cfg.user_column, "item_id": cfg.item_column}
-    for role, col in columns.items():
-        if col not in schema.names:
-            raise DataError(f"{p}: missing {role} column {col!r} (has {schema.names}); set data.{role.split('_')[0]}_column")
-        if not _id_type_ok(schema.field(col).type):
-            raise DataError(f"{p}: column {col!r} has type {schema.field(col).type}; ids must be integers or strings")
-    if cfg.timestamp_column and cfg.timestamp_column in schema.names:
-        columns["timestamp"] = cfg.timestamp_column
-    if cfg.weight_column:
-        if cfg.weight_column not in schema.names:
-            raise DataError(f"{p}: missing weight column {cfg.weight_column!r} (has {schema.names})")
-        columns["weight"] = cfg.weight_column
-    try:
-        table = dataset.to_table(columns=list(columns.values()))
-    except (pa.ArrowInvalid, OSError) as e:
-        raise DataError(f"{p}: cannot be read as Parquet: {e}") from None
-    table = table.rename_columns(list(columns.keys()))
-    if "timestamp" in columns and pa.types.is_timestamp(table.schema.field("timestamp").type):
-        table = table.set_column(table.schema.get_field_index("timestamp"), "timestamp",
-                                 table.column("timestamp").cast(pa.int64()))
-    for name in ("user_id", "item_id"):
-        if pa.types.is_large_string(table.schema.field(name).type):
-            table = table.set_column(table.schema.get_field_index(name), name, table.column(name).cast(pa.string()))
-    valid = pc.and_(pc.is_valid(table["user_id"]), pc.is_valid(table["item_id"]))
-    n_null = len(table) - pc.sum(valid).as_py() if len(table) else 0
-    if n_null:
-        logger.warning("%s: dropped %d rows with a null user or item id", p, n_null)
-        table = table.filter(valid)
-    if len(table) == 0:
-        raise DataError(f"{p}: no interactions (after dropping {n_null} rows with null ids)")
-    return table, {"null_ids": int(n_null)}
+    """Read a Parquet or CSV file or directory (``cfg.name``) with the configured column mapping."""
+    return read_columns(path, cfg.name, cfg.user_column, cfg.item_column, cfg.timestamp_column,
+                        cfg.weight_column, cfg.rating_column, cfg.min_rating, cfg.separator)
 
 
 def _drop_duplicates(table: pa.Table) -> Tuple[pa.Table, int]:
@@ -197,17 +148,23 @@ def _drop_duplicates(table: pa.Table) -> Tuple[pa.Table, int]:
 # ---------------------------------------------------------------------------------------------
 
 
-def _split_random(table: pa.Table, fraction: float, seed: int) -> Tuple[pa.Table, pa.Table]:
-    """Per-user random holdout: floor(n * fraction) of each user's interactions go to test."""
-    codes = pc.dictionary_encode(table["user_id"]).combine_chunks().indices.to_numpy()
+def _holdout_mask(codes: np.ndarray, fraction: float, seed: int) -> np.ndarray:
+    """Per-user random holdout: True for floor(n * fraction) random rows of each user (code)."""
     rng = np.random.default_rng(seed)
     order = np.lexsort((rng.random(len(codes)), codes))
     sorted_codes = codes[order]
     counts = np.bincount(codes)
     starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
     rank = np.arange(len(codes)) - starts[sorted_codes]
-    is_test = np.zeros(len(codes), dtype=bool)
-    is_test[order] = rank < np.floor(counts[sorted_codes] * fraction)
+    held = np.zeros(len(codes), dtype=bool)
+    held[order] = rank < np.floor(counts[sorted_codes] * fraction)
+    return held
+
+
+def _split_random(table: pa.Table, fraction: float, seed: int) -> Tuple[pa.Table, pa.Table]:
+    """Per-user random holdout: floor(n * fraction) of each user's interactions go to test."""
+    codes = pc.dictionary_encode(table["user_id"]).combine_chunks().indices.to_numpy()
+    is_test = _holdout_mask(codes, fraction, seed)
     return table.filter(pa.array(~is_test)), table.filter(pa.array(is_test))
 
 
@@ -271,6 +228,7 @@ def prepare(cfg: DataConfig) -> Path:
 
 def _prepare_into(cfg: DataConfig, out: Path) -> dict:
     dropped: Dict[str, int] = {}
+    given = None
     if cfg.name == "synthetic":
         raw = out / "raw.parquet"
         generate_synthetic(raw, cfg.num_users, cfg.num_items, cfg.num_interactions, cfg.latent_dim,
@@ -279,17 +237,26 @@ def _prepare_into(cfg: DataConfig, out: Path) -> dict:
         table = pq.read_table(raw)
         raw.unlink()
         dropped["null_ids"] = 0
+    elif cfg.name == "lightgcn":
+        source = cfg.path
+        table, given, dropped = read_lightgcn(cfg.path)
+    elif cfg.name == "movielens":
+        source = cfg.path
+        table, dropped = read_movielens(cfg.path, cfg.min_rating)
     else:
         source = cfg.path
         table, dropped = read_interactions(cfg.path, cfg)
-    n_raw = len(table) + dropped["null_ids"]
+    n_raw = len(table) + dropped["null_ids"] + dropped.get("below_min_rating", 0)
 
     if cfg.split == "given":
-        test, test_dropped = read_interactions(cfg.test_path, cfg)
-        dropped["test_null_ids"] = test_dropped["null_ids"]
+        if given is None:
+            given, test_dropped = read_interactions(cfg.test_path, cfg)
+            dropped["test_null_ids"] = test_dropped["null_ids"]
+        test = given
+        test_source = cfg.test_path or str(Path(cfg.path) / "test.txt")
         for name in ("user_id", "item_id"):
             if table.schema.field(name).type != test.schema.field(name).type:
-                raise DataError(f"{cfg.test_path}: column {name!r} has type {test.schema.field(name).type} "
+                raise DataError(f"{test_source}: column {name!r} has type {test.schema.field(name).type} "
                                 f"but the train file {cfg.path} has {table.schema.field(name).type}")
         test = test.select([c for c in test.column_names if c in table.column_names])
         table = table.select([c for c in table.column_names if c in test.column_names])
@@ -335,6 +302,10 @@ def _prepare_into(cfg: DataConfig, out: Path) -> dict:
     test_t = rows_table(test_user, test_item, test, seen)
     if len(train_t) == 0:
         raise DataError(f"{source}: the training split is empty")
+    if cfg.valid_fraction > 0:
+        # Model selection data: a per-user holdout carved from the training split (never the test).
+        held = _holdout_mask(train_t["user"].to_numpy(), cfg.valid_fraction, cfg.seed + 1)
+        train_t = train_t.append_column("valid", pa.array(held))
     if len(test_t) == 0:
         raise DataError(f"{source}: the test split is empty after dropping {dropped}")
     write_parquet_atomic(train_t, out / "train.parquet")
@@ -355,6 +326,7 @@ def _prepare_into(cfg: DataConfig, out: Path) -> dict:
             "train_interactions": len(train_t),
             "test_interactions": len(test_t),
             "test_users": len(pc.unique(test_t["user"])),
+            "valid_interactions": int(pc.sum(train_t["valid"]).as_py() or 0) if "valid" in train_t.column_names else 0,
         },
         "dropped": dropped,
     }
@@ -384,11 +356,18 @@ class CSR:
 
 @dataclass
 class Dataset:
+    """A prepared dataset in memory (rows, not raw ids).
+
+    ``train_*`` hold every training interaction in time order (by timestamp when the data has
+    one, else in file order); ``valid`` marks the ones held out for model selection (all False
+    without ``data.valid_fraction``). The model trains on the others (``fit_pairs``)."""
+
     path: Path
     num_users: int
     num_items: int
     train_users: np.ndarray
     train_items: np.ndarray
+    valid: np.ndarray
     test_users: np.ndarray
     test_items: np.ndarray
     manifest: dict
@@ -397,27 +376,63 @@ class Dataset:
     def load(path: Path) -> "Dataset":
         path = Path(path)
         manifest = json.loads((path / "manifest.json").read_text())
-        train = pq.read_table(path / "train.parquet", columns=["user", "item"])
+        train = pq.read_table(path / "train.parquet")
+        if "timestamp" in train.column_names:
+            train = train.take(np.argsort(train["timestamp"].to_numpy(), kind="stable"))
         test = pq.read_table(path / "test.parquet", columns=["user", "item"])
+        valid = (train["valid"].to_numpy(zero_copy_only=False) if "valid" in train.column_names
+                 else np.zeros(len(train), dtype=bool))
         return Dataset(
             path=path,
             num_users=manifest["counts"]["num_users"],
             num_items=manifest["counts"]["num_items"],
             train_users=train["user"].to_numpy(),
             train_items=train["item"].to_numpy(),
+            valid=valid,
             test_users=test["user"].to_numpy(),
             test_items=test["item"].to_numpy(),
             manifest=manifest,
         )
 
-    def train_csr(self) -> CSR:
-        return CSR.from_pairs(self.train_users, self.train_items, self.num_users)
+    @property
+    def has_valid(self) -> bool:
+        return bool(self.valid.any())
+
+    def fit_pairs(self) -> Tuple[np.ndarray, np.ndarray]:
+        """(users, items) the model trains on: the training split less the validation holdout."""
+        keep = ~self.valid
+        return self.train_users[keep], self.train_items[keep]
+
+    def train_csr(self, include_valid: bool = True) -> CSR:
+        """Known interactions to mask when ranking (the test: all; the validation: fit only)."""
+        if include_valid:
+            return CSR.from_pairs(self.train_users, self.train_items, self.num_users)
+        return CSR.from_pairs(*self.fit_pairs(), self.num_users)
+
+    def valid_csr(self) -> CSR:
+        return CSR.from_pairs(self.train_users[self.valid], self.train_items[self.valid], self.num_users)
 
     def test_csr(self) -> CSR:
         return CSR.from_pairs(self.test_users, self.test_items, self.num_users)
 
-    def item_counts(self) -> np.ndarray:
-        return np.bincount(self.train_items, minlength=self.num_items)
+    def history(self, include_valid: bool, max_len: int = 0) -> CSR:
+        """Each user's training items in time order, the most recent `max_len` (0: all)."""
+        keep = np.ones(len(self.valid), dtype=bool) if include_valid else ~self.valid
+        users, items = self.train_users[keep], self.train_items[keep]
+        order = np.argsort(users, kind="stable")  # keeps time order within a user
+        users, items = users[order], items[order]
+        counts = np.bincount(users, minlength=self.num_users)
+        if max_len > 0:
+            ends = np.cumsum(counts)
+            from_end = np.repeat(ends, counts) - np.arange(len(users))  # 1 for a user's last item
+            recent = from_end <= max_len
+            items = items[recent]
+            counts = np.minimum(counts, max_len)
+        return CSR(np.concatenate([[0], np.cumsum(counts)]).astype(np.int64), items.astype(np.int64))
+
+    def item_counts(self, include_valid: bool = True) -> np.ndarray:
+        items = self.train_items if include_valid else self.fit_pairs()[1]
+        return np.bincount(items, minlength=self.num_items)
 
     def vocab(self, which: str) -> pa.Array:
         """Raw ids of the embedding rows: ``which`` is ``users`` or ``items``."""
@@ -432,16 +447,19 @@ class Dataset:
 
 @dataclass
 class Batch(Pipelineable):
-    """One rank's share of a step: B (user, item) positives and N uniform negative items.
+    """Model inputs for one rank's share of a step (or for a chunk of users or items to score).
 
-    ``users`` holds the B user rows (feature ``user``), ``items`` the B positive item rows
-    followed by the N negatives (feature ``item``); ``user_ids``/``item_ids`` are the same rows
-    as dense tensors (the loss masks accidental hits with them)."""
+    ``users`` holds feature ``user`` (B user rows) and, when the history has its own table,
+    ``history``; ``items`` holds feature ``item`` (B positive rows followed by N negatives) and,
+    when the history shares the item table, ``history`` (padded with empty bags to the same
+    length). ``user_ids``/``item_ids`` are the same rows as dense tensors (the loss masks
+    accidental hits with them); ``history_counts`` the length of each user's bag."""
 
     users: KeyedJaggedTensor
     items: KeyedJaggedTensor
     user_ids: torch.Tensor
     item_ids: torch.Tensor
+    history_counts: torch.Tensor
 
     def to(self, device: torch.device, non_blocking: bool = False) -> "Batch":
         return Batch(
@@ -449,6 +467,7 @@ class Batch(Pipelineable):
             items=self.items.to(device=device, non_blocking=non_blocking),
             user_ids=self.user_ids.to(device=device, non_blocking=non_blocking),
             item_ids=self.item_ids.to(device=device, non_blocking=non_blocking),
+            history_counts=self.history_counts.to(device=device, non_blocking=non_blocking),
         )
 
     def record_stream(self, stream: torch.Stream) -> None:
@@ -456,10 +475,11 @@ class Batch(Pipelineable):
         self.items.record_stream(stream)
         self.user_ids.record_stream(stream)
         self.item_ids.record_stream(stream)
+        self.history_counts.record_stream(stream)
 
     def pin_memory(self) -> "Batch":
-        return Batch(self.users.pin_memory(), self.items.pin_memory(),
-                     self.user_ids.pin_memory(), self.item_ids.pin_memory())
+        return Batch(self.users.pin_memory(), self.items.pin_memory(), self.user_ids.pin_memory(),
+                     self.item_ids.pin_memory(), self.history_counts.pin_memory())
 
 
 def ids_kjt(key: str, ids: torch.Tensor) -> KeyedJaggedTensor:
@@ -467,10 +487,50 @@ def ids_kjt(key: str, ids: torch.Tensor) -> KeyedJaggedTensor:
     return KeyedJaggedTensor(keys=[key], values=ids, lengths=torch.ones(len(ids), dtype=torch.int32))
 
 
-def make_batch(users: np.ndarray, items: np.ndarray, negatives: np.ndarray) -> Batch:
-    user_ids = torch.from_numpy(np.ascontiguousarray(users, dtype=np.int64))
-    item_ids = torch.from_numpy(np.concatenate([items, negatives]).astype(np.int64))
-    return Batch(ids_kjt(USER_FEATURE, user_ids), ids_kjt(ITEM_FEATURE, item_ids), user_ids, item_ids)
+def gather_rows_csr(csr: CSR, rows: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+    """(lengths, concatenated values) of the given CSR rows, vectorised."""
+    starts, stops = csr.indptr[rows], csr.indptr[rows + 1]
+    lengths = stops - starts
+    total = int(lengths.sum())
+    offsets = np.arange(total) - np.repeat(np.cumsum(lengths) - lengths, lengths)
+    return lengths, csr.indices[np.repeat(starts, lengths) + offsets]
+
+
+class Features:
+    """Builds model inputs (KJTs) from user/item rows, vectorised.
+
+    Without a history this is matrix factorisation's single-hot ``user`` and ``item`` features.
+    With one (a CSR of each user's items), each user row also carries the multi-hot ``history``
+    bag, looked up in the item table (``shared``) or in a table of its own."""
+
+    def __init__(self, history: Optional[CSR] = None, shared: bool = True) -> None:
+        self.history = history
+        self.shared = shared
+
+    def batch(self, users: np.ndarray, items: np.ndarray) -> Batch:
+        """Inputs for user rows `users` and item rows `items` (either may be empty)."""
+        user_ids = torch.from_numpy(np.ascontiguousarray(users, dtype=np.int64))
+        item_ids = torch.from_numpy(np.ascontiguousarray(items, dtype=np.int64))
+        if self.history is None:
+            return Batch(ids_kjt(USER_FEATURE, user_ids), ids_kjt(ITEM_FEATURE, item_ids), user_ids, item_ids,
+                         torch.zeros(len(users)))
+        lengths, values = gather_rows_csr(self.history, np.asarray(users, dtype=np.int64))
+        counts = torch.from_numpy(lengths.astype(np.float32))
+        hist_values = torch.from_numpy(values)
+        if not self.shared:
+            users_kjt = KeyedJaggedTensor(
+                keys=[USER_FEATURE, HISTORY_FEATURE], values=torch.cat([user_ids, hist_values]),
+                lengths=torch.from_numpy(np.concatenate([np.ones(len(users)), lengths]).astype(np.int32)))
+            return Batch(users_kjt, ids_kjt(ITEM_FEATURE, item_ids), user_ids, item_ids, counts)
+        # Shared table: both features in the item KJT, padded to one length (stride).
+        stride = max(len(users), len(items))
+        item_lengths = np.zeros(stride, dtype=np.int32)
+        item_lengths[: len(items)] = 1
+        hist_lengths = np.zeros(stride, dtype=np.int32)
+        hist_lengths[: len(users)] = lengths
+        items_kjt = KeyedJaggedTensor(keys=[ITEM_FEATURE, HISTORY_FEATURE], values=torch.cat([item_ids, hist_values]),
+                                      lengths=torch.from_numpy(np.concatenate([item_lengths, hist_lengths])))
+        return Batch(ids_kjt(USER_FEATURE, user_ids), items_kjt, user_ids, item_ids, counts)
 
 
 class TrainBatches:
@@ -494,6 +554,7 @@ class TrainBatches:
         seed: int,
         epoch: int,
         max_batches: Optional[int] = None,
+        features: Optional[Features] = None,
     ) -> None:
         if global_batch % world_size:
             raise ValueError(f"train.batch_size={global_batch} is not divisible by the world size {world_size}")
@@ -503,6 +564,7 @@ class TrainBatches:
         self.global_batch, self.local_batch = global_batch, global_batch // world_size
         self.local_negatives = num_negatives // world_size
         self.rank, self.world_size, self.seed, self.epoch = rank, world_size, seed, epoch
+        self.features = features or Features()
         n = len(users) // global_batch
         self.num_batches = n if max_batches is None else min(n, max_batches)
 
@@ -517,4 +579,4 @@ class TrainBatches:
             start = step * self.global_batch + self.rank * self.local_batch
             idx = perm[start : start + self.local_batch]
             negatives = neg_rng.integers(0, self.num_items, size=n * self.world_size)[self.rank * n : (self.rank + 1) * n]
-            yield make_batch(self.users[idx], self.items[idx], negatives)
+            yield self.features.batch(self.users[idx], np.concatenate([self.items[idx], negatives]))

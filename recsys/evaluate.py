@@ -15,17 +15,14 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from recsys.data import CSR, ITEM_FEATURE, USER_FEATURE, ids_kjt
+from recsys.data import CSR, Features, gather_rows_csr
 from recsys.loss import rank_and_world
 
 
-def _gather_csr(csr: CSR, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(row position, item) pairs of the given users, vectorised."""
-    starts, stops = csr.indptr[rows], csr.indptr[rows + 1]
-    counts = stops - starts
-    pos = np.repeat(np.arange(len(rows)), counts)
-    offsets = np.arange(counts.sum()) - np.repeat(np.cumsum(counts) - counts, counts)
-    return pos, csr.indices[np.repeat(starts, counts) + offsets]
+def _pairs(csr: CSR, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(position in `rows`, item) pairs of the given users, vectorised."""
+    lengths, items = gather_rows_csr(csr, rows)
+    return np.repeat(np.arange(len(rows)), lengths), items
 
 
 @torch.no_grad()
@@ -53,12 +50,12 @@ def ranking_metric_sums(
         rows = users[start : start + user_chunk]
         c = len(rows)
         scores = user_vecs[start : start + c].to(device) @ item_vecs.T
-        pos, items = _gather_csr(train, rows)
+        pos, items = _pairs(train, rows)
         scores[torch.from_numpy(pos).to(device), torch.from_numpy(items).to(device)] = float("-inf")
         top = torch.topk(scores, kmax, dim=1).indices
         # Relevance of the top K by binary search among the chunk's sorted (user, item) test keys:
         # memory c x K, not c x num_items.
-        pos, items = _gather_csr(test, rows)
+        pos, items = _pairs(test, rows)
         keys = torch.from_numpy(pos * num_items + items).to(device)  # sorted: CSR rows hold sorted items
         query = torch.arange(c, device=device)[:, None] * num_items + top
         found = torch.searchsorted(keys, query).clamp_(max=max(len(keys) - 1, 0))
@@ -104,8 +101,7 @@ def local_eval_users(test: CSR) -> tuple[np.ndarray, int]:
 
 @torch.no_grad()
 def tower_outputs(
-    tower: Callable,
-    key: str,
+    tower: Callable[[np.ndarray], torch.Tensor],
     ids: np.ndarray,
     num_calls: int,
     chunk: int,
@@ -114,16 +110,29 @@ def tower_outputs(
 ) -> torch.Tensor:
     """Vectors of `ids` from a (possibly sharded) tower, in `num_calls` equal-sized calls.
 
-    Sharded lookups are collective: every rank makes the same number of calls with the same
-    batch size (short ranks pad with id 0 and drop the padding)."""
+    ``tower(rows)`` returns the vectors of an array of rows. Sharded lookups are collective:
+    every rank makes the same number of calls with the same batch size (short ranks pad with
+    row 0 and drop the padding)."""
     out = torch.empty(len(ids), dim, device=device)
     for call in range(num_calls):
         part = ids[call * chunk : (call + 1) * chunk]
         padded = np.zeros(chunk, dtype=np.int64)
         padded[: len(part)] = part
-        vecs = tower(ids_kjt(key, torch.from_numpy(padded)).to(device))
+        vecs = tower(padded)
         out[call * chunk : call * chunk + len(part)] = vecs[: len(part)]
     return out
+
+
+def user_tower(model, features: Features, device: torch.device) -> Callable[[np.ndarray], torch.Tensor]:
+    """rows -> user vectors of a (possibly sharded) TwoTower."""
+    empty = np.zeros(0, dtype=np.int64)
+    return lambda rows: model.user_vectors(features.batch(rows, empty).to(device))
+
+
+def item_tower(model, features: Features, device: torch.device) -> Callable[[np.ndarray], torch.Tensor]:
+    """rows -> item vectors of a (possibly sharded) TwoTower."""
+    empty = np.zeros(0, dtype=np.int64)
+    return lambda rows: model.item_vectors(features.batch(empty, rows).to(device))
 
 
 def gather_padded(x: torch.Tensor, sizes: List[int], dst: int | None = None) -> torch.Tensor | None:
@@ -144,7 +153,7 @@ def gather_padded(x: torch.Tensor, sizes: List[int], dst: int | None = None) -> 
     return torch.cat([p[:n] for p, n in zip(parts, sizes)])
 
 
-def all_vectors(tower: Callable, key: str, count: int, dim: int, device: torch.device, chunk: int,
+def all_vectors(tower: Callable[[np.ndarray], torch.Tensor], count: int, dim: int, device: torch.device, chunk: int,
                 dst: int | None = None) -> torch.Tensor | None:
     """Vectors of rows 0..count-1, computed a share per rank and gathered (everywhere or on dst)."""
     rank, world = rank_and_world()
@@ -152,14 +161,14 @@ def all_vectors(tower: Callable, key: str, count: int, dim: int, device: torch.d
     sizes = np.diff(bounds).tolist()
     num_calls = -(-max(sizes) // chunk)
     ids = np.arange(bounds[rank], bounds[rank + 1])
-    local = tower_outputs(tower, key, ids, num_calls, chunk, dim, device)
+    local = tower_outputs(tower, ids, num_calls, chunk, dim, device)
     return gather_padded(local, sizes, dst)
 
 
 @torch.no_grad()
 def evaluate_model(
     model,
-    num_users: int,
+    features: Features,
     num_items: int,
     train: CSR,
     test: CSR,
@@ -167,11 +176,14 @@ def evaluate_model(
     device: torch.device,
     user_chunk: int = 1024,
 ) -> Dict[str, float]:
-    """Recall/NDCG of a two-tower model (plain or sharded) over the users that have test items."""
+    """Recall/NDCG of a two-tower model (plain or sharded) over the users that have test items.
+
+    `features` builds the model's inputs (the users' history bags when the model has them);
+    `train` holds the interactions to mask."""
     dim = model.embedding_dim
-    item_vecs = all_vectors(model.item_vectors, ITEM_FEATURE, num_items, dim, device, user_chunk)
+    item_vecs = all_vectors(item_tower(model, features, device), num_items, dim, device, user_chunk)
     local, max_local = local_eval_users(test)
-    user_vecs = tower_outputs(model.user_vectors, USER_FEATURE, local, -(-max_local // user_chunk),
+    user_vecs = tower_outputs(user_tower(model, features, device), local, -(-max_local // user_chunk),
                               user_chunk, dim, device)
     sums = ranking_metric_sums(user_vecs, item_vecs, local, train, test, ks, user_chunk)
     return reduce_means(sums, device)

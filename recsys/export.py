@@ -21,8 +21,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from recsys.data import ITEM_FEATURE, USER_FEATURE, write_json_atomic
-from recsys.evaluate import all_vectors
+from recsys.data import Features, write_json_atomic
+from recsys.evaluate import all_vectors, item_tower, user_tower
 from recsys.loss import rank_and_world
 
 
@@ -76,12 +76,14 @@ def write_export(out_dir: Path, user_ids: pa.Array, user_vecs: np.ndarray, item_
 
 
 @torch.no_grad()
-def export_model(model, user_vocab: pa.Array, item_vocab: pa.Array, out_dir: Path, device: torch.device,
-                 config_hash: str, chunk: int = 4096) -> Optional[Path]:
-    """Compute all vectors of a (sharded) two-tower model and write them on rank 0."""
+def export_model(model, features: Features, user_vocab: pa.Array, item_vocab: pa.Array, out_dir: Path,
+                 device: torch.device, config_hash: str, chunk: int = 4096) -> Optional[Path]:
+    """Compute all vectors of a (sharded) two-tower model and write them on rank 0.
+
+    User vectors are the user tower's outputs (with each user's history bag from `features`)."""
     dim = model.embedding_dim
-    users = all_vectors(model.user_vectors, USER_FEATURE, len(user_vocab), dim, device, chunk, dst=0)
-    items = all_vectors(model.item_vectors, ITEM_FEATURE, len(item_vocab), dim, device, chunk, dst=0)
+    users = all_vectors(user_tower(model, features, device), len(user_vocab), dim, device, chunk, dst=0)
+    items = all_vectors(item_tower(model, features, device), len(item_vocab), dim, device, chunk, dst=0)
     path = None
     if rank_and_world()[0] == 0:
         path = write_export(out_dir, user_vocab, users.cpu().numpy(), item_vocab, items.cpu().numpy(),

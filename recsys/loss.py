@@ -44,6 +44,7 @@ def sampled_softmax_loss(
     mask_accidental_hits: bool = True,
     item_log_prob: Optional[torch.Tensor] = None,
     num_items: int = 0,
+    margin: float = 0.0,
 ) -> torch.Tensor:
     """Mean softmax cross-entropy of this rank's rows over all ranks' candidates.
 
@@ -58,6 +59,7 @@ def sampled_softmax_loss(
             given, the logQ correction subtracts log(expected count of the candidate among the
             sampled candidates): popularity-proportional for in-batch ones, uniform for the rest.
         num_items: catalogue size (needed with item_log_prob).
+        margin: subtracted from each row's positive score (before the temperature).
     """
     rank, world = rank_and_world()
     b = user_vecs.shape[0]
@@ -82,6 +84,9 @@ def sampled_softmax_loss(
             correction = torch.cat([in_batch, uniform])
         logits = logits - correction
 
+    if margin:
+        rows = torch.arange(b, device=logits.device)
+        logits[rows, labels] -= margin / temperature
     if mask_accidental_hits:
         hit = candidate_ids[None, :] == item_ids[:b, None]
         all_users = gather_rows(user_ids, differentiable=False)
@@ -89,3 +94,17 @@ def sampled_softmax_loss(
         hit[torch.arange(b, device=logits.device), labels] = False
         logits = logits.masked_fill_(hit, float("-inf"))  # in place: neither mm nor sub needs it back
     return F.cross_entropy(logits, labels)
+
+
+def bpr_loss(user_vecs: torch.Tensor, item_vecs: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """BPR: -log sigmoid((s(u, pos) - s(u, neg)) / T), each row against one of the uniform negatives.
+
+    `item_vecs` holds the B positives followed by N >= 1 negatives; row i uses negative i mod N.
+    Local to the rank: no candidates are shared."""
+    b = user_vecs.shape[0]
+    n = item_vecs.shape[0] - b
+    if n < 1:
+        raise ValueError("bpr_loss needs at least one uniform negative per rank (loss.num_negatives)")
+    neg = item_vecs[b:][torch.arange(b, device=item_vecs.device) % n]
+    diff = (user_vecs * (item_vecs[:b] - neg)).sum(-1) / temperature
+    return -F.logsigmoid(diff).mean()

@@ -15,62 +15,136 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
-from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+from torchrec.sparse.jagged_tensor import KeyedTensor
 
-from recsys.data import ITEM_FEATURE, USER_FEATURE, Batch
-from recsys.loss import sampled_softmax_loss
+from recsys.data import HISTORY_FEATURE, ITEM_FEATURE, USER_FEATURE, Batch
+from recsys.loss import bpr_loss, sampled_softmax_loss
 
 # The train pipeline traces forward() to find the sharded modules; the loss (collectives
 # inside) is recorded as one call rather than traced through.
 torch.fx.wrap("sampled_softmax_loss")
+torch.fx.wrap("bpr_loss")
 
 
 class TwoTower(nn.Module):
-    """Matrix factorisation as a two-tower model: each tower is one id embedding table."""
+    """A dot-product two-tower model over TorchRec embedding tables.
+
+    The item tower is the item's id embedding. The user tower is the user's id embedding (matrix
+    factorisation) or, with ``history_weight > 0``, the YouTube-DNN / SimpleX form::
+
+        user = (1 - w) * id_embedding(user) + w * P(pool(item embeddings of the user's history))
+
+    where pool is the mean (or sum) of a multi-hot bag (feature ``history``) looked up in the
+    item table (``share_item_table``) or a table of its own, and P an optional linear layer.
+    Scores are dot products of the two towers' outputs (of L2-normalised outputs with
+    ``normalize``): the exported vectors alone give the score.
+    """
 
     def __init__(self, num_users: int, num_items: int, embedding_dim: int, normalize: bool,
-                 device: Optional[torch.device] = None) -> None:
+                 history_weight: float = 0.0, history_pooling: str = "mean", share_item_table: bool = True,
+                 projection: bool = False, device: Optional[torch.device] = None) -> None:
         super().__init__()
         self.embedding_dim = embedding_dim
         self.normalize = normalize
+        self.history_weight = history_weight
+        self.history_pooling = history_pooling
+        self.share_item_table = share_item_table
         device = device or torch.device("meta")
-        self.user_ebc = EmbeddingBagCollection(
-            tables=[EmbeddingBagConfig(name="user", embedding_dim=embedding_dim, num_embeddings=num_users,
-                                       feature_names=[USER_FEATURE], pooling=PoolingType.SUM)],
-            device=device,
-        )
+        has_history = history_weight > 0
+        user_tables = [EmbeddingBagConfig(name="user", embedding_dim=embedding_dim, num_embeddings=num_users,
+                                          feature_names=[USER_FEATURE], pooling=PoolingType.SUM)]
+        item_features = [ITEM_FEATURE]
+        if has_history and share_item_table:
+            item_features.append(HISTORY_FEATURE)
+        elif has_history:
+            user_tables.append(EmbeddingBagConfig(name="history", embedding_dim=embedding_dim, num_embeddings=num_items,
+                                                  feature_names=[HISTORY_FEATURE], pooling=PoolingType.SUM))
+        self.user_ebc = EmbeddingBagCollection(tables=user_tables, device=device)
         self.item_ebc = EmbeddingBagCollection(
             tables=[EmbeddingBagConfig(name="item", embedding_dim=embedding_dim, num_embeddings=num_items,
-                                       feature_names=[ITEM_FEATURE], pooling=PoolingType.SUM)],
+                                       feature_names=item_features, pooling=PoolingType.SUM)],
             device=device,
         )
+        self.projection = nn.Linear(embedding_dim, embedding_dim, bias=False, device=device) if projection and has_history else None
 
-    def user_vectors(self, users: KeyedJaggedTensor) -> torch.Tensor:
-        v = self.user_ebc(users).values()
+    @property
+    def has_history(self) -> bool:
+        return self.history_weight > 0
+
+    def reset_dense_parameters(self) -> None:
+        """Dense parts start as the identity (the pooled bag unchanged)."""
+        if self.projection is not None:
+            with torch.no_grad():
+                self.projection.weight.copy_(torch.eye(self.embedding_dim, device=self.projection.weight.device))
+
+    def _combine(self, user_emb: torch.Tensor, pooled: Optional[torch.Tensor], counts: torch.Tensor) -> torch.Tensor:
+        v = user_emb
+        if pooled is not None:
+            if self.history_pooling == "mean":
+                pooled = pooled / counts.clamp(min=1.0)[:, None]
+            if self.projection is not None:
+                pooled = self.projection(pooled)
+            v = (1.0 - self.history_weight) * user_emb + self.history_weight * pooled
+        return v
+
+    def _item(self, item_kt: KeyedTensor, n: int) -> torch.Tensor:
+        return item_kt[ITEM_FEATURE][:n]
+
+    def finish(self, v: torch.Tensor) -> torch.Tensor:
+        """A tower's raw output -> the vector that is scored and exported."""
         return F.normalize(v, dim=-1) if self.normalize else v
 
-    def item_vectors(self, items: KeyedJaggedTensor) -> torch.Tensor:
-        v = self.item_ebc(items).values()
-        return F.normalize(v, dim=-1) if self.normalize else v
+    def towers(self, batch: Batch) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Raw (before ``finish``) user vectors [B, D] and item vectors [B + N, D] of a training
+        batch, with one lookup per table collection."""
+        user_kt = self.user_ebc(batch.users)
+        item_kt = self.item_ebc(batch.items)
+        b = batch.user_ids.shape[0]
+        pooled = None
+        if self.has_history:
+            pooled = (item_kt if self.share_item_table else user_kt)[HISTORY_FEATURE][:b]
+        return self._combine(user_kt[USER_FEATURE], pooled, batch.history_counts), self._item(item_kt, batch.item_ids.shape[0])
+
+    def user_vectors(self, batch: Batch) -> torch.Tensor:
+        """Vectors of the batch's users (its items are ignored)."""
+        user_kt = self.user_ebc(batch.users)
+        pooled = None
+        if self.has_history:
+            b = batch.user_ids.shape[0]
+            pooled = (self.item_ebc(batch.items) if self.share_item_table else user_kt)[HISTORY_FEATURE][:b]
+        return self.finish(self._combine(user_kt[USER_FEATURE], pooled, batch.history_counts))
+
+    def item_vectors(self, batch: Batch) -> torch.Tensor:
+        """Vectors of the batch's items."""
+        return self.finish(self._item(self.item_ebc(batch.items), batch.item_ids.shape[0]))
 
 
 class RetrievalTask(nn.Module):
-    """The training task: the model plus its sampled-softmax loss, as the train pipeline wants it
+    """The training task: the model plus its loss, as the train pipeline wants it
     (``forward(batch) -> (loss, outputs)``)."""
 
-    def __init__(self, model: TwoTower, temperature: float, mask_accidental_hits: bool,
-                 item_log_prob: Optional[torch.Tensor] = None) -> None:
+    def __init__(self, model: TwoTower, loss: str = "sampled_softmax", temperature: float = 0.2,
+                 mask_accidental_hits: bool = True, item_log_prob: Optional[torch.Tensor] = None,
+                 margin: float = 0.0, l2: float = 0.0) -> None:
         super().__init__()
         self.model = model
+        self.loss = loss
         self.temperature = temperature
         self.mask_accidental_hits = mask_accidental_hits
         # A plain attribute, not a buffer: nothing to broadcast or checkpoint.
         self.item_log_prob = item_log_prob
         self.num_items = 0 if item_log_prob is None else len(item_log_prob)
+        self.margin = margin
+        self.l2 = l2
 
     def forward(self, batch: Batch) -> Tuple[torch.Tensor, Tuple[torch.Tensor]]:
-        user_vecs = self.model.user_vectors(batch.users)
-        item_vecs = self.model.item_vectors(batch.items)
-        loss = sampled_softmax_loss(user_vecs, item_vecs, batch.user_ids, batch.item_ids, self.temperature,
-                                    self.mask_accidental_hits, self.item_log_prob, self.num_items)
+        user_raw, item_raw = self.model.towers(batch)
+        user_vecs, item_vecs = self.model.finish(user_raw), self.model.finish(item_raw)
+        if self.loss == "bpr":
+            loss = bpr_loss(user_vecs, item_vecs, self.temperature)
+        else:
+            loss = sampled_softmax_loss(user_vecs, item_vecs, batch.user_ids, batch.item_ids, self.temperature,
+                                        self.mask_accidental_hits, self.item_log_prob, self.num_items, self.margin)
+        if self.l2:
+            loss = loss + self.l2 * (user_raw.pow(2).sum(-1).mean() + item_raw.pow(2).sum(-1).mean())
         return loss, (loss.detach(),)

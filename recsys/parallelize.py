@@ -15,6 +15,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 from torch.distributed._shard.sharded_tensor import ShardedTensor
+from torch.distributed.tensor import DTensor
 from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
 from torchrec.distributed.model_parallel import DistributedModelParallel
 from torchrec.distributed.planner import EmbeddingShardingPlanner, ParameterConstraints, Topology
@@ -231,3 +232,32 @@ def gather_tables(model: nn.Module, dst: int = 0) -> Dict[str, torch.Tensor]:
         if rank == dst:
             out[name] = full.cpu()
     return out
+
+
+def _local_tensors(model: nn.Module) -> List[torch.Tensor]:
+    """This rank's storage of every state-dict entry (local shards of sharded tables)."""
+    out: List[torch.Tensor] = []
+    for _, value in sorted(model.state_dict().items()):
+        if isinstance(value, ShardedTensor):
+            out.extend(shard.tensor for shard in value.local_shards())
+        elif isinstance(value, DTensor):
+            out.append(value.to_local())
+        elif torch.is_tensor(value):
+            out.append(value)
+    return out
+
+
+@torch.no_grad()
+def snapshot_weights(model: nn.Module) -> List[torch.Tensor]:
+    """A local copy of this rank's weights (the best epoch so far); no communication."""
+    return [t.detach().clone() for t in _local_tensors(model)]
+
+
+@torch.no_grad()
+def restore_weights(model: nn.Module, snapshot: List[torch.Tensor]) -> None:
+    """Write a `snapshot_weights` copy back in place (same model, same sharding)."""
+    tensors = _local_tensors(model)
+    if len(tensors) != len(snapshot):
+        raise ValueError("restore_weights: the snapshot does not match the model")
+    for t, s in zip(tensors, snapshot):
+        t.copy_(s)

@@ -28,11 +28,12 @@ from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
 from tqdm import tqdm
 
 from recsys.config import Config, ConfigError, register_configs, register_resolvers
-from recsys.data import DataError, Dataset, TrainBatches, prepare, write_json_atomic
+from recsys.data import DataError, Dataset, Features, TrainBatches, prepare, write_json_atomic
 from recsys.evaluate import evaluate_model, evaluate_popularity
 from recsys.export import export_model
 from recsys.model import RetrievalTask, TwoTower
-from recsys.parallelize import describe_plan, destroy_distributed, init_distributed, init_tables, shard_model
+from recsys.parallelize import (describe_plan, destroy_distributed, init_distributed, init_tables, restore_weights,
+                                shard_model, snapshot_weights)
 
 logger = logging.getLogger("recsys.train")
 warnings.filterwarnings("ignore", message=".*deprecating ShardedTensor.*")
@@ -89,32 +90,55 @@ def train(cfg: Config, run_dir: Path, config_hash: str = "") -> Dict:
         if error is not None:
             raise error
         dataset = Dataset.load(Path(data_dir))
-        if max(cfg.eval.ks) > dataset.num_items:
-            raise ConfigError(f"eval.ks: K={max(cfg.eval.ks)} is larger than the number of items ({dataset.num_items})")
+        kmax = max([*cfg.eval.ks, int(cfg.eval.select_metric.split("@")[1])])
+        if kmax > dataset.num_items:
+            raise ConfigError(f"eval.ks / eval.select_metric: K={kmax} is larger than the number of items ({dataset.num_items})")
         counts = dataset.manifest["counts"]
         logger.info("dataset %s: %d users, %d items, %d train / %d test interactions, dropped %s",
                     data_dir, counts["num_users"], counts["num_items"], counts["train_interactions"],
                     counts["test_interactions"], dataset.manifest["dropped"])
-        train_csr, test_csr = dataset.train_csr(), dataset.test_csr()
-        item_counts = dataset.item_counts()
+        fit_users, fit_items = dataset.fit_pairs()
+        fit_counts = dataset.item_counts(include_valid=False)
+        if cfg.train.patience and not dataset.has_valid:
+            logger.warning("train.patience=%d has no effect without a validation split (data.valid_fraction)",
+                           cfg.train.patience)
 
         # ---- model: built on meta, sharded by the planner, tables initialised identically for any sharding
-        model = TwoTower(dataset.num_users, dataset.num_items, cfg.model.embedding_dim, cfg.model.normalize)
+        mc = cfg.model
+        model = TwoTower(dataset.num_users, dataset.num_items, mc.embedding_dim, mc.normalize,
+                         history_weight=mc.history_weight if mc.name == "two_tower" else 0.0,
+                         history_pooling=mc.history_pooling, share_item_table=mc.share_item_table,
+                         projection=mc.projection)
         item_log_prob = None
         if cfg.loss.logq_correction:
-            item_log_prob = torch.from_numpy(np.log(np.maximum(item_counts, 1) / item_counts.sum())).float().to(device)
-        task = RetrievalTask(model, cfg.loss.temperature, cfg.loss.mask_accidental_hits, item_log_prob)
+            item_log_prob = torch.from_numpy(np.log(np.maximum(fit_counts, 1) / fit_counts.sum())).float().to(device)
+        task = RetrievalTask(model, cfg.loss.name, cfg.loss.temperature, cfg.loss.mask_accidental_hits, item_log_prob,
+                             cfg.loss.margin, cfg.loss.l2)
         dmp, optimizer, plan = shard_model(task, device, cfg.optim.name, cfg.optim.lr, cfg.optim.eps,
                                            cfg.optim.dense_lr, cfg.train.sharding_types, cfg.train.batch_size // world)
-        init_tables(dmp, cfg.model.init_std, cfg.seed)
+        init_tables(dmp, mc.init_std, cfg.seed)
+        dmp.module.model.reset_dense_parameters()
         logger.info("world size %d, device %s, backend %s\n%s", world, device, info.backend, describe_plan(plan))
 
+        # Inputs: the training history feeds the user tower while training and validating; the
+        # whole training split (validation holdout included) when testing and exporting.
+        def features(include_valid: bool) -> Features:
+            if not model.has_history:
+                return Features()
+            return Features(dataset.history(include_valid, mc.history_max_len), mc.share_item_table)
+
+        fit_features, full_features = features(False), features(True)
+        train_mask, test_csr = dataset.train_csr(), dataset.test_csr()
+        valid_csr = dataset.valid_csr() if dataset.has_valid else None
+        fit_mask = dataset.train_csr(include_valid=False) if dataset.has_valid else None
+        valid_ks = sorted(set(cfg.eval.ks) | {int(cfg.eval.select_metric.split("@")[1])})
+
         # ---- loop
-        steps_per_epoch = len(dataset.train_users) // cfg.train.batch_size
+        steps_per_epoch = len(fit_users) // cfg.train.batch_size
         if steps_per_epoch == 0:
             raise ConfigError(f"train.batch_size={cfg.train.batch_size} is larger than the "
-                              f"{len(dataset.train_users)} training interactions")
-        unused = len(dataset.train_users) - steps_per_epoch * cfg.train.batch_size
+                              f"{len(fit_users)} training interactions")
+        unused = len(fit_users) - steps_per_epoch * cfg.train.batch_size
         total_steps = steps_per_epoch * cfg.train.epochs
         if cfg.train.max_steps is not None:
             total_steps = min(total_steps, cfg.train.max_steps)
@@ -124,15 +148,18 @@ def train(cfg: Config, run_dir: Path, config_hash: str = "") -> Dict:
         dmp.train()
         history = []
         step = 0
+        best = {"epoch": None, "value": -1.0, "weights": None}
+        since_best = 0
+        valid_s = 0.0  # in-loop evaluation time, not counted as training time
         bar = tqdm(total=total_steps * cfg.train.batch_size, unit=" interactions", unit_scale=True, dynamic_ncols=True,
                    disable=rank != 0 or not cfg.train.progress, desc="train", mininterval=1.0)
         t0 = time.perf_counter()
         for epoch in range(cfg.train.epochs):
             if step >= total_steps:
                 break
-            batches = TrainBatches(dataset.train_users, dataset.train_items, dataset.num_items,
+            batches = TrainBatches(fit_users, fit_items, dataset.num_items,
                                    cfg.train.batch_size, cfg.loss.num_negatives, rank, world, cfg.seed, epoch,
-                                   max_batches=total_steps - step)
+                                   max_batches=total_steps - step, features=fit_features)
             it = iter(batches)
             loss_sum, n = torch.zeros((), dtype=torch.float64, device=device), 0
             while True:
@@ -149,39 +176,78 @@ def train(cfg: Config, run_dir: Path, config_hash: str = "") -> Dict:
             if world > 1:
                 dist.all_reduce(loss_sum)
             epoch_loss = float(loss_sum) / max(n, 1) / world
-            history.append({"epoch": epoch, "steps": step, "loss": epoch_loss,
-                            "wall_s": round(time.perf_counter() - t0, 3)})
-            logger.info("epoch %d: %d steps, loss %.4f", epoch, step, epoch_loss)
+            record = {"epoch": epoch, "steps": step, "loss": epoch_loss, "wall_s": round(time.perf_counter() - t0, 3)}
+
+            # ---- per-epoch validation (model selection) and, if asked, the test curve
+            if valid_csr is not None or cfg.eval.test_every_epoch:
+                t_eval = time.perf_counter()
+                model_ = pipeline.detach().module.model
+                dmp.eval()
+                if valid_csr is not None:
+                    record["valid"] = evaluate_model(model_, fit_features, dataset.num_items, fit_mask, valid_csr,
+                                                     valid_ks, device, cfg.eval.user_chunk)
+                if cfg.eval.test_every_epoch:
+                    record["test"] = evaluate_model(model_, full_features, dataset.num_items, train_mask, test_csr,
+                                                    cfg.eval.ks, device, cfg.eval.user_chunk)
+                if valid_csr is not None:
+                    value = record["valid"][cfg.eval.select_metric]
+                    if value > best["value"]:
+                        best = {"epoch": epoch, "value": value, "weights": snapshot_weights(dmp)}
+                        since_best = 0
+                    else:
+                        since_best += 1
+                dmp.train()
+                pipeline.attach(dmp)
+                valid_s += time.perf_counter() - t_eval
+                record["wall_s"] = round(time.perf_counter() - t0, 3)
+            history.append(record)
+            logger.info("epoch %d: %d steps, loss %.4f%s%s", epoch, step, epoch_loss,
+                        f", valid {cfg.eval.select_metric} {record['valid'][cfg.eval.select_metric]:.4f}"
+                        if "valid" in record else "",
+                        f", test {cfg.eval.select_metric} {record['test'][cfg.eval.select_metric]:.4f}"
+                        if "test" in record else "")
+            if cfg.train.patience and since_best >= cfg.train.patience:
+                logger.info("early stop: no better valid %s for %d epochs (best: epoch %d, %.4f)",
+                            cfg.eval.select_metric, since_best, best["epoch"], best["value"])
+                break
         wall = time.perf_counter() - t0
         bar.close()
         model_ = pipeline.detach().module.model  # the (sharded) TwoTower, its original forwards restored
         dmp.eval()
+        if best["weights"] is not None:
+            restore_weights(dmp, best["weights"])
+            logger.info("restored the weights of epoch %d (best valid %s %.4f)", best["epoch"],
+                        cfg.eval.select_metric, best["value"])
 
         # ---- evaluate (model and popularity baseline, same evaluator)
         t_eval = time.perf_counter()
-        test_metrics = evaluate_model(model_, dataset.num_users, dataset.num_items, train_csr, test_csr,
+        test_metrics = evaluate_model(model_, full_features, dataset.num_items, train_mask, test_csr,
                                       cfg.eval.ks, device, cfg.eval.user_chunk)
-        eval_s = time.perf_counter() - t_eval
         metrics = {"test": test_metrics}
+        if best["weights"] is not None:
+            metrics["valid"] = history[best["epoch"]]["valid"]
+            metrics["selected_epoch"] = best["epoch"]
         if cfg.eval.popularity:
-            metrics["popularity"] = evaluate_popularity(item_counts, train_csr, test_csr, cfg.eval.ks, device,
-                                                        cfg.eval.user_chunk)
+            metrics["popularity"] = evaluate_popularity(dataset.item_counts(), train_mask, test_csr, cfg.eval.ks,
+                                                        device, cfg.eval.user_chunk)
+        eval_s = time.perf_counter() - t_eval
+        train_s = wall - valid_s
         metrics["train"] = {
             "steps": step,
             "epochs": len(history),
-            "wall_s": round(wall, 3),
-            "interactions_per_s": round(step * cfg.train.batch_size / max(wall, 1e-9), 1),
+            "wall_s": round(train_s, 3),
+            "interactions_per_s": round(step * cfg.train.batch_size / max(train_s, 1e-9), 1),
             "world_size": world,
             "device": str(device),
             "history": history,
         }
-        metrics["eval"] = {"wall_s": round(eval_s, 3)}
+        metrics["eval"] = {"wall_s": round(eval_s, 3), "per_epoch_wall_s": round(valid_s, 3)}
         metrics["data"] = {"path": data_dir, **counts, "dropped": dataset.manifest["dropped"]}
 
         # ---- export
         if cfg.export.enabled:
-            path = export_model(model_, dataset.vocab("users"), dataset.vocab("items"), run_dir / cfg.export.dir,
-                                device, config_hash)
+            path = export_model(model_, full_features, dataset.vocab("users"), dataset.vocab("items"),
+                                run_dir / cfg.export.dir, device, config_hash)
             metrics["export"] = {"dir": str(path) if path else str(run_dir / cfg.export.dir)}
         if rank == 0:
             write_json_atomic(metrics, run_dir / "metrics.json")

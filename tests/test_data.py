@@ -96,14 +96,14 @@ def test_given_split(tmp_path):
     out = prepare(parquet_cfg(tmp_path, train, test_path=test, split="given"))
     m = json.loads((out / "manifest.json").read_text())
     assert m["counts"] == {"raw_interactions": 3, "num_users": 2, "num_items": 2, "train_interactions": 3,
-                           "test_interactions": 1, "test_users": 1}
+                           "test_interactions": 1, "test_users": 1, "valid_interactions": 0}
     assert m["dropped"]["test_unseen_user"] == 1 and m["dropped"]["test_unseen_item"] == 1
 
 
 @pytest.mark.parametrize("case,match", [
     ("missing", "no such file"),
     ("not_parquet", "cannot be read as Parquet"),
-    ("no_column", "missing item_id column 'item_id'"),
+    ("no_column", "missing item column 'item_id'"),
     ("float_ids", "ids must be integers or strings"),
 ])
 def test_bad_input_names_file_and_column(tmp_path, case, match):

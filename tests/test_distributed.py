@@ -6,14 +6,21 @@ import numpy as np
 import pytest
 import torch
 
-from recsys.data import make_batch
-from recsys.loss import sampled_softmax_loss
+from recsys.data import CSR, Features
 from recsys.model import RetrievalTask, TwoTower
 from tests.dist_utils import run_ranks
 
 NUM_USERS, NUM_ITEMS, DIM = 60, 40, 8
 BATCH, NEGS = 32, 8
 LR, EPS, TEMP, STD, SEED = 0.1, 1e-8, 0.2, 0.3, 3
+
+
+# model variants: matrix factorisation; history bag in the item table; in its own table + projection
+VARIANTS = {
+    "mf": {},
+    "history_shared": {"history_weight": 0.5, "share_item_table": True},
+    "history_table_projection": {"history_weight": 0.3, "share_item_table": False, "projection": True},
+}
 
 
 def global_batch():
@@ -24,20 +31,36 @@ def global_batch():
     return users, items, negatives
 
 
-def sharded_step(sharding_type: str):
+def features(variant: str) -> Features:
+    kw = VARIANTS[variant]
+    if not kw:
+        return Features()
+    rng = np.random.default_rng(1)
+    lengths = rng.integers(0, 6, NUM_USERS)  # some users with an empty history
+    indices = rng.integers(0, NUM_ITEMS, lengths.sum())
+    return Features(CSR(np.concatenate([[0], np.cumsum(lengths)]), indices), kw["share_item_table"])
+
+
+def table_params(model):
+    return {name: t.weight for ebc in (model.user_ebc, model.item_ebc) for name, t in ebc.embedding_bags.items()}
+
+
+def sharded_step(sharding_type: str, variant: str):
     from recsys.parallelize import destroy_distributed, gather_tables, init_distributed, init_tables, shard_model
 
     info = init_distributed("cpu")
     rank, world = info.rank, info.world_size
     torch.manual_seed(0)
-    model = TwoTower(NUM_USERS, NUM_ITEMS, DIM, normalize=True)
-    task = RetrievalTask(model, TEMP, mask_accidental_hits=True)
-    dmp, optimizer, plan = shard_model(task, info.device, "rowwise_adagrad", LR, EPS, 1e-3, [sharding_type])
+    model = TwoTower(NUM_USERS, NUM_ITEMS, DIM, normalize=True, **VARIANTS[variant])
+    task = RetrievalTask(model, temperature=TEMP, mask_accidental_hits=True)
+    dmp, optimizer, plan = shard_model(task, info.device, "rowwise_adagrad", LR, EPS, 1e-2, [sharding_type])
     init_tables(dmp, STD, SEED)
+    dmp.module.model.reset_dense_parameters()
     before = gather_tables(dmp)
     users, items, negatives = global_batch()
     b, n = BATCH // world, NEGS // world
-    batch = make_batch(users[rank * b:(rank + 1) * b], items[rank * b:(rank + 1) * b], negatives[rank * n:(rank + 1) * n])
+    batch = features(variant).batch(users[rank * b:(rank + 1) * b],
+                                    np.concatenate([items[rank * b:(rank + 1) * b], negatives[rank * n:(rank + 1) * n]]))
     loss, _ = dmp(batch)
     loss.backward()
     optimizer.step()
@@ -45,46 +68,57 @@ def sharded_step(sharding_type: str):
     losses = [None] * world
     torch.distributed.all_gather_object(losses, loss.item())
     types = sorted({ps.sharding_type for mp in plan.plan.values() for ps in mp.values()})
+    projection = dmp.module.model.projection
+    projection = None if projection is None else projection.weight.detach().clone()
     destroy_distributed()
-    return {"loss": float(np.mean(losses)), "before": before, "after": after, "types": types}
+    return {"loss": float(np.mean(losses)), "before": before, "after": after, "types": types, "projection": projection}
 
 
-def reference_step():
+def reference_step(variant: str):
     from recsys.parallelize import init_tables
     from torchrec.optim.rowwise_adagrad import RowWiseAdagrad
 
-    model = TwoTower(NUM_USERS, NUM_ITEMS, DIM, normalize=True, device=torch.device("cpu"))
+    model = TwoTower(NUM_USERS, NUM_ITEMS, DIM, normalize=True, device=torch.device("cpu"), **VARIANTS[variant])
     init_tables(model, STD, SEED)
-    before = {k: v.detach().clone() for k, v in
-              {"user": model.user_ebc.embedding_bags["user"].weight, "item": model.item_ebc.embedding_bags["item"].weight}.items()}
-    opt = RowWiseAdagrad(model.parameters(), lr=LR, eps=EPS)
+    model.reset_dense_parameters()
+    before = {k: v.detach().clone() for k, v in table_params(model).items()}
+    opt = RowWiseAdagrad(list(table_params(model).values()), lr=LR, eps=EPS)
+    dense = torch.optim.Adam(model.projection.parameters(), lr=1e-2) if model.projection is not None else None
     users, items, negatives = global_batch()
-    batch = make_batch(users, items, negatives)
-    u = model.user_vectors(batch.users)
-    v = model.item_vectors(batch.items)
-    loss = sampled_softmax_loss(u, v, batch.user_ids, batch.item_ids, TEMP, True)
+    batch = features(variant).batch(users, np.concatenate([items, negatives]))
+    loss, _ = RetrievalTask(model, temperature=TEMP, mask_accidental_hits=True)(batch)
     loss.backward()
     opt.step()
-    after = {"user": model.user_ebc.embedding_bags["user"].weight.detach(), "item": model.item_ebc.embedding_bags["item"].weight.detach()}
-    return {"loss": loss.item(), "before": before, "after": after}
+    if dense:
+        dense.step()
+    after = {k: v.detach() for k, v in table_params(model).items()}
+    projection = None if model.projection is None else model.projection.weight.detach()
+    return {"loss": loss.item(), "before": before, "after": after, "projection": projection}
 
 
-@pytest.mark.parametrize("world_size,sharding_type", [
-    (1, "table_wise"),
-    (2, "table_wise"),
-    (2, "row_wise"),
-    (2, "column_wise"),
-    (2, "table_row_wise"),
-    (2, "table_column_wise"),
+@pytest.mark.parametrize("world_size,sharding_type,variant", [
+    (1, "table_wise", "mf"),
+    (2, "table_wise", "mf"),
+    (2, "row_wise", "mf"),
+    (2, "column_wise", "mf"),
+    (2, "table_row_wise", "mf"),
+    (2, "table_column_wise", "mf"),
+    (2, "row_wise", "history_shared"),
+    (2, "table_wise", "history_shared"),
+    (2, "column_wise", "history_table_projection"),
 ])
-def test_sharded_step_matches_unsharded(world_size, sharding_type):
-    ref = reference_step()
-    out = run_ranks(sharded_step, world_size, sharding_type)[0]
+def test_sharded_step_matches_unsharded(world_size, sharding_type, variant):
+    ref = reference_step(variant)
+    out = run_ranks(sharded_step, world_size, sharding_type, variant)[0]
     assert out["types"] == [sharding_type]
-    for name in ("user", "item"):
+    assert sorted(out["before"]) == sorted(ref["before"])
+    for name in ref["before"]:
         torch.testing.assert_close(torch.from_numpy(out["before"][name]), ref["before"][name])
     assert out["loss"] == pytest.approx(ref["loss"], rel=1e-5)
-    for name in ("user", "item"):
+    if ref["projection"] is not None:
+        assert not torch.equal(ref["projection"], torch.eye(DIM))
+        torch.testing.assert_close(torch.from_numpy(out["projection"]), ref["projection"], rtol=1e-5, atol=1e-6)
+    for name in ref["before"]:
         moved = (ref["after"][name] - ref["before"][name]).abs().sum(1) > 0
         assert moved.any()
         torch.testing.assert_close(torch.from_numpy(out["after"][name]), ref["after"][name], rtol=1e-5, atol=1e-6)

@@ -79,3 +79,24 @@ def test_accidental_hits_are_masked():
     assert loss.item() == pytest.approx((0.0 + math.log(1 + math.exp(-1.0))) / 2, rel=1e-6)
     unmasked = sampled_softmax_loss(u, items, user_ids, item_ids, 1.0, mask_accidental_hits=False)
     assert unmasked.item() == pytest.approx(math.log(2 + math.exp(-1.0)) + 0.0, rel=1e-6)
+
+
+def test_margin_and_bpr_against_direct_formulas():
+    from recsys.loss import bpr_loss
+
+    x = inputs(1)
+    u, pos, neg = (torch.from_numpy(x[k]) for k in ("u", "pos", "neg"))
+    items = torch.cat([pos, neg])
+    item_ids = torch.from_numpy(np.concatenate([x["pos_ids"], x["neg_ids"]]))
+    user_ids = torch.from_numpy(x["user_ids"])
+    # margin m: the positive's logit is (s - m) / T; without masking the loss is plain cross-entropy
+    got = sampled_softmax_loss(u, items, user_ids, item_ids, TEMP, False, None, 0, margin=0.3)
+    scores = (u @ items.T).numpy().astype(np.float64)
+    scores[np.arange(B), np.arange(B)] -= 0.3
+    logits = scores / TEMP
+    expected = np.mean(np.log(np.exp(logits).sum(1)) - logits[np.arange(B), np.arange(B)])
+    assert got.item() == pytest.approx(expected, rel=1e-5)
+    # BPR: row i against negative i mod N
+    got = bpr_loss(u, items, temperature=2.0)
+    diff = ((u * pos).sum(1) - (u * neg[torch.arange(B) % N]).sum(1)).numpy() / 2.0
+    assert got.item() == pytest.approx(np.mean(np.log1p(np.exp(-diff))), rel=1e-5)

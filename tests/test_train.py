@@ -121,3 +121,50 @@ def test_parquet_input_end_to_end(tmp_path):
     assert all(isinstance(i, str) and i.startswith("user-") for i in ids) and vectors.shape[1] == 8
     ids, _ = read_vectors(run_dir / "export" / "items.parquet")
     assert all(isinstance(i, int) and i % 1000 == 7 for i in ids)
+
+
+def test_two_tower_on_lightgcn_files_with_validation_two_ranks(tmp_path):
+    # A LightGCN-format directory with clustered tastes: user u mostly picks items i with i % 5 == u % 5.
+    rng = np.random.default_rng(0)
+    lg = tmp_path / "lg"
+    lg.mkdir()
+    train_lines, test_lines, train_pairs = [], [], set()
+    for u in range(240):
+        pool = np.array([i for i in range(120) if i % 5 == u % 5])
+        picks = list(rng.choice(pool, 14, replace=False)) + list(rng.choice(120, 2, replace=False))
+        picks = list(dict.fromkeys(int(i) for i in picks))
+        train_lines.append(" ".join(map(str, [u, *picks[:-3]])))
+        test_lines.append(" ".join(map(str, [u, *picks[-3:]])))
+        train_pairs |= {(u, i) for i in picks[:-3]}
+    (lg / "train.txt").write_text("\n".join(train_lines) + "\n")
+    (lg / "test.txt").write_text("\n".join(test_lines) + "\n")
+
+    run_dir = tmp_path / "run"
+    run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
+         "-m", "recsys.train", "data=lightgcn", f"data.path={lg}", "data.valid_fraction=0.2",
+         f"data.root={tmp_path / 'data'}", "model=two_tower", "model.embedding_dim=16", "model.history_max_len=8",
+         "train.epochs=6", "train.patience=2", "train.batch_size=128", "loss.num_negatives=32", "optim.lr=0.1",
+         "eval.ks=[5,20]", "eval.test_every_epoch=true", "train.progress=false", f"hydra.run.dir={run_dir}"], tmp_path)
+    m = json.loads((run_dir / "metrics.json").read_text())
+    hist = m["train"]["history"]
+    valid = [h["valid"]["recall@20"] for h in hist]
+    # the epoch is selected on the validation split, and its weights are the ones tested and exported
+    assert m["selected_epoch"] == int(np.argmax(valid)) and m["valid"] == hist[m["selected_epoch"]]["valid"]
+    for key in ("recall@5", "recall@20", "ndcg@20"):
+        assert m["test"][key] == pytest.approx(hist[m["selected_epoch"]]["test"][key], abs=1e-9)
+    assert m["test"]["recall@20"] > 1.5 * m["popularity"]["recall@20"]
+    assert m["data"]["valid_interactions"] > 0
+
+    # The exported vectors alone give the score: brute-force numpy Recall@20 from the export files.
+    user_ids, user_vecs = read_vectors(run_dir / "export" / "users.parquet")
+    item_ids, item_vecs = read_vectors(run_dir / "export" / "items.parquet")
+    scores = user_vecs @ item_vecs.T
+    col = {i: c for c, i in enumerate(item_ids)}
+    for u, i in train_pairs:
+        scores[user_ids.index(u), col[i]] = -np.inf
+    recalls = []
+    for line in test_lines:
+        u, *items = map(int, line.split())
+        top = {item_ids[c] for c in np.argsort(-scores[user_ids.index(u)], kind="stable")[:20]}
+        recalls.append(len(top & set(items)) / len(items))
+    assert np.mean(recalls) == pytest.approx(m["test"]["recall@20"], abs=2e-3)
