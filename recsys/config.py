@@ -120,6 +120,15 @@ class ModelConfig:
     """``two_tower``: look the history up in the item table (else in a table of its own)."""
     projection: bool = False
     """``two_tower``: a linear layer (initialised to the identity) on the pooled history."""
+    item_history_weight: float = 0.0
+    """``two_tower``: item = (1 - w) * id embedding + w * mean context embedding of the item's users
+    (0: the item tower is the id embedding alone)."""
+    item_history_max_len: int = 64
+    """``two_tower`` with item history: a fixed random sample of at most N users per item (0: all)."""
+    history_dropout: float = 0.0
+    """``two_tower``, training only: drop each history item from a batch's bags with this probability."""
+    history_exclude_target: bool = False
+    """``two_tower``, training only: leave the positive being predicted out of its user's bag."""
 
     def __post_init__(self) -> None:
         _check(self.name in ("mf", "two_tower"), f"model.name must be mf or two_tower, got {self.name!r}")
@@ -128,6 +137,9 @@ class ModelConfig:
         _check(0.0 < self.history_weight <= 1.0, f"model.history_weight must be in (0, 1], got {self.history_weight}")
         _check(self.history_pooling in ("mean", "sum"), f"model.history_pooling must be mean or sum, got {self.history_pooling!r}")
         _check(self.history_max_len >= 0, f"model.history_max_len must be >= 0, got {self.history_max_len}")
+        _check(0.0 <= self.item_history_weight <= 1.0, f"model.item_history_weight must be in [0, 1], got {self.item_history_weight}")
+        _check(self.item_history_max_len >= 0, f"model.item_history_max_len must be >= 0, got {self.item_history_max_len}")
+        _check(0.0 <= self.history_dropout < 1.0, f"model.history_dropout must be in [0, 1), got {self.history_dropout}")
 
 
 @dataclass

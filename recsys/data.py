@@ -42,6 +42,7 @@ PREPARED_VERSION = 1
 USER_FEATURE = "user"
 ITEM_FEATURE = "item"
 HISTORY_FEATURE = "history"
+ITEM_HISTORY_FEATURE = "item_history"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -430,6 +431,21 @@ class Dataset:
             counts = np.minimum(counts, max_len)
         return CSR(np.concatenate([[0], np.cumsum(counts)]).astype(np.int64), items.astype(np.int64))
 
+    def item_history(self, include_valid: bool, max_len: int = 0, seed: int = 0) -> CSR:
+        """Each item's users (a fixed seeded random `max_len` of them when capped; 0: all)."""
+        keep = np.ones(len(self.valid), dtype=bool) if include_valid else ~self.valid
+        items, users = self.train_items[keep], self.train_users[keep]
+        key = np.random.default_rng(seed).random(len(items)) if max_len > 0 else users
+        order = np.lexsort((key, items))
+        items, users = items[order], users[order]
+        counts = np.bincount(items, minlength=self.num_items)
+        if max_len > 0:
+            starts = np.repeat(np.cumsum(counts) - counts, counts)
+            first = (np.arange(len(items)) - starts) < max_len
+            users = users[first]
+            counts = np.minimum(counts, max_len)
+        return CSR(np.concatenate([[0], np.cumsum(counts)]).astype(np.int64), users.astype(np.int64))
+
     def item_counts(self, include_valid: bool = True) -> np.ndarray:
         items = self.train_items if include_valid else self.fit_pairs()[1]
         return np.bincount(items, minlength=self.num_items)
@@ -460,6 +476,7 @@ class Batch(Pipelineable):
     user_ids: torch.Tensor
     item_ids: torch.Tensor
     history_counts: torch.Tensor
+    item_history_counts: torch.Tensor
 
     def to(self, device: torch.device, non_blocking: bool = False) -> "Batch":
         return Batch(
@@ -468,6 +485,7 @@ class Batch(Pipelineable):
             user_ids=self.user_ids.to(device=device, non_blocking=non_blocking),
             item_ids=self.item_ids.to(device=device, non_blocking=non_blocking),
             history_counts=self.history_counts.to(device=device, non_blocking=non_blocking),
+            item_history_counts=self.item_history_counts.to(device=device, non_blocking=non_blocking),
         )
 
     def record_stream(self, stream: torch.Stream) -> None:
@@ -476,15 +494,12 @@ class Batch(Pipelineable):
         self.user_ids.record_stream(stream)
         self.item_ids.record_stream(stream)
         self.history_counts.record_stream(stream)
+        self.item_history_counts.record_stream(stream)
 
     def pin_memory(self) -> "Batch":
         return Batch(self.users.pin_memory(), self.items.pin_memory(), self.user_ids.pin_memory(),
-                     self.item_ids.pin_memory(), self.history_counts.pin_memory())
-
-
-def ids_kjt(key: str, ids: torch.Tensor) -> KeyedJaggedTensor:
-    """A KJT with one id per row (a single-hot feature), built without per-row Python."""
-    return KeyedJaggedTensor(keys=[key], values=ids, lengths=torch.ones(len(ids), dtype=torch.int32))
+                     self.item_ids.pin_memory(), self.history_counts.pin_memory(),
+                     self.item_history_counts.pin_memory())
 
 
 def gather_rows_csr(csr: CSR, rows: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
@@ -501,36 +516,66 @@ class Features:
 
     Without a history this is matrix factorisation's single-hot ``user`` and ``item`` features.
     With one (a CSR of each user's items), each user row also carries the multi-hot ``history``
-    bag, looked up in the item table (``shared``) or in a table of its own."""
+    bag, looked up in the item table (``shared``) or in a table of its own. With an
+    ``item_history`` (a CSR of each item's users), each item row carries the ``item_history`` bag."""
 
-    def __init__(self, history: Optional[CSR] = None, shared: bool = True) -> None:
+    def __init__(self, history: Optional[CSR] = None, shared: bool = True, dropout: float = 0.0,
+                 exclude_target: bool = False, item_history: Optional[CSR] = None) -> None:
         self.history = history
+        self.item_history = item_history
         self.shared = shared
+        self.dropout = dropout
+        self.exclude_target = exclude_target
 
-    def batch(self, users: np.ndarray, items: np.ndarray) -> Batch:
-        """Inputs for user rows `users` and item rows `items` (either may be empty)."""
-        user_ids = torch.from_numpy(np.ascontiguousarray(users, dtype=np.int64))
-        item_ids = torch.from_numpy(np.ascontiguousarray(items, dtype=np.int64))
-        if self.history is None:
-            return Batch(ids_kjt(USER_FEATURE, user_ids), ids_kjt(ITEM_FEATURE, item_ids), user_ids, item_ids,
-                         torch.zeros(len(users)))
+    def _bags(self, users: np.ndarray, targets: Optional[np.ndarray], rng: Optional[np.random.Generator]):
         lengths, values = gather_rows_csr(self.history, np.asarray(users, dtype=np.int64))
-        counts = torch.from_numpy(lengths.astype(np.float32))
-        hist_values = torch.from_numpy(values)
-        if not self.shared:
-            users_kjt = KeyedJaggedTensor(
-                keys=[USER_FEATURE, HISTORY_FEATURE], values=torch.cat([user_ids, hist_values]),
-                lengths=torch.from_numpy(np.concatenate([np.ones(len(users)), lengths]).astype(np.int32)))
-            return Batch(users_kjt, ids_kjt(ITEM_FEATURE, item_ids), user_ids, item_ids, counts)
-        # Shared table: both features in the item KJT, padded to one length (stride).
-        stride = max(len(users), len(items))
-        item_lengths = np.zeros(stride, dtype=np.int32)
-        item_lengths[: len(items)] = 1
-        hist_lengths = np.zeros(stride, dtype=np.int32)
-        hist_lengths[: len(users)] = lengths
-        items_kjt = KeyedJaggedTensor(keys=[ITEM_FEATURE, HISTORY_FEATURE], values=torch.cat([item_ids, hist_values]),
-                                      lengths=torch.from_numpy(np.concatenate([item_lengths, hist_lengths])))
-        return Batch(ids_kjt(USER_FEATURE, user_ids), items_kjt, user_ids, item_ids, counts)
+        if rng is None or (self.dropout == 0 and not self.exclude_target):
+            return lengths, values
+        # Training only: drop the row's own positive from its bag, and/or a random share of the bag.
+        row = np.repeat(np.arange(len(users)), lengths)
+        keep = np.ones(len(values), dtype=bool)
+        if self.exclude_target and targets is not None:
+            keep &= values != targets[row]
+        if self.dropout > 0:
+            keep &= rng.random(len(values)) >= self.dropout
+        return np.bincount(row[keep], minlength=len(users)), values[keep]
+
+    def batch(self, users: np.ndarray, items: np.ndarray, rng: Optional[np.random.Generator] = None) -> Batch:
+        """Inputs for user rows `users` and item rows `items` (either may be empty).
+
+        `rng` marks a training batch (the first len(users) items are the users' positives):
+        history dropout and target exclusion apply only then."""
+        users = np.asarray(users, dtype=np.int64)
+        items = np.asarray(items, dtype=np.int64)
+        user_ids, item_ids = torch.from_numpy(users), torch.from_numpy(items)
+        user_features = [(USER_FEATURE, np.ones(len(users), dtype=np.int64), users)]
+        item_features = [(ITEM_FEATURE, np.ones(len(items), dtype=np.int64), items)]
+        counts = np.zeros(len(users))
+        item_counts = np.zeros(len(items))
+        if self.history is not None:
+            counts, values = self._bags(users, items[: len(users)], rng)
+            # shared: the bag is looked up in the item table, so it rides in the item KJT
+            (item_features if self.shared else user_features).append((HISTORY_FEATURE, counts, values))
+        if self.item_history is not None:
+            item_counts, values = gather_rows_csr(self.item_history, items)
+            item_features.append((ITEM_HISTORY_FEATURE, item_counts, values))
+        return Batch(_kjt(user_features), _kjt(item_features), user_ids, item_ids,
+                     torch.from_numpy(np.asarray(counts, dtype=np.float32)),
+                     torch.from_numpy(np.asarray(item_counts, dtype=np.float32)))
+
+
+def _kjt(features) -> KeyedJaggedTensor:
+    """One KJT from (key, lengths, values) triples; shorter features are padded with empty rows
+    so that every key has the same number of rows (the KJT's stride)."""
+    stride = max(len(lengths) for _, lengths, _ in features)
+    all_lengths = []
+    for _, lengths, _ in features:
+        padded = np.zeros(stride, dtype=np.int32)
+        padded[: len(lengths)] = lengths
+        all_lengths.append(padded)
+    return KeyedJaggedTensor(keys=[k for k, _, _ in features],
+                             values=torch.from_numpy(np.concatenate([v for _, _, v in features]).astype(np.int64)),
+                             lengths=torch.from_numpy(np.concatenate(all_lengths)))
 
 
 class TrainBatches:
@@ -574,9 +619,10 @@ class TrainBatches:
     def __iter__(self) -> Iterator[Batch]:
         perm = np.random.default_rng([self.seed, self.epoch]).permutation(len(self.users))
         neg_rng = np.random.default_rng([self.seed, self.epoch, 1])
+        bag_rng = np.random.default_rng([self.seed, self.epoch, 2, self.rank])
         n = self.local_negatives
         for step in range(self.num_batches):
             start = step * self.global_batch + self.rank * self.local_batch
             idx = perm[start : start + self.local_batch]
             negatives = neg_rng.integers(0, self.num_items, size=n * self.world_size)[self.rank * n : (self.rank + 1) * n]
-            yield self.features.batch(self.users[idx], np.concatenate([self.items[idx], negatives]))
+            yield self.features.batch(self.users[idx], np.concatenate([self.items[idx], negatives]), bag_rng)

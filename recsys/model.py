@@ -17,7 +17,7 @@ from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from torchrec.sparse.jagged_tensor import KeyedTensor
 
-from recsys.data import HISTORY_FEATURE, ITEM_FEATURE, USER_FEATURE, Batch
+from recsys.data import HISTORY_FEATURE, ITEM_FEATURE, ITEM_HISTORY_FEATURE, USER_FEATURE, Batch
 from recsys.loss import bpr_loss, sampled_softmax_loss
 
 # The train pipeline traces forward() to find the sharded modules; the loss (collectives
@@ -36,19 +36,23 @@ class TwoTower(nn.Module):
 
     where pool is the mean (or sum) of a multi-hot bag (feature ``history``) looked up in the
     item table (``share_item_table``) or a table of its own, and P an optional linear layer.
+    With ``item_history_weight > 0`` the item tower is built the same way from the users who
+    interacted with the item (feature ``item_history``, a user context table of its own).
     Scores are dot products of the two towers' outputs (of L2-normalised outputs with
     ``normalize``): the exported vectors alone give the score.
     """
 
     def __init__(self, num_users: int, num_items: int, embedding_dim: int, normalize: bool,
                  history_weight: float = 0.0, history_pooling: str = "mean", share_item_table: bool = True,
-                 projection: bool = False, device: Optional[torch.device] = None) -> None:
+                 projection: bool = False, item_history_weight: float = 0.0,
+                 device: Optional[torch.device] = None) -> None:
         super().__init__()
         self.embedding_dim = embedding_dim
         self.normalize = normalize
         self.history_weight = history_weight
         self.history_pooling = history_pooling
         self.share_item_table = share_item_table
+        self.item_history_weight = item_history_weight
         device = device or torch.device("meta")
         has_history = history_weight > 0
         user_tables = [EmbeddingBagConfig(name="user", embedding_dim=embedding_dim, num_embeddings=num_users,
@@ -60,11 +64,13 @@ class TwoTower(nn.Module):
             user_tables.append(EmbeddingBagConfig(name="history", embedding_dim=embedding_dim, num_embeddings=num_items,
                                                   feature_names=[HISTORY_FEATURE], pooling=PoolingType.SUM))
         self.user_ebc = EmbeddingBagCollection(tables=user_tables, device=device)
-        self.item_ebc = EmbeddingBagCollection(
-            tables=[EmbeddingBagConfig(name="item", embedding_dim=embedding_dim, num_embeddings=num_items,
-                                       feature_names=item_features, pooling=PoolingType.SUM)],
-            device=device,
-        )
+        item_tables = [EmbeddingBagConfig(name="item", embedding_dim=embedding_dim, num_embeddings=num_items,
+                                          feature_names=item_features, pooling=PoolingType.SUM)]
+        if item_history_weight > 0:
+            item_tables.append(EmbeddingBagConfig(name="item_history", embedding_dim=embedding_dim,
+                                                  num_embeddings=num_users, feature_names=[ITEM_HISTORY_FEATURE],
+                                                  pooling=PoolingType.SUM))
+        self.item_ebc = EmbeddingBagCollection(tables=item_tables, device=device)
         self.projection = nn.Linear(embedding_dim, embedding_dim, bias=False, device=device) if projection and has_history else None
 
     @property
@@ -87,8 +93,12 @@ class TwoTower(nn.Module):
             v = (1.0 - self.history_weight) * user_emb + self.history_weight * pooled
         return v
 
-    def _item(self, item_kt: KeyedTensor, n: int) -> torch.Tensor:
-        return item_kt[ITEM_FEATURE][:n]
+    def _item(self, item_kt: KeyedTensor, n: int, counts: torch.Tensor) -> torch.Tensor:
+        v = item_kt[ITEM_FEATURE][:n]
+        if self.item_history_weight > 0:
+            pooled = item_kt[ITEM_HISTORY_FEATURE][:n] / counts.clamp(min=1.0)[:, None]
+            v = (1.0 - self.item_history_weight) * v + self.item_history_weight * pooled
+        return v
 
     def finish(self, v: torch.Tensor) -> torch.Tensor:
         """A tower's raw output -> the vector that is scored and exported."""
@@ -103,7 +113,7 @@ class TwoTower(nn.Module):
         pooled = None
         if self.has_history:
             pooled = (item_kt if self.share_item_table else user_kt)[HISTORY_FEATURE][:b]
-        return self._combine(user_kt[USER_FEATURE], pooled, batch.history_counts), self._item(item_kt, batch.item_ids.shape[0])
+        return self._combine(user_kt[USER_FEATURE], pooled, batch.history_counts), self._item(item_kt, batch.item_ids.shape[0], batch.item_history_counts)
 
     def user_vectors(self, batch: Batch) -> torch.Tensor:
         """Vectors of the batch's users (its items are ignored)."""
@@ -116,7 +126,7 @@ class TwoTower(nn.Module):
 
     def item_vectors(self, batch: Batch) -> torch.Tensor:
         """Vectors of the batch's items."""
-        return self.finish(self._item(self.item_ebc(batch.items), batch.item_ids.shape[0]))
+        return self.finish(self._item(self.item_ebc(batch.items), batch.item_ids.shape[0], batch.item_history_counts))
 
 
 class RetrievalTask(nn.Module):

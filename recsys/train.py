@@ -108,7 +108,8 @@ def train(cfg: Config, run_dir: Path, config_hash: str = "") -> Dict:
         model = TwoTower(dataset.num_users, dataset.num_items, mc.embedding_dim, mc.normalize,
                          history_weight=mc.history_weight if mc.name == "two_tower" else 0.0,
                          history_pooling=mc.history_pooling, share_item_table=mc.share_item_table,
-                         projection=mc.projection)
+                         projection=mc.projection,
+                         item_history_weight=mc.item_history_weight if mc.name == "two_tower" else 0.0)
         item_log_prob = None
         if cfg.loss.logq_correction:
             item_log_prob = torch.from_numpy(np.log(np.maximum(fit_counts, 1) / fit_counts.sum())).float().to(device)
@@ -122,12 +123,17 @@ def train(cfg: Config, run_dir: Path, config_hash: str = "") -> Dict:
 
         # Inputs: the training history feeds the user tower while training and validating; the
         # whole training split (validation holdout included) when testing and exporting.
-        def features(include_valid: bool) -> Features:
+        def features(include_valid: bool, training: bool = False) -> Features:
+            item_history = None
+            if model.item_history_weight > 0:
+                item_history = dataset.item_history(include_valid, mc.item_history_max_len, cfg.seed)
             if not model.has_history:
-                return Features()
-            return Features(dataset.history(include_valid, mc.history_max_len), mc.share_item_table)
+                return Features(item_history=item_history)
+            return Features(dataset.history(include_valid, mc.history_max_len), mc.share_item_table,
+                            mc.history_dropout if training else 0.0, mc.history_exclude_target and training,
+                            item_history)
 
-        fit_features, full_features = features(False), features(True)
+        train_features, fit_features, full_features = features(False, True), features(False), features(True)
         train_mask, test_csr = dataset.train_csr(), dataset.test_csr()
         valid_csr = dataset.valid_csr() if dataset.has_valid else None
         fit_mask = dataset.train_csr(include_valid=False) if dataset.has_valid else None
@@ -159,7 +165,7 @@ def train(cfg: Config, run_dir: Path, config_hash: str = "") -> Dict:
                 break
             batches = TrainBatches(fit_users, fit_items, dataset.num_items,
                                    cfg.train.batch_size, cfg.loss.num_negatives, rank, world, cfg.seed, epoch,
-                                   max_batches=total_steps - step, features=fit_features)
+                                   max_batches=total_steps - step, features=train_features)
             it = iter(batches)
             loss_sum, n = torch.zeros((), dtype=torch.float64, device=device), 0
             while True:

@@ -138,3 +138,31 @@ def test_batches_same_count_on_every_rank_and_independent_of_world_size():
             np.testing.assert_array_equal(x, y)
     again = steps(1)
     np.testing.assert_array_equal(one[3][0], again[3][0])  # reproducible from the seed
+
+
+def test_history_features_bags_dropout_and_target_exclusion():
+    from recsys.data import CSR, HISTORY_FEATURE, ITEM_FEATURE, Features
+
+    history = CSR(np.array([0, 3, 3, 7]), np.array([5, 6, 7, 1, 2, 3, 4]))  # user 1 has no history
+    users, positives, negatives = np.array([2, 0, 1]), np.array([3, 9, 8]), np.array([11, 12])
+    items = np.concatenate([positives, negatives])
+    # shared table: the bags ride in the item KJT, padded with empty bags to the item count
+    b = Features(history, shared=True).batch(users, items)
+    kjt = b.items.to_dict()
+    assert kjt[ITEM_FEATURE].values().tolist() == items.tolist()
+    assert kjt[HISTORY_FEATURE].lengths().tolist() == [4, 3, 0, 0, 0]
+    assert kjt[HISTORY_FEATURE].values().tolist() == [1, 2, 3, 4, 5, 6, 7]
+    assert b.history_counts.tolist() == [4, 3, 0]
+    # own table: the bags ride in the user KJT
+    b = Features(history, shared=False).batch(users, items)
+    assert b.users.to_dict()[HISTORY_FEATURE].lengths().tolist() == [4, 3, 0]
+    # training batches: the positive (3 for user 2) leaves its bag; dropout thins bags at rate p
+    b = Features(history, shared=False, exclude_target=True).batch(users, items, np.random.default_rng(0))
+    assert b.users.to_dict()[HISTORY_FEATURE].values().tolist() == [1, 2, 4, 5, 6, 7]
+    assert b.history_counts.tolist() == [3, 3, 0]
+    big = CSR(np.array([0, 10_000]), np.arange(10_000))
+    b = Features(big, shared=False, dropout=0.3).batch(np.array([0]), np.array([0]), np.random.default_rng(0))
+    assert abs(b.history_counts.item() / 10_000 - 0.7) < 0.02
+    # evaluation (no rng): the whole bag
+    b = Features(big, shared=False, dropout=0.3).batch(np.array([0]), np.array([0]))
+    assert b.history_counts.item() == 10_000

@@ -20,6 +20,7 @@ VARIANTS = {
     "mf": {},
     "history_shared": {"history_weight": 0.5, "share_item_table": True},
     "history_table_projection": {"history_weight": 0.3, "share_item_table": False, "projection": True},
+    "both_histories": {"history_weight": 0.8, "share_item_table": True, "item_history_weight": 0.5},
 }
 
 
@@ -38,7 +39,12 @@ def features(variant: str) -> Features:
     rng = np.random.default_rng(1)
     lengths = rng.integers(0, 6, NUM_USERS)  # some users with an empty history
     indices = rng.integers(0, NUM_ITEMS, lengths.sum())
-    return Features(CSR(np.concatenate([[0], np.cumsum(lengths)]), indices), kw["share_item_table"])
+    item_history = None
+    if kw.get("item_history_weight"):
+        item_lengths = rng.integers(0, 5, NUM_ITEMS)
+        item_history = CSR(np.concatenate([[0], np.cumsum(item_lengths)]), rng.integers(0, NUM_USERS, item_lengths.sum()))
+    return Features(CSR(np.concatenate([[0], np.cumsum(lengths)]), indices), kw["share_item_table"],
+                    item_history=item_history)
 
 
 def table_params(model):
@@ -106,6 +112,7 @@ def reference_step(variant: str):
     (2, "row_wise", "history_shared"),
     (2, "table_wise", "history_shared"),
     (2, "column_wise", "history_table_projection"),
+    (2, "row_wise", "both_histories"),
 ])
 def test_sharded_step_matches_unsharded(world_size, sharding_type, variant):
     ref = reference_step(variant)

@@ -192,3 +192,13 @@ def test_valid_holdout_is_per_user_and_carved_from_train(tmp_path):
     hist = ds.history(include_valid=False)
     got = {(u, int(i)) for u in range(ds.num_users) for i in hist.indices[hist.indptr[u]:hist.indptr[u + 1]]}
     assert got == fit
+    # each item's users (the item-side bag): all of them, or a fixed random subset when capped
+    ih = ds.item_history(include_valid=False)
+    got = {(int(u), i) for i in range(ds.num_items) for u in ih.indices[ih.indptr[i]:ih.indptr[i + 1]]}
+    assert got == fit
+    capped = ds.item_history(include_valid=True, max_len=2, seed=3)
+    full = ds.item_history(include_valid=True)
+    for i in range(ds.num_items):
+        sub = set(capped.indices[capped.indptr[i]:capped.indptr[i + 1]].tolist())
+        whole = set(full.indices[full.indptr[i]:full.indptr[i + 1]].tolist())
+        assert sub <= whole and len(sub) == min(2, len(whole))
