@@ -231,6 +231,11 @@ class EvalConfig:
     """Also record test metrics after every epoch (a learning curve to look at; never used to
     select anything)."""
 
+    @property
+    def select_k(self) -> int:
+        """The K of ``select_metric``."""
+        return int(self.select_metric.partition("@")[2])
+
     def __post_init__(self) -> None:
         _check(len(self.ks) > 0 and all(k > 0 for k in self.ks), f"eval.ks must be positive integers, got {self.ks}")
         _check(self.user_chunk > 0, f"eval.user_chunk must be positive, got {self.user_chunk}")

@@ -355,6 +355,19 @@ class CSR:
         return np.diff(self.indptr)
 
 
+def _grouped(keys: np.ndarray, values: np.ndarray, num_rows: int, max_len: int, keep_last: bool) -> CSR:
+    """CSR of `values` grouped by `keys` (their given order kept within a row), each row cut to
+    its last (`keep_last`) or first `max_len` values (0: all)."""
+    order = np.argsort(keys, kind="stable")
+    values = values[order]
+    counts = np.bincount(keys, minlength=num_rows)
+    if max_len > 0:
+        pos = np.arange(len(values)) - np.repeat(np.cumsum(counts) - counts, counts)
+        values = values[pos >= np.repeat(counts, counts) - max_len] if keep_last else values[pos < max_len]
+        counts = np.minimum(counts, max_len)
+    return CSR(np.concatenate([[0], np.cumsum(counts)]).astype(np.int64), values.astype(np.int64))
+
+
 @dataclass
 class Dataset:
     """A prepared dataset in memory (rows, not raw ids).
@@ -419,32 +432,15 @@ class Dataset:
     def history(self, include_valid: bool, max_len: int = 0) -> CSR:
         """Each user's training items in time order, the most recent `max_len` (0: all)."""
         keep = np.ones(len(self.valid), dtype=bool) if include_valid else ~self.valid
-        users, items = self.train_users[keep], self.train_items[keep]
-        order = np.argsort(users, kind="stable")  # keeps time order within a user
-        users, items = users[order], items[order]
-        counts = np.bincount(users, minlength=self.num_users)
-        if max_len > 0:
-            ends = np.cumsum(counts)
-            from_end = np.repeat(ends, counts) - np.arange(len(users))  # 1 for a user's last item
-            recent = from_end <= max_len
-            items = items[recent]
-            counts = np.minimum(counts, max_len)
-        return CSR(np.concatenate([[0], np.cumsum(counts)]).astype(np.int64), items.astype(np.int64))
+        return _grouped(self.train_users[keep], self.train_items[keep], self.num_users, max_len, keep_last=True)
 
     def item_history(self, include_valid: bool, max_len: int = 0, seed: int = 0) -> CSR:
         """Each item's users (a fixed seeded random `max_len` of them when capped; 0: all)."""
         keep = np.ones(len(self.valid), dtype=bool) if include_valid else ~self.valid
         items, users = self.train_items[keep], self.train_users[keep]
         key = np.random.default_rng(seed).random(len(items)) if max_len > 0 else users
-        order = np.lexsort((key, items))
-        items, users = items[order], users[order]
-        counts = np.bincount(items, minlength=self.num_items)
-        if max_len > 0:
-            starts = np.repeat(np.cumsum(counts) - counts, counts)
-            first = (np.arange(len(items)) - starts) < max_len
-            users = users[first]
-            counts = np.minimum(counts, max_len)
-        return CSR(np.concatenate([[0], np.cumsum(counts)]).astype(np.int64), users.astype(np.int64))
+        order = np.argsort(key, kind="stable")  # random (capped) or user order within each item
+        return _grouped(items[order], users[order], self.num_items, max_len, keep_last=False)
 
     def item_counts(self, include_valid: bool = True) -> np.ndarray:
         items = self.train_items if include_valid else self.fit_pairs()[1]

@@ -90,7 +90,7 @@ def train(cfg: Config, run_dir: Path, config_hash: str = "") -> Dict:
         if error is not None:
             raise error
         dataset = Dataset.load(Path(data_dir))
-        kmax = max([*cfg.eval.ks, int(cfg.eval.select_metric.split("@")[1])])
+        kmax = max([*cfg.eval.ks, cfg.eval.select_k])
         if kmax > dataset.num_items:
             raise ConfigError(f"eval.ks / eval.select_metric: K={kmax} is larger than the number of items ({dataset.num_items})")
         counts = dataset.manifest["counts"]
@@ -137,7 +137,7 @@ def train(cfg: Config, run_dir: Path, config_hash: str = "") -> Dict:
         train_mask, test_csr = dataset.train_csr(), dataset.test_csr()
         valid_csr = dataset.valid_csr() if dataset.has_valid else None
         fit_mask = dataset.train_csr(include_valid=False) if dataset.has_valid else None
-        valid_ks = sorted(set(cfg.eval.ks) | {int(cfg.eval.select_metric.split("@")[1])})
+        valid_ks = sorted(set(cfg.eval.ks) | {cfg.eval.select_k})
 
         # ---- loop
         steps_per_epoch = len(fit_users) // cfg.train.batch_size
