@@ -246,11 +246,95 @@ class EvalConfig:
 
 @dataclass
 class ExportConfig:
-    """Vectors written with their raw ids."""
+    """Vectors written with their raw ids, and the serving artefacts built from them.
+
+    Used at the end of training (rank 0) and by ``python -m recsys.export export.run_dir=DIR``."""
 
     enabled: bool = True
+    """Training: export the vectors at the end of the run."""
     dir: str = "export"
     """Relative to the run directory."""
+    run_dir: Optional[str] = None
+    """``python -m recsys.export``: the training run directory whose export is completed (required
+    there; training ignores it)."""
+    npy: bool = False
+    """Also write ``items.npy`` / ``users.npy`` (float32 [N, D]) and ``items_ids.npy`` /
+    ``users_ids.npy`` (the raw ids: integers or unicode strings, loaded without pickle)."""
+    faiss: str = "none"
+    """A FAISS index of the item vectors, inner-product metric (cosine vectors are unit-norm):
+    ``none``, ``flat`` (exact), ``ivf`` (IVF-Flat) or ``hnsw`` (HNSW-Flat)."""
+    ivf_nlist: int = 0
+    """``ivf``: inverted lists (k-means cells); 0: 4 sqrt(num_items), at most num_items / 39."""
+    ivf_nprobe: int = 16
+    """``ivf``: cells visited per query (stored in the index; capped at nlist)."""
+    hnsw_m: int = 32
+    """``hnsw``: neighbours per node of the graph (M)."""
+    hnsw_ef_construction: int = 200
+    """``hnsw``: candidate list size while building (efConstruction)."""
+    hnsw_ef_search: int = 128
+    """``hnsw``: candidate list size while searching (efSearch, stored in the index; FAISS uses at
+    least K)."""
+    ann_k: int = 100
+    """The index's recall@K against exact search and its throughput are measured at this K
+    (capped at the number of items)."""
+    ann_sample_users: int = 1000
+    """Number of users (a seeded sample; all if fewer) whose vectors are the measurement's queries."""
+    ann_seed: int = 0
+    """Seed of that sample."""
+
+    def __post_init__(self) -> None:
+        kinds = ("none", "flat", "ivf", "hnsw")
+        _check(self.faiss in kinds, f"export.faiss must be one of {', '.join(kinds)}, got {self.faiss!r}")
+        _check(self.ivf_nlist >= 0, f"export.ivf_nlist must be >= 0, got {self.ivf_nlist}")
+        for name in ("ivf_nprobe", "hnsw_m", "hnsw_ef_construction", "hnsw_ef_search", "ann_k", "ann_sample_users"):
+            _check(getattr(self, name) > 0, f"export.{name} must be positive, got {getattr(self, name)}")
+
+
+@dataclass
+class LogConfig:
+    """What a run leaves to look at besides metrics.json (written by rank 0 only)."""
+
+    tensorboard: bool = False
+    """Write TensorBoard scalars to <run_dir>/tensorboard: the loss every ``train.log_every_steps``
+    steps, learning rate, interactions/s, and the eval metrics of each epoch and of the end."""
+    plots: bool = True
+    """At the end of the run: PNG plots in the run directory (loss and metrics over steps, item
+    popularity, vector norms), embedded in its ``summary.md``."""
+
+
+@dataclass
+class PlanConfig:
+    """The dry run (``python -m recsys.plan``): plan a cluster's sharding in one process, on any machine."""
+
+    world_size: int = 8
+    """Ranks (GPUs) of the job to plan for."""
+    device: str = "cuda"
+    """Device type of the job: ``cuda`` or ``cpu``. Only numbers are used; no device is touched."""
+    local_world_size: int = 8
+    """Ranks per node (GPUs per node); capped at ``world_size``."""
+    hbm_gib: Optional[float] = None
+    """GPU memory per rank in GiB; None: TorchRec's default (32 GiB), which is also what
+    ``recsys.train`` plans with. The planner keeps 15% of it for dense parts and activations."""
+    ddr_gib: Optional[float] = None
+    """Host memory per rank in GiB (tables on ``cpu``, UVM-offloaded tables on ``cuda``);
+    None: TorchRec's default (128 GiB), as in ``recsys.train``."""
+    num_users: int = 0
+    """Rows of the user tables; 0: read from the prepared dataset (prepared now if needed)."""
+    num_items: int = 0
+    """Rows of the item tables; 0: read from the prepared dataset. Set both to plan without data."""
+    verbose: bool = False
+    """Also log TorchRec's own planner statistics table (per-rank perf, inputs and outputs)."""
+
+    def __post_init__(self) -> None:
+        _check(self.world_size >= 1, f"plan.world_size must be >= 1, got {self.world_size}")
+        _check(self.device in ("cuda", "cpu"), f"plan.device must be cuda or cpu, got {self.device!r}")
+        _check(self.local_world_size >= 1, f"plan.local_world_size must be >= 1, got {self.local_world_size}")
+        for name in ("hbm_gib", "ddr_gib"):
+            value = getattr(self, name)
+            _check(value is None or value > 0, f"plan.{name} must be positive, got {value}")
+        _check(self.num_users >= 0 and self.num_items >= 0, "plan.num_users and plan.num_items must be >= 0")
+        _check((self.num_users == 0) == (self.num_items == 0),
+               "plan.num_users and plan.num_items go together: set both (no data is read) or neither")
 
 
 @dataclass
@@ -262,6 +346,8 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+    plan: PlanConfig = field(default_factory=PlanConfig)
     seed: int = 0
 
 
@@ -273,6 +359,8 @@ GROUPS = {
     "train": TrainConfig,
     "eval": EvalConfig,
     "export": ExportConfig,
+    "log": LogConfig,
+    "plan": PlanConfig,
 }
 
 

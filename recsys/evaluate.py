@@ -9,7 +9,7 @@ protocol). The popularity baseline goes through the same code with item score = 
 
 from __future__ import annotations
 
-from typing import Callable, Dict, List, Sequence
+from typing import Callable, Dict, List, Optional, Sequence
 
 import numpy as np
 import torch
@@ -197,3 +197,27 @@ def evaluate_popularity(
     item_vecs = torch.from_numpy(item_counts.astype(np.float32))[:, None].to(device)
     user_vecs = torch.ones(len(local), 1, device=device)
     return reduce_means(ranking_metric_sums(user_vecs, item_vecs, local, train, test, ks, user_chunk), device)
+
+
+@torch.no_grad()
+def tower_norms(model, features: Features, num_users: int, num_items: int, device: torch.device, chunk: int,
+                rank: int, world: int, max_rows: int = 100_000) -> Optional[Dict[str, tuple]]:
+    """L2 norms of the towers' raw outputs (before any normalisation: what the model learnt; the
+    exported vectors of a normalising model all have norm 1), for an evenly spaced sample of at
+    most `max_rows` users and items. Collective; returns {"user"|"item": (rows, norms)} on rank 0."""
+    normalize, model.normalize = model.normalize, False
+    out = {}
+    try:
+        for name, count, tower in (("user", num_users, user_tower(model, features, device)),
+                                   ("item", num_items, item_tower(model, features, device))):
+            rows = np.unique(np.linspace(0, count - 1, min(count, max_rows)).round().astype(np.int64))
+            bounds = rank_bounds(len(rows), world)
+            sizes = np.diff(bounds).tolist()
+            local = tower_outputs(tower, rows[bounds[rank]:bounds[rank + 1]], -(-max(sizes) // chunk), chunk,
+                                  model.embedding_dim, device)
+            norms = gather_padded(local.norm(dim=1, keepdim=True), sizes, dst=0)
+            if rank == 0:
+                out[name] = (rows, norms[:, 0].double().cpu().numpy())
+    finally:
+        model.normalize = normalize
+    return out if rank == 0 else None

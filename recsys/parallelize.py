@@ -20,6 +20,7 @@ from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
 from torchrec.distributed.model_parallel import DistributedModelParallel
 from torchrec.distributed.planner import EmbeddingShardingPlanner, ParameterConstraints, Topology
 from torchrec.distributed.planner.storage_reservations import FixedPercentageStorageReservation
+from torchrec.distributed.planner.types import Stats
 from torchrec.distributed.types import ShardingPlan, ShardingType
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
@@ -107,20 +108,36 @@ def embedding_modules(model: nn.Module) -> List[EmbeddingBagCollection]:
     return [m for m in model.modules() if isinstance(m, EmbeddingBagCollection)]
 
 
+def fuse_table_optimizer(model: nn.Module, optim_name: str, lr: float, eps: float) -> None:
+    """Fuse the table optimizer into the backward of every EmbeddingBagCollection of `model`
+    (before planning: the planner then sees the fused kernels and their optimizer state)."""
+    kwargs = {"lr": lr, "eps": eps} if optim_name == "rowwise_adagrad" else {"lr": lr}
+    for ebc in embedding_modules(model):
+        apply_optimizer_in_backward(table_optimizer(optim_name), ebc.parameters(), kwargs)
+
+
 def plan_sharding(model: nn.Module, world_size: int, device_type: str, sharding_types: List[str],
-                  pg: Optional[dist.ProcessGroup] = None, batch_size: int = 512) -> ShardingPlan:
-    """Run TorchRec's planner (collectively when `pg` is given, so all ranks agree)."""
+                  pg: Optional[dist.ProcessGroup] = None, batch_size: int = 512,
+                  local_world_size: Optional[int] = None, hbm_cap: Optional[int] = None,
+                  ddr_cap: Optional[int] = None, stats: Optional[List[Stats]] = None) -> ShardingPlan:
+    """Run TorchRec's planner (collectively when `pg` is given, so all ranks agree).
+
+    `local_world_size` defaults to $LOCAL_WORLD_SIZE (else `world_size`); `hbm_cap` / `ddr_cap`
+    (bytes per device / host) to TorchRec's defaults; `stats` to TorchRec's EmbeddingStats.
+    The dry run (recsys.plan) sets them to plan a cluster from one process."""
     constraints: Dict[str, ParameterConstraints] = {}
     if sharding_types:
         for ebc in embedding_modules(model):
             for table in ebc.embedding_bag_configs():
                 constraints[table.name] = ParameterConstraints(sharding_types=list(sharding_types))
-    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
+    local_world = local_world_size or int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
     planner = EmbeddingShardingPlanner(
-        topology=Topology(world_size=world_size, compute_device=device_type, local_world_size=local_world),
+        topology=Topology(world_size=world_size, compute_device=device_type, local_world_size=local_world,
+                          hbm_cap=hbm_cap, ddr_cap=ddr_cap),
         constraints=constraints or None,
         batch_size=batch_size,
         storage_reservation=FixedPercentageStorageReservation(0.15),
+        stats=stats,
     )
     sharders = [EmbeddingBagSharder()]
     if pg is not None:
@@ -142,9 +159,7 @@ def shard_model(
 
     Returns the DMP module, the optimizer the train pipeline steps (fused table optimizer +
     Adam for dense parameters, if any) and the sharding plan."""
-    kwargs = {"lr": lr, "eps": eps} if optim_name == "rowwise_adagrad" else {"lr": lr}
-    for ebc in embedding_modules(model):
-        apply_optimizer_in_backward(table_optimizer(optim_name), ebc.parameters(), kwargs)
+    fuse_table_optimizer(model, optim_name, lr, eps)
     plan = plan_sharding(model, dist.get_world_size(), device.type, sharding_types, dist.group.WORLD,
                          local_batch_size)
     dmp = DistributedModelParallel(module=model, device=device, plan=plan, sharders=[EmbeddingBagSharder()])

@@ -10,6 +10,7 @@ The Hydra entry point ``main`` turns the composed config into typed dataclasses 
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import random
 import sys
@@ -29,11 +30,12 @@ from tqdm import tqdm
 
 from recsys.config import Config, ConfigError, register_configs, register_resolvers
 from recsys.data import DataError, Dataset, Features, TrainBatches, prepare, write_json_atomic
-from recsys.evaluate import evaluate_model, evaluate_popularity
+from recsys.evaluate import evaluate_model, evaluate_popularity, tower_norms
 from recsys.export import export_model
 from recsys.model import RetrievalTask, TwoTower
 from recsys.parallelize import (describe_plan, destroy_distributed, init_distributed, init_tables, restore_weights,
                                 shard_model, snapshot_weights)
+from recsys.report import count_quantiles, run_plots, write_summary
 
 logger = logging.getLogger("recsys.train")
 warnings.filterwarnings("ignore", message=".*deprecating ShardedTensor.*")
@@ -53,11 +55,26 @@ def broadcast_object(obj, src: int = 0):
     return holder[0]
 
 
+def build_task(cfg: Config, num_users: int, num_items: int,
+               item_log_prob: Optional[torch.Tensor] = None) -> RetrievalTask:
+    """The model (tables on the meta device) wrapped with its loss: what gets sharded and trained.
+    The dry run (recsys.plan) builds the same module."""
+    mc = cfg.model
+    model = TwoTower(num_users, num_items, mc.embedding_dim, mc.normalize,
+                     history_weight=mc.history_weight if mc.name == "two_tower" else 0.0,
+                     history_pooling=mc.history_pooling, share_item_table=mc.share_item_table,
+                     projection=mc.projection,
+                     item_history_weight=mc.item_history_weight if mc.name == "two_tower" else 0.0)
+    return RetrievalTask(model, cfg.loss.name, cfg.loss.temperature, cfg.loss.mask_accidental_hits, item_log_prob,
+                         cfg.loss.margin, cfg.loss.l2)
+
+
 def train(cfg: Config, run_dir: Path, config_hash: str = "") -> Dict:
     """Run one training job on the current process group (created when missing)."""
     run_dir = Path(run_dir)
     info = init_distributed(cfg.train.device)
     rank, world, device = info.rank, info.world_size, info.device
+    tb = None  # TensorBoard writer: rank 0 with log.tensorboard
     try:
         logging.getLogger("torchrec").setLevel(logging.WARNING)
         logging.getLogger("torch.fx._symbolic_trace").setLevel(logging.ERROR)
@@ -105,16 +122,11 @@ def train(cfg: Config, run_dir: Path, config_hash: str = "") -> Dict:
 
         # ---- model: built on meta, sharded by the planner, tables initialised identically for any sharding
         mc = cfg.model
-        model = TwoTower(dataset.num_users, dataset.num_items, mc.embedding_dim, mc.normalize,
-                         history_weight=mc.history_weight if mc.name == "two_tower" else 0.0,
-                         history_pooling=mc.history_pooling, share_item_table=mc.share_item_table,
-                         projection=mc.projection,
-                         item_history_weight=mc.item_history_weight if mc.name == "two_tower" else 0.0)
         item_log_prob = None
         if cfg.loss.logq_correction:
             item_log_prob = torch.from_numpy(np.log(np.maximum(fit_counts, 1) / fit_counts.sum())).float().to(device)
-        task = RetrievalTask(model, cfg.loss.name, cfg.loss.temperature, cfg.loss.mask_accidental_hits, item_log_prob,
-                             cfg.loss.margin, cfg.loss.l2)
+        task = build_task(cfg, dataset.num_users, dataset.num_items, item_log_prob)
+        model = task.model
         dmp, optimizer, plan = shard_model(task, device, cfg.optim.name, cfg.optim.lr, cfg.optim.eps,
                                            cfg.optim.dense_lr, cfg.train.sharding_types, cfg.train.batch_size // world)
         init_tables(dmp, mc.init_std, cfg.seed)
@@ -152,6 +164,13 @@ def train(cfg: Config, run_dir: Path, config_hash: str = "") -> Dict:
                     "a different random subset each epoch)", total_steps, cfg.train.batch_size, steps_per_epoch, unused)
         pipeline = TrainPipelineSparseDist(dmp, optimizer, device, execute_all_batches=True)
         dmp.train()
+        tb_dir = run_dir / "tensorboard"
+        if rank == 0 and cfg.log.tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            tb = SummaryWriter(log_dir=str(tb_dir))
+        lrs = learning_rates(optimizer)
+        loss_curve = {"every_steps": cfg.train.log_every_steps, "step": [], "loss": []}  # rank 0's batch loss
         history = []
         step = 0
         best = {"epoch": None, "value": -1.0, "weights": None}
@@ -160,6 +179,7 @@ def train(cfg: Config, run_dir: Path, config_hash: str = "") -> Dict:
         bar = tqdm(total=total_steps * cfg.train.batch_size, unit=" interactions", unit_scale=True, dynamic_ncols=True,
                    disable=rank != 0 or not cfg.train.progress, desc="train", mininterval=1.0)
         t0 = time.perf_counter()
+        mark = (0, t0)  # (step, time) of the last logged step: interactions/s between logs
         for epoch in range(cfg.train.epochs):
             if step >= total_steps:
                 break
@@ -177,8 +197,21 @@ def train(cfg: Config, run_dir: Path, config_hash: str = "") -> Dict:
                 n += 1
                 step += 1
                 bar.update(cfg.train.batch_size)
-                if step % cfg.train.log_every_steps == 0:
-                    bar.set_postfix(epoch=epoch, loss=f"{loss.item():.4f}", refresh=False)
+                if rank == 0 and step % cfg.train.log_every_steps == 0:
+                    value, now = loss.item(), time.perf_counter()  # the loop's only host sync
+                    rate = (step - mark[0]) * cfg.train.batch_size / max(now - mark[1], 1e-9)
+                    mark = (step, now)
+                    loss_curve["step"].append(step)
+                    loss_curve["loss"].append(round(value, 6))
+                    bar.set_postfix(epoch=epoch, loss=f"{value:.4f}", refresh=False)
+                    if not cfg.train.progress:
+                        logger.info("step %d/%d (epoch %d): loss %.4f, %.0f interactions/s",
+                                    step, total_steps, epoch, value, rate)
+                    if tb is not None:
+                        tb.add_scalar("train/loss", value, step)
+                        tb.add_scalar("train/interactions_per_s", rate, step)
+                        for name, lr in lrs.items():
+                            tb.add_scalar(f"train/{name}", lr, step)
             if world > 1:
                 dist.all_reduce(loss_sum)
             epoch_loss = float(loss_sum) / max(n, 1) / world
@@ -206,7 +239,14 @@ def train(cfg: Config, run_dir: Path, config_hash: str = "") -> Dict:
                 pipeline.attach(dmp)
                 valid_s += time.perf_counter() - t_eval
                 record["wall_s"] = round(time.perf_counter() - t0, 3)
+                mark = (step, time.perf_counter())
             history.append(record)
+            if tb is not None:
+                tb.add_scalar("train/epoch_loss", epoch_loss, step)
+                for split in ("valid", "test"):
+                    for key, value in record.get(split, {}).items():
+                        if key != "users":
+                            tb.add_scalar(f"{split}/{key}", value, step)
             logger.info("epoch %d: %d steps, loss %.4f%s%s", epoch, step, epoch_loss,
                         f", valid {cfg.eval.select_metric} {record['valid'][cfg.eval.select_metric]:.4f}"
                         if "valid" in record else "",
@@ -246,21 +286,56 @@ def train(cfg: Config, run_dir: Path, config_hash: str = "") -> Dict:
             "world_size": world,
             "device": str(device),
             "history": history,
+            "loss_curve": loss_curve,
         }
         metrics["eval"] = {"wall_s": round(eval_s, 3), "per_epoch_wall_s": round(valid_s, 3)}
         metrics["data"] = {"path": data_dir, **counts, "dropped": dataset.manifest["dropped"]}
+        if tb is not None:
+            for part in ("test", "popularity"):
+                for key, value in metrics.get(part, {}).items():
+                    if key != "users":
+                        tb.add_scalar(f"final/{part}_{key}", value, step)
+            tb.flush()
+        norms = None
+        if cfg.log.plots:  # collective: every rank computes its share
+            norms = tower_norms(model_, full_features, dataset.num_users, dataset.num_items, device,
+                                cfg.eval.user_chunk, rank, world)
+            if norms is not None:
+                metrics["vectors"] = {"normalized": mc.normalize,
+                                      **{f"{name}_norm": count_quantiles(n) for name, (_, n) in norms.items()}}
 
         # ---- export
         if cfg.export.enabled:
             path = export_model(model_, full_features, dataset.vocab("users"), dataset.vocab("items"),
-                                run_dir / cfg.export.dir, device, config_hash)
+                                run_dir / cfg.export.dir, device, config_hash, options=cfg.export)
             metrics["export"] = {"dir": str(path) if path else str(run_dir / cfg.export.dir)}
+            if path is not None and cfg.export.faiss != "none":  # rank 0: the ANN index's recall and speed
+                metrics["export"]["faiss"] = json.loads((path / "manifest.json").read_text())["faiss"]
         if rank == 0:
             write_json_atomic(metrics, run_dir / "metrics.json")
             _report(metrics, cfg.eval.ks, run_dir)
+            figures = {}
+            if cfg.log.plots:
+                figures = run_plots(run_dir, metrics, cfg.eval.ks, dataset.item_counts(),
+                                    np.bincount(dataset.train_users, minlength=dataset.num_users), norms, mc.normalize)
+            path = write_summary(run_dir, metrics, cfg.eval.ks, figures, tb_dir if tb is not None else None)
+            logger.info("summary: %s", path)
         return metrics
     finally:
+        if tb is not None:
+            tb.close()
         destroy_distributed()
+
+
+def learning_rates(optimizer) -> Dict[str, float]:
+    """The learning rate of each optimizer the pipeline steps: ``lr`` (tables), ``dense_lr`` (Adam)."""
+    out = {}
+    optimizers = [opt for _, opt in optimizer.optimizers]  # a torchrec CombinedOptimizer: (name, optimizer)
+    for name, opt in zip(("lr", "dense_lr"), optimizers):
+        groups = opt.param_groups
+        if groups and "lr" in groups[0]:
+            out[name] = float(groups[0]["lr"])
+    return out
 
 
 def _report(metrics: Dict, ks, run_dir: Path) -> None:

@@ -1,0 +1,200 @@
+"""Serving export: .npy + id lists and FAISS indexes read back, their recall checked against numpy."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import faiss
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from recsys.config import ConfigError, ExportConfig
+from recsys.export import ExportError, export_run, read_vectors, write_export
+
+ROOT = Path(__file__).resolve().parents[1]
+NUM_USERS, NUM_ITEMS, DIM, K = 300, 2000, 16, 20
+
+
+def make_export(run_dir: Path, normalized: bool, string_ids: bool, options=None) -> Path:
+    """A run directory whose export holds random vectors, written the way training writes them."""
+    rng = np.random.default_rng(0)
+    users = rng.normal(size=(NUM_USERS, DIM)).astype(np.float32)
+    items = rng.normal(size=(NUM_ITEMS, DIM)).astype(np.float32)
+    if normalized:
+        users /= np.linalg.norm(users, axis=1, keepdims=True)
+        items /= np.linalg.norm(items, axis=1, keepdims=True)
+    else:  # dot score: norms matter (a popularity-like spread)
+        items *= rng.uniform(0.5, 2.0, size=(NUM_ITEMS, 1)).astype(np.float32)
+    if string_ids:
+        user_ids = pa.array([f"user-{u}" for u in range(NUM_USERS)])
+        item_ids = pa.array([f"sku/{i * 7}" for i in range(NUM_ITEMS)])
+    else:
+        user_ids = pa.array(np.arange(NUM_USERS, dtype=np.int32) * 3 + 1)
+        item_ids = pa.array(np.arange(NUM_ITEMS, dtype=np.int64) * 1000 + 7)
+    return write_export(run_dir / "export", user_ids, users, item_ids, items, normalized, "test", options)
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def check_files(export: Path) -> dict:
+    """Every file is listed in the manifest with its checksum, and nothing else is there."""
+    manifest = json.loads((export / "manifest.json").read_text())
+    assert sorted(p.name for p in export.iterdir()) == sorted([*manifest["files"], "manifest.json"])
+    for name, entry in manifest["files"].items():
+        assert entry["sha256"] == sha256(export / name), name
+    return manifest
+
+
+def sampled_rows(seed: int, size: int) -> np.ndarray:
+    # the sample documented in the manifest's recall entry
+    return np.sort(np.random.default_rng(seed).choice(NUM_USERS, size, replace=False))
+
+
+@pytest.mark.parametrize("kind,normalized", [("flat", True), ("ivf", True), ("hnsw", True),
+                                             ("flat", False), ("ivf", False), ("hnsw", False)])
+def test_faiss_index_recall_matches_numpy(tmp_path, kind, normalized):
+    export = make_export(tmp_path, normalized, string_ids=False)
+    # Deliberately small search parameters: recall well below 1, so the sample and the count matter.
+    options = ExportConfig(faiss=kind, ann_k=K, ann_sample_users=200, ann_seed=3, ivf_nprobe=6, hnsw_m=6,
+                           hnsw_ef_construction=20, hnsw_ef_search=20)
+    export_run(export, options)
+    manifest = check_files(export)
+    entry = manifest["faiss"]
+    assert entry["sha256"] == manifest["files"]["items.faiss"]["sha256"]
+    assert entry["metric"] == "inner_product" and entry["type"] == kind and entry["score"] == manifest["score"]
+
+    index = faiss.read_index(str(export / "items.faiss"))
+    assert index.ntotal == NUM_ITEMS and index.d == DIM and index.metric_type == faiss.METRIC_INNER_PRODUCT
+    if kind == "ivf":
+        assert faiss.extract_index_ivf(index).nprobe == entry["params"]["nprobe"]
+        assert faiss.extract_index_ivf(index).nlist == entry["params"]["nlist"]
+    if kind == "hnsw":
+        assert index.hnsw.efSearch == entry["params"]["efSearch"] == options.hnsw_ef_search
+
+    # Independent reference: numpy brute force on the Parquet vectors of the same sampled users.
+    _, user_vecs = read_vectors(export / "users.parquet")
+    item_ids, item_vecs = read_vectors(export / "items.parquet")
+    rows = sampled_rows(3, 200)
+    queries = user_vecs[rows]
+    scores = queries.astype(np.float64) @ item_vecs.astype(np.float64).T
+    exact = np.argsort(-scores, axis=1, kind="stable")[:, :K]
+    distances, labels = index.search(queries, K)
+    if kind == "flat":  # exact search: numpy's ids (row i of items.parquet), up to float32 ties
+        assert (labels == exact).mean() > 0.999
+        np.testing.assert_allclose(np.take_along_axis(scores, labels, 1), np.take_along_axis(scores, exact, 1), atol=1e-6)
+        np.testing.assert_allclose(distances, np.take_along_axis(scores, exact, 1), atol=1e-5)
+        assert entry["recall"]["value"] == 1.0
+    recall = np.mean([len(set(labels[r]) & set(exact[r])) / K for r in range(len(rows))])
+    assert entry["recall"]["k"] == K and entry["recall"]["users"] == 200
+    assert entry["recall"]["value"] == pytest.approx(recall, abs=1e-3)
+    assert recall > 0.5
+    t = entry["throughput"]
+    assert t["queries_per_s"] > 0 and t["queries_per_s_1_thread"] > 0 and t["batch"] == 200 and t["k"] == K
+
+
+@pytest.mark.parametrize("string_ids", [False, True])
+def test_npy_and_ids_read_back_to_parquet(tmp_path, string_ids):
+    export = make_export(tmp_path, normalized=not string_ids, string_ids=string_ids)
+    export_run(export, ExportConfig(npy=True))
+    manifest = check_files(export)
+    assert "faiss" not in manifest
+    for name in ("users", "items"):
+        table = pq.read_table(export / f"{name}.parquet")
+        ids, vectors = read_vectors(export / f"{name}.parquet")
+        matrix = np.load(export / f"{name}.npy")  # plain numpy, no pickle
+        id_list = np.load(export / f"{name}_ids.npy")
+        assert matrix.dtype == np.float32 and matrix.shape == vectors.shape
+        np.testing.assert_array_equal(matrix, vectors)
+        assert id_list.tolist() == ids
+        id_type = table.schema.field(0).type
+        if string_ids:
+            assert id_list.dtype.kind == "U" and pa.types.is_string(id_type)
+        else:
+            assert id_list.dtype == id_type.to_pandas_dtype()  # int32 users, int64 items kept
+            assert all(isinstance(i, int) for i in id_list.tolist())
+
+
+def test_training_writes_the_same_artefacts(tmp_path):
+    # write_export with options is what export_model calls on rank 0 at the end of training
+    export = make_export(tmp_path, True, True, ExportConfig(npy=True, faiss="hnsw", ann_k=K, ann_sample_users=50))
+    manifest = check_files(export)
+    assert {"items.npy", "users_ids.npy", "items.faiss"} <= set(manifest["files"])
+    assert manifest["faiss"]["recall"]["value"] > 0.9 and manifest["faiss"]["recall"]["users"] == 50
+
+
+def test_rerun_replaces_artefacts_and_keeps_parquet(tmp_path):
+    export = make_export(tmp_path, True, False)
+    before = {n: sha256(export / n) for n in ("items.parquet", "users.parquet")}
+    export_run(export, ExportConfig(faiss="flat", npy=True, ann_k=K))
+    assert (export / "items.faiss").exists()
+    export_run(export, ExportConfig(faiss="none", npy=False))
+    manifest = check_files(export)  # no stale index or .npy left behind
+    assert set(manifest["files"]) == set(before) and "faiss" not in manifest
+    assert {n: sha256(export / n) for n in before} == before
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary directories
+
+
+def test_bad_exports_are_refused(tmp_path):
+    with pytest.raises(ExportError, match="manifest.json: not found"):
+        export_run(tmp_path / "nothing" / "export", ExportConfig(faiss="flat"))
+    export = make_export(tmp_path, True, False)
+    with pytest.raises(ConfigError, match="ivf_nlist=5000 is larger than the number of items"):
+        export_run(export, ExportConfig(faiss="ivf", ivf_nlist=5000))
+    table = pq.read_table(export / "items.parquet")
+    pq.write_table(table.slice(0, 10), export / "items.parquet")
+    with pytest.raises(ExportError, match="items.parquet: sha256 does not match"):
+        export_run(export, ExportConfig(faiss="flat"))
+    with pytest.raises(ConfigError, match="export.faiss must be one of"):
+        ExportConfig(faiss="annoy")
+
+
+def test_cli_from_a_run_directory(tmp_path):
+    run_dir = tmp_path / "run"
+    make_export(run_dir, True, True)
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "recsys.export", f"export.run_dir={run_dir}", "export.faiss=hnsw",
+           "export.npy=true", f"export.ann_k={K}", "export.ann_sample_users=100"]
+    out = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert f"recall@{K}" in out.stdout and "queries/s" in out.stdout
+    assert list(cwd.iterdir()) == []  # no Hydra output directory or log file of its own
+    manifest = check_files(run_dir / "export")
+    assert manifest["faiss"]["type"] == "hnsw" and manifest["faiss"]["recall"]["value"] > 0.9
+    assert faiss.read_index(str(run_dir / "export" / "items.faiss")).ntotal == NUM_ITEMS
+
+    missing = subprocess.run([sys.executable, "-m", "recsys.export", f"export.run_dir={tmp_path / 'nope'}",
+                              "export.faiss=flat"], cwd=cwd, env=env, capture_output=True, text=True, timeout=120)
+    assert missing.returncode == 2
+    assert missing.stderr.strip().splitlines() == [f"error: export.run_dir={tmp_path / 'nope'}: no such directory"]
+    assert not (tmp_path / "nope").exists()
+
+
+def test_train_applies_the_export_options(tmp_path):
+    run_dir = tmp_path / "run"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    out = subprocess.run([sys.executable, "-m", "recsys.train", "+experiment=tiny", f"data.root={tmp_path / 'data'}",
+                          f"hydra.run.dir={run_dir}", "train.progress=false", "train.max_steps=5", "eval.popularity=false",
+                          "export.faiss=ivf", "export.npy=true", "export.ann_k=10"],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    export = run_dir / "export"
+    manifest = check_files(export)
+    users = pq.read_table(export / "users.parquet")
+    assert manifest["faiss"]["recall"]["users"] == min(1000, users.num_rows) and manifest["faiss"]["recall"]["k"] == 10
+    assert 0.5 < manifest["faiss"]["recall"]["value"] <= 1.0
+    item_ids, item_vecs = read_vectors(export / "items.parquet")
+    assert np.load(export / "items_ids.npy").tolist() == item_ids
+    assert faiss.read_index(str(export / "items.faiss")).ntotal == len(item_ids)
+    metrics = json.loads((run_dir / "metrics.json").read_text())  # the ANN figures are in metrics.json too
+    assert metrics["export"]["faiss"] == manifest["faiss"]
