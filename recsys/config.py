@@ -59,13 +59,27 @@ class DataConfig:
     """Share of each user's training interactions held out for model selection (epochs, early
     stopping); 0: no validation split. The test split is never used for selection."""
     duplicates: str = "drop"
-    """``drop`` repeated (user, item) pairs (counted in the manifest) or ``keep`` them."""
+    """Repeated (user, item) pairs: ``drop`` all but the first (the earliest with timestamps;
+    counted in the manifest's ``dropped``), ``keep`` them (counted in its ``kept``) or ``error``
+    (refuse the input, naming the first repeated pair)."""
+    null_ids: str = "drop"
+    """Rows with a null user or item id: ``drop`` them (counted in the manifest's ``dropped``) or
+    ``error`` (refuse the input, naming the file and row)."""
+    unseen_test: str = "drop"
+    """Test interactions whose user or item has no training interaction (no trained vector):
+    ``drop`` them (counted as ``test_unseen_user`` / ``test_unseen_item``) or ``error``."""
+    id_mapping: str = "vocab"
+    """How raw ids become embedding rows. ``vocab``: any integer or string ids; the sorted distinct
+    ids of the training split are the rows (``users.parquet``/``items.parquet`` map them back).
+    ``identity``: integer ids that already are the rows, user ids in [0, ``num_users``) and item
+    ids in [0, ``num_items``) (both required; the tables have exactly that many rows); a negative
+    or larger id is refused with its file and row or line."""
     seed: int = 0
     """Seed of the synthetic generator and of the random split (independent of training)."""
     num_users: int = 20_000
-    """``synthetic``: number of users."""
+    """``synthetic``: number of users. ``id_mapping=identity``: the number of user rows."""
     num_items: int = 5_000
-    """``synthetic``: number of items."""
+    """``synthetic``: number of items. ``id_mapping=identity``: the number of item rows."""
     num_interactions: int = 500_000
     """``synthetic``: approximate number of interactions (before the split)."""
     latent_dim: int = 16
@@ -79,7 +93,16 @@ class DataConfig:
         names = ("synthetic", "parquet", "csv", "lightgcn", "movielens")
         _check(self.name in names, f"data.name must be one of {', '.join(names)}, got {self.name!r}")
         _check(self.split in ("random", "temporal", "given"), f"data.split must be random, temporal or given, got {self.split!r}")
-        _check(self.duplicates in ("drop", "keep"), f"data.duplicates must be drop or keep, got {self.duplicates!r}")
+        _check(self.duplicates in ("drop", "keep", "error"),
+               f"data.duplicates must be drop, keep or error, got {self.duplicates!r}")
+        _check(self.null_ids in ("drop", "error"), f"data.null_ids must be drop or error, got {self.null_ids!r}")
+        _check(self.unseen_test in ("drop", "error"), f"data.unseen_test must be drop or error, got {self.unseen_test!r}")
+        _check(self.id_mapping in ("vocab", "identity"),
+               f"data.id_mapping must be vocab or identity, got {self.id_mapping!r}")
+        if self.id_mapping == "identity":
+            _check(self.name != "synthetic", "data=synthetic makes its own ids: data.id_mapping=identity is for files")
+            _check(self.num_users > 0 and self.num_items > 0,
+                   "data.id_mapping=identity needs data.num_users and data.num_items (the table sizes) positive")
         _check(0.0 < self.test_fraction < 1.0, f"data.test_fraction must be in (0, 1), got {self.test_fraction}")
         _check(0.0 <= self.valid_fraction < 1.0, f"data.valid_fraction must be in [0, 1), got {self.valid_fraction}")
         _check(len(self.separator) == 1, f"data.separator must be one character, got {self.separator!r}")
@@ -204,9 +227,28 @@ class TrainConfig:
     log_every_steps: int = 20
     progress: bool = True
     """Show a tqdm progress bar (rank 0)."""
+    checkpoint_every_steps: int = 1000
+    """Write a checkpoint (``<run_dir>/checkpoints/step_N``: tables, dense weights, optimizer state,
+    data position, RNG states, loop state) every N steps; 0: none during training."""
+    checkpoint_every_minutes: float = 0.0
+    """Also write one when this many minutes have passed since the last (0: no time trigger)."""
+    checkpoint_at_end: bool = True
+    """Write a checkpoint when training ends (``python -m recsys.evaluate`` / ``recsys.export`` read it)."""
+    keep_checkpoints: int = 2
+    """Keep the newest N complete checkpoints."""
+    resume: str = "auto"
+    """``auto``: continue from the newest complete checkpoint of the run directory, if any;
+    ``never``: start afresh (the run directory must not hold another run); or a checkpoint (or run)
+    directory to continue from (its tables must match this config)."""
+    overwrite: bool = False
+    """Replace a different run (another config) found in the run directory instead of refusing."""
 
     def __post_init__(self) -> None:
         _check(self.epochs > 0, f"train.epochs must be positive, got {self.epochs}")
+        _check(self.checkpoint_every_steps >= 0, f"train.checkpoint_every_steps must be >= 0, got {self.checkpoint_every_steps}")
+        _check(self.checkpoint_every_minutes >= 0, f"train.checkpoint_every_minutes must be >= 0, got {self.checkpoint_every_minutes}")
+        _check(self.keep_checkpoints >= 1, f"train.keep_checkpoints must be >= 1, got {self.keep_checkpoints}")
+        _check(bool(self.resume), "train.resume must be auto, never or a checkpoint directory")
         _check(self.max_steps is None or self.max_steps > 0, f"train.max_steps must be positive, got {self.max_steps}")
         _check(self.batch_size > 0, f"train.batch_size must be positive, got {self.batch_size}")
         _check(self.patience >= 0, f"train.patience must be >= 0, got {self.patience}")
@@ -257,6 +299,10 @@ class ExportConfig:
     run_dir: Optional[str] = None
     """``python -m recsys.export``: the training run directory whose export is completed (required
     there; training ignores it)."""
+    source: str = "auto"
+    """``python -m recsys.export``: where the vectors come from: ``vectors`` (the run's exported
+    Parquet files, checksums verified), ``checkpoint`` (recomputed from the run's newest complete
+    checkpoint) or ``auto`` (the exported files when the run has them, else the checkpoint)."""
     npy: bool = False
     """Also write ``items.npy`` / ``users.npy`` (float32 [N, D]) and ``items_ids.npy`` /
     ``users_ids.npy`` (the raw ids: integers or unicode strings, loaded without pickle)."""
@@ -285,6 +331,8 @@ class ExportConfig:
     def __post_init__(self) -> None:
         kinds = ("none", "flat", "ivf", "hnsw")
         _check(self.faiss in kinds, f"export.faiss must be one of {', '.join(kinds)}, got {self.faiss!r}")
+        _check(self.source in ("auto", "vectors", "checkpoint"),
+               f"export.source must be auto, vectors or checkpoint, got {self.source!r}")
         _check(self.ivf_nlist >= 0, f"export.ivf_nlist must be >= 0, got {self.ivf_nlist}")
         for name in ("ivf_nprobe", "hnsw_m", "hnsw_ef_construction", "hnsw_ef_search", "ann_k", "ann_sample_users"):
             _check(getattr(self, name) > 0, f"export.{name} must be positive, got {getattr(self, name)}")

@@ -8,8 +8,10 @@ an optional timestamp and an optional weight. ``prepare`` turns it into a direct
         users.parquet  items.parquet    the vocabularies: row i holds the raw id of embedding row i
         manifest.json                   counts, schema, split, rows dropped and why
 
-Every dropped row is counted in the manifest and logged. The directory is written under a
-temporary name and renamed, so a reader sees a complete dataset or none.
+Every dropped row is counted in the manifest and logged; the policies for bad rows (null ids,
+duplicates, test rows unseen in training) are ``drop`` (counted) or ``error`` (refused, naming the
+file and row). The input is read and checked in memory before anything is written; the directory
+is then written under a temporary name and renamed, so a reader sees a complete dataset or none.
 """
 
 from __future__ import annotations
@@ -50,16 +52,46 @@ ITEM_HISTORY_FEATURE = "item_history"
 # ---------------------------------------------------------------------------------------------
 
 
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _commit(tmp: Path, path: Path) -> None:
+    """Flush the finished file ``tmp`` to disk and rename it to ``path``; on failure, remove it."""
+    try:
+        _fsync(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
 def write_json_atomic(obj: object, path: Path) -> None:
+    """Write JSON to a temporary name beside ``path``, then rename: readers see the old file or the new one."""
+    path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n")
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n")
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    _commit(tmp, path)
 
 
 def write_parquet_atomic(table: pa.Table, path: Path) -> None:
+    """Write Parquet to a temporary name beside ``path``, then rename."""
+    path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    pq.write_table(table, tmp)
-    os.replace(tmp, path)
+    try:
+        pq.write_table(table, tmp)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    _commit(tmp, path)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -67,8 +99,13 @@ def write_parquet_atomic(table: pa.Table, path: Path) -> None:
 # ---------------------------------------------------------------------------------------------
 
 
-def generate_synthetic(
-    path: Path,
+def generate_synthetic(path: Path, *args, **kwargs) -> None:
+    """Write :func:`synthetic_table` (same arguments) to ``path`` as Parquet (atomically)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_parquet_atomic(synthetic_table(*args, **kwargs), path)
+
+
+def synthetic_table(
     num_users: int,
     num_items: int,
     num_interactions: int,
@@ -78,7 +115,7 @@ def generate_synthetic(
     affinity: float = 3.0,
     user_chunk: int = 2048,
 ) -> None:
-    """Write a seeded implicit-feedback log as Parquet (user_id int64, item_id string, timestamp).
+    """A seeded implicit-feedback log (user_id int64, item_id string, timestamp int64).
 
     Each user draws items without replacement from softmax(log popularity + affinity * u.v)
     (Gumbel top-k), where u, v are planted latent vectors: a dot-product model can learn the
@@ -111,15 +148,13 @@ def generate_synthetic(
     item_rows = np.concatenate(items)
     timestamps = rng.integers(1_600_000_000, 1_632_000_000, size=len(user_rows))
     item_names = np.array([f"item_{i:07d}" for i in range(num_items)], dtype=object)
-    table = pa.table(
+    return pa.table(
         {
             "user_id": pa.array(raw_user_ids[user_rows], pa.int64()),
             "item_id": pa.array(item_names[item_rows], pa.string()),
             "timestamp": pa.array(timestamps, pa.int64()),
         }
     )
-    path.parent.mkdir(parents=True, exist_ok=True)
-    write_parquet_atomic(table, path)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -127,21 +162,39 @@ def generate_synthetic(
 # ---------------------------------------------------------------------------------------------
 
 
+def id_limits(cfg: DataConfig) -> Optional[Tuple[int, int]]:
+    """(num_users, num_items) that integer ids must stay below with ``id_mapping=identity``; else None."""
+    return (cfg.num_users, cfg.num_items) if cfg.id_mapping == "identity" else None
+
+
 def read_interactions(path: str, cfg: DataConfig) -> Tuple[pa.Table, Dict[str, int]]:
     """Read a Parquet or CSV file or directory (``cfg.name``) with the configured column mapping."""
     return read_columns(path, cfg.name, cfg.user_column, cfg.item_column, cfg.timestamp_column,
-                        cfg.weight_column, cfg.rating_column, cfg.min_rating, cfg.separator)
+                        cfg.weight_column, cfg.rating_column, cfg.min_rating, cfg.separator, cfg.null_ids,
+                        id_limits(cfg))
 
 
-def _drop_duplicates(table: pa.Table) -> Tuple[pa.Table, int]:
-    """Keep the first occurrence (earliest timestamp when there is one) of each (user, item)."""
+def _duplicates(table: pa.Table, policy: str, source: str) -> Tuple[pa.Table, int]:
+    """Repeated (user, item) pairs under ``policy`` (data.duplicates): ``drop`` keeps the first
+    occurrence (earliest timestamp when there is one), ``keep`` keeps all, ``error`` refuses them.
+    Returns the table and the number of repeats (dropped or kept)."""
     n = len(table)
-    if "timestamp" in table.column_names:
+    if policy == "drop" and "timestamp" in table.column_names:
         table = table.sort_by([("timestamp", "ascending")])
     indexed = table.select(["user_id", "item_id"]).append_column("_row", pa.array(np.arange(len(table))))
     first = indexed.group_by(["user_id", "item_id"], use_threads=False).aggregate([("_row", "min")])
     keep = np.sort(first.column("_row_min").to_numpy())
-    return table.take(keep), n - len(keep)
+    n_dup = n - len(keep)
+    if n_dup and policy == "error":
+        repeated = np.ones(n, dtype=bool)
+        repeated[keep] = False
+        row = int(np.argmax(repeated))
+        raise DataError(f"{source}: {n_dup} duplicate (user, item) interactions, the first: user "
+                        f"{table['user_id'][row].as_py()!r}, item {table['item_id'][row].as_py()!r} "
+                        "(data.duplicates=drop keeps the first of each, data.duplicates=keep keeps them all)")
+    if policy == "drop":
+        return table.take(keep), n_dup
+    return table, n_dup
 
 
 # ---------------------------------------------------------------------------------------------
@@ -201,18 +254,28 @@ def prepared_dir(cfg: DataConfig) -> Path:
 
 
 def prepare(cfg: DataConfig) -> Path:
-    """Prepare the dataset described by `cfg` (or reuse an identical earlier preparation)."""
+    """Prepare the dataset described by `cfg` (or reuse an identical earlier preparation).
+
+    Everything is read, checked and split in memory first, so bad input (a ``DataError``)
+    leaves nothing on disk, not even ``data.root``; the files are then written into a temporary
+    directory beside the final one, which is renamed into place once complete (manifest last).
+    A prepare killed at any point leaves at most a ``.<name>.tmp-<pid>`` directory that no later
+    run reuses (a later prepare removes it once its process is gone)."""
     out = prepared_dir(cfg)
     if (out / "manifest.json").exists():
         logger.info("reusing prepared dataset %s", out)
         return out
     t0 = time.perf_counter()
+    tables, manifest = _prepare_tables(cfg)
+    manifest["prepare_s"] = round(time.perf_counter() - t0, 3)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_temporaries(out)
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    tmp.mkdir()
     try:
-        manifest = _prepare_into(cfg, tmp)
-        manifest["prepare_s"] = round(time.perf_counter() - t0, 3)
+        for name, table in tables.items():
+            write_parquet_atomic(table, tmp / f"{name}.parquet")
         write_json_atomic(manifest, tmp / "manifest.json")
         try:
             os.rename(tmp, out)
@@ -227,23 +290,59 @@ def prepare(cfg: DataConfig) -> Path:
     return out
 
 
-def _prepare_into(cfg: DataConfig, out: Path) -> dict:
+def _remove_stale_temporaries(out: Path) -> None:
+    """Remove ``.<name>.tmp-<pid>`` directories left by a killed prepare on this host (their pid is gone)."""
+    for tmp in out.parent.glob(f".{out.name}.tmp-*"):
+        pid = tmp.name.rsplit("-", 1)[-1]
+        if not pid.isdigit() or int(pid) == os.getpid():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            logger.info("removing %s, left by an interrupted preparation", tmp)
+            shutil.rmtree(tmp, ignore_errors=True)
+        except PermissionError:
+            pass
+
+
+def _unseen(train: pa.Table, test: pa.Table, policy: str, source: str) -> Tuple[pa.Array, Dict[str, int]]:
+    """Test rows whose user or item has no training interaction: counted, and refused with
+    ``policy=error`` (data.unseen_test). Returns the mask of the rows to keep and the counts."""
+    seen_user = pc.is_in(test["user_id"], value_set=pc.unique(train["user_id"]))
+    seen_item = pc.is_in(test["item_id"], value_set=pc.unique(train["item_id"]))
+    unseen_user = pc.invert(seen_user)
+    unseen_item = pc.and_(pc.invert(seen_item), seen_user)
+    counts = {"test_unseen_user": int(pc.sum(unseen_user).as_py() or 0),
+              "test_unseen_item": int(pc.sum(unseen_item).as_py() or 0)}
+    if policy == "error" and (counts["test_unseen_user"] or counts["test_unseen_item"]):
+        parts = []
+        for word, mask, n in (("user", unseen_user, counts["test_unseen_user"]),
+                              ("item", unseen_item, counts["test_unseen_item"])):
+            if n:
+                row = int(np.argmax(mask.to_numpy(zero_copy_only=False)))
+                parts.append(f"{n} have {'an' if word == 'item' else 'a'} {word} never seen in training (the first: {word} "
+                             f"{test[f'{word}_id'][row].as_py()!r})")
+        raise DataError(f"{source}: of {len(test)} test interactions, {' and '.join(parts)}; no vector is trained "
+                        "for them (data.unseen_test=drop drops them and counts them)")
+    return pc.and_(seen_user, seen_item), counts
+
+
+def _prepare_tables(cfg: DataConfig) -> Tuple[Dict[str, pa.Table], dict]:
+    """The prepared dataset in memory: ({train, test, users, items} tables, manifest)."""
     dropped: Dict[str, int] = {}
+    kept: Dict[str, int] = {}
     given = None
     if cfg.name == "synthetic":
-        raw = out / "raw.parquet"
-        generate_synthetic(raw, cfg.num_users, cfg.num_items, cfg.num_interactions, cfg.latent_dim,
-                           cfg.popularity_exponent, cfg.seed, cfg.affinity)
-        source = str(raw)
-        table = pq.read_table(raw)
-        raw.unlink()
+        source = "synthetic"
+        table = synthetic_table(cfg.num_users, cfg.num_items, cfg.num_interactions, cfg.latent_dim,
+                                cfg.popularity_exponent, cfg.seed, cfg.affinity)
         dropped["null_ids"] = 0
     elif cfg.name == "lightgcn":
         source = cfg.path
-        table, given, dropped = read_lightgcn(cfg.path)
+        table, given, dropped = read_lightgcn(cfg.path, id_limits(cfg))
     elif cfg.name == "movielens":
         source = cfg.path
-        table, dropped = read_movielens(cfg.path, cfg.min_rating)
+        table, dropped = read_movielens(cfg.path, cfg.min_rating, cfg.null_ids, id_limits(cfg))
     else:
         source = cfg.path
         table, dropped = read_interactions(cfg.path, cfg)
@@ -255,69 +354,75 @@ def _prepare_into(cfg: DataConfig, out: Path) -> dict:
             dropped["test_null_ids"] = test_dropped["null_ids"]
         test = given
         test_source = cfg.test_path or str(Path(cfg.path) / "test.txt")
+        train_source = str(Path(cfg.path) / "train.txt") if cfg.name == "lightgcn" else cfg.path
         for name in ("user_id", "item_id"):
             if table.schema.field(name).type != test.schema.field(name).type:
                 raise DataError(f"{test_source}: column {name!r} has type {test.schema.field(name).type} "
                                 f"but the train file {cfg.path} has {table.schema.field(name).type}")
         test = test.select([c for c in test.column_names if c in table.column_names])
         table = table.select([c for c in table.column_names if c in test.column_names])
-        if cfg.duplicates == "drop":
-            table, dropped["train_duplicates"] = _drop_duplicates(table)
-            test, dropped["test_duplicates"] = _drop_duplicates(test)
+        table, n_train_dup = _duplicates(table, cfg.duplicates, train_source)
+        test, n_test_dup = _duplicates(test, cfg.duplicates, test_source)
+        (dropped if cfg.duplicates == "drop" else kept).update(train_duplicates=n_train_dup,
+                                                              test_duplicates=n_test_dup)
         train = table
     else:
-        if cfg.duplicates == "drop":
-            table, dropped["duplicates"] = _drop_duplicates(table)
+        test_source = source
+        table, n_dup = _duplicates(table, cfg.duplicates, source)
+        (dropped if cfg.duplicates == "drop" else kept)["duplicates"] = n_dup
         if cfg.split == "random":
             train, test = _split_random(table, cfg.test_fraction, cfg.seed)
         else:
             train, test = _split_temporal(table, cfg.test_fraction, source)
+    if len(train) == 0:
+        raise DataError(f"{source}: the training split is empty")
 
-    # Vocabularies from the training split: row i of an embedding table <-> vocab[i].
-    users_vocab = pc.unique(train["user_id"]).sort()
-    items_vocab = pc.unique(train["item_id"]).sort()
-    train_rows = {
-        "user": pc.index_in(train["user_id"], value_set=users_vocab),
-        "item": pc.index_in(train["item_id"], value_set=items_vocab),
-    }
-    test_user = pc.index_in(test["user_id"], value_set=users_vocab)
-    test_item = pc.index_in(test["item_id"], value_set=items_vocab)
-    unseen_user = pc.is_null(test_user)
-    unseen_item = pc.and_(pc.is_null(test_item), pc.invert(unseen_user))
-    dropped["test_unseen_user"] = int(pc.sum(unseen_user).as_py() or 0)
-    dropped["test_unseen_item"] = int(pc.sum(unseen_item).as_py() or 0)
-    seen = pc.and_(pc.is_valid(test_user), pc.is_valid(test_item))
+    # Rows of the embedding tables: the sorted distinct training ids (vocab), or the ids themselves
+    # (identity: every row in [0, N) exists, whether or not it has training interactions).
+    if cfg.id_mapping == "identity":
+        users_vocab = pa.array(np.arange(cfg.num_users), pa.int64())
+        items_vocab = pa.array(np.arange(cfg.num_items), pa.int64())
+    else:
+        users_vocab = pc.unique(train["user_id"]).sort()
+        items_vocab = pc.unique(train["item_id"]).sort()
+    seen, unseen = _unseen(train, test, cfg.unseen_test, test_source)
+    dropped.update(unseen)
     for reason, count in dropped.items():
         if count:
             logger.warning("%s: dropped %d rows (%s)", source, count, reason.replace("_", " "))
+    for reason, count in kept.items():
+        if count:
+            logger.info("%s: kept %d repeated interactions (%s; data.duplicates=keep)", source, count,
+                        reason.replace("_", " "))
 
-    def rows_table(user, item, source_table, mask=None) -> pa.Table:
-        cols = {"user": pc.cast(user, pa.int64()), "item": pc.cast(item, pa.int64())}
+    def rows_table(source_table: pa.Table, mask=None) -> pa.Table:
+        if mask is not None:
+            source_table = source_table.filter(mask)
+        cols = {"user": pc.cast(pc.index_in(source_table["user_id"], value_set=users_vocab), pa.int64()),
+                "item": pc.cast(pc.index_in(source_table["item_id"], value_set=items_vocab), pa.int64())}
         for extra in ("timestamp", "weight"):
             if extra in source_table.column_names:
                 cols[extra] = source_table[extra]
-        t = pa.table(cols)
-        return t.filter(mask) if mask is not None else t
+        return pa.table(cols)
 
-    train_t = rows_table(train_rows["user"], train_rows["item"], train)
-    test_t = rows_table(test_user, test_item, test, seen)
-    if len(train_t) == 0:
-        raise DataError(f"{source}: the training split is empty")
+    train_t = rows_table(train)
+    test_t = rows_table(test, seen)
     if cfg.valid_fraction > 0:
         # Model selection data: a per-user holdout carved from the training split (never the test).
         held = _holdout_mask(train_t["user"].to_numpy(), cfg.valid_fraction, cfg.seed + 1)
         train_t = train_t.append_column("valid", pa.array(held))
     if len(test_t) == 0:
-        raise DataError(f"{source}: the test split is empty after dropping {dropped}")
-    write_parquet_atomic(train_t, out / "train.parquet")
-    write_parquet_atomic(test_t, out / "test.parquet")
-    write_parquet_atomic(pa.table({"user_id": users_vocab}), out / "users.parquet")
-    write_parquet_atomic(pa.table({"item_id": items_vocab}), out / "items.parquet")
-    return {
+        why = (f" (data.split=random holds out floor(n * {cfg.test_fraction}) of each user's n interactions: "
+               "no user has enough)" if cfg.split == "random" and len(test) == 0 else "")
+        raise DataError(f"{test_source}: the test split is empty{why}; rows dropped: {dropped}")
+    tables = {"train": train_t, "test": test_t, "users": pa.table({"user_id": users_vocab}),
+              "items": pa.table({"item_id": items_vocab})}
+    return tables, {
         "version": PREPARED_VERSION,
         "source": source,
         "config": dataclasses.asdict(cfg),
         "split": cfg.split,
+        "id_mapping": cfg.id_mapping,
         "schema": {"user_id": str(users_vocab.type), "item_id": str(items_vocab.type),
                    "timestamp": "timestamp" in train_t.column_names, "weight": "weight" in train_t.column_names},
         "counts": {
@@ -330,6 +435,7 @@ def _prepare_into(cfg: DataConfig, out: Path) -> dict:
             "valid_interactions": int(pc.sum(train_t["valid"]).as_py() or 0) if "valid" in train_t.column_names else 0,
         },
         "dropped": dropped,
+        "kept": kept,
     }
 
 

@@ -9,6 +9,7 @@ protocol). The popularity baseline goes through the same code with item score = 
 
 from __future__ import annotations
 
+import time
 from typing import Callable, Dict, List, Optional, Sequence
 
 import numpy as np
@@ -221,3 +222,84 @@ def tower_norms(model, features: Features, num_users: int, num_items: int, devic
     finally:
         model.normalize = normalize
     return out if rank == 0 else None
+
+
+# ---------------------------------------------------------------------------------------------
+# python -m recsys.evaluate RUN_DIR: the metrics of a run's newest checkpoint, without training
+# ---------------------------------------------------------------------------------------------
+
+
+def evaluate_run(path, device: str = "auto", out_name: str = "eval.json") -> Dict:
+    """Load a run's newest complete checkpoint (``path``: the run, or one checkpoint directory), with
+    the config the checkpoint recorded, and evaluate it as training does at its end (test, and
+    validation and popularity as the run had them). Rank 0 writes ``<run_dir>/<out_name>``
+    atomically. Collective under torchrun; one process otherwise."""
+    from pathlib import Path
+
+    from recsys.checkpoint import load_trained
+    from recsys.data import write_json_atomic
+    from recsys.train import make_features
+
+    t0 = time.perf_counter()
+    run = load_trained(Path(path), device)
+    cfg, dataset, model, dev = run.cfg, run.dataset, run.model, run.device
+    full = make_features(cfg, dataset, model, True)
+    out: Dict = {"checkpoint": str(run.path), "step": run.meta["step"], "run_hash": run.meta.get("run_hash")}
+    out["test"] = evaluate_model(model, full, dataset.num_items, dataset.train_csr(), dataset.test_csr(), cfg.eval.ks,
+                                 dev, cfg.eval.user_chunk)
+    if dataset.has_valid:
+        ks = sorted(set(cfg.eval.ks) | {cfg.eval.select_k})
+        out["valid"] = evaluate_model(model, make_features(cfg, dataset, model, False), dataset.num_items,
+                                      dataset.train_csr(include_valid=False), dataset.valid_csr(), ks, dev,
+                                      cfg.eval.user_chunk)
+    if cfg.eval.popularity:
+        out["popularity"] = evaluate_popularity(dataset.item_counts(), dataset.train_csr(), dataset.test_csr(),
+                                                cfg.eval.ks, dev, cfg.eval.user_chunk)
+    out["wall_s"] = round(time.perf_counter() - t0, 3)
+    if rank_and_world()[0] == 0:
+        run_dir = run.path.parent.parent
+        write_json_atomic(out, run_dir / out_name)
+        out["path"] = str(run_dir / out_name)
+    return out
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    import argparse
+    import logging
+    import sys
+    import warnings
+
+    from recsys.config import ConfigError
+    from recsys.data import DataError
+    from recsys.parallelize import destroy_distributed
+
+    parser = argparse.ArgumentParser(prog="python -m recsys.evaluate",
+                                     description="Metrics of a training run from its newest complete checkpoint "
+                                                 "(written to RUN_DIR/eval.json).")
+    parser.add_argument("run_dir", help="the run directory (or one checkpoint directory in it)")
+    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("torch.fx._symbolic_trace").setLevel(logging.ERROR)
+    for message in (".*deprecating ShardedTensor.*", ".*is_fx_tracing.*", ".*all_gather_into_tensor.*"):
+        warnings.filterwarnings("ignore", message=message)
+    try:
+        out = evaluate_run(args.run_dir, args.device)
+    except (ConfigError, DataError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    finally:
+        destroy_distributed()
+    if "path" in out:
+        rows = [("model", out["test"])] + ([("popularity", out["popularity"])] if "popularity" in out else [])
+        keys = [k for k in out["test"] if k != "users"]
+        print(f"{'':<12}" + "".join(f"{k:>12}" for k in keys))
+        for name, m in rows:
+            print(f"{name:<12}" + "".join(f"{m[k]:>12.4f}" for k in keys))
+        print(f"checkpoint {out['checkpoint']} (step {out['step']}); {out['test']['users']} test users; "
+              f"metrics: {out['path']}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -17,10 +17,13 @@ artefacts included, as configured in ``export``) under a temporary name and rena
 
     python -m recsys.export export.run_dir=outputs/DATE/TIME export.faiss=hnsw [export.npy=true]
 
-adds the serving artefacts to a finished run. There are no checkpoints yet, so it starts from the
-vectors the run exported (``export/items.parquet``, ``users.parquet``, ``manifest.json``; their
-checksums are verified) and rebuilds the export directory atomically: the Parquet files are kept
-as they are, the ``.npy`` files and the index are those the options ask for now.
+adds the serving artefacts to a finished run. With ``export.source=vectors`` (or ``auto`` when the
+run has exported vectors) it starts from the vectors the run exported (``export/items.parquet``,
+``users.parquet``, ``manifest.json``; their checksums are verified) and rebuilds the export
+directory atomically: the Parquet files are kept as they are, the ``.npy`` files and the index
+are those the options ask for now. With ``export.source=checkpoint`` (or ``auto`` when the run
+has checkpoints but no export) it recomputes every vector from the run's newest complete
+checkpoint, with the config the checkpoint recorded, and writes the whole directory.
 
 The index's metric is the model's score: inner product, for ``dot`` and for ``cosine`` (whose
 exported vectors are unit-norm; checked, and renormalised for the index if they are not). Its
@@ -450,12 +453,48 @@ def main(dcfg: DictConfig) -> None:
     if not run_dir.is_dir():
         print(f"error: export.run_dir={options.run_dir}: no such directory", file=sys.stderr)
         sys.exit(2)
+    source = options.source
+    if source == "auto":
+        has_vectors = (run_dir / options.dir / "manifest.json").is_file()
+        source = "vectors" if has_vectors or not (run_dir / "checkpoints").is_dir() else "checkpoint"
     try:
-        manifest = export_run(run_dir / options.dir, options)
+        if source == "vectors":
+            manifest = export_run(run_dir / options.dir, options)
+        else:
+            manifest = export_checkpoint(run_dir, options)
     except (ConfigError, ExportError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
-    print(f"export: {run_dir / options.dir} ({', '.join(manifest['files'])})", flush=True)
+    if manifest is not None:
+        print(f"export: {run_dir / options.dir} ({', '.join(manifest['files'])}) from the {source}", flush=True)
+
+
+def export_checkpoint(run_dir: Path, options: ExportConfig) -> Optional[Dict]:
+    """Recompute every vector from the run's newest complete checkpoint (the weights the run tested:
+    its best validated epoch's when it had a validation split) and write the export directory, as
+    training does at its end. Collective under torchrun; returns the manifest on rank 0."""
+    import warnings
+
+    from recsys.checkpoint import load_trained
+    from recsys.parallelize import destroy_distributed
+    from recsys.train import make_features
+
+    for message in (".*deprecating ShardedTensor.*", ".*is_fx_tracing.*", ".*all_gather_into_tensor.*"):
+        warnings.filterwarnings("ignore", message=message)
+    logging.getLogger("torch.fx._symbolic_trace").setLevel(logging.ERROR)
+    from recsys.readers import DataError
+
+    try:
+        run = load_trained(run_dir)
+        features = make_features(run.cfg, run.dataset, run.model, True)
+        path = export_model(run.model, features, run.dataset.vocab("users"), run.dataset.vocab("items"),
+                            run_dir / options.dir, run.device, run.meta.get("config_hash") or run.meta["run_hash"],
+                            options=options)
+    except DataError as e:
+        raise ExportError(str(e)) from None
+    finally:
+        destroy_distributed()
+    return json.loads((path / "manifest.json").read_text()) if path is not None else None
 
 
 def _cli_argv(argv: list) -> list:

@@ -15,6 +15,9 @@ formats. Supported sources:
   turns ratings into implicit feedback.
 
 A file that is not in its format raises ``DataError`` naming the file, and the line or column.
+Files of a directory are read and checked one by one, so an error names the file at fault. Rows
+with a null id are dropped and counted (``null_ids="drop"``) or refused (``"error"``); with
+``id_limits`` (``data.id_mapping=identity``) integer ids must lie in [0, num_users) / [0, num_items).
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ from __future__ import annotations
 import io
 import logging
 from pathlib import Path
-from typing import Dict, Optional, Tuple
+from typing import Callable, Dict, Optional, Tuple
 
 import numpy as np
 import pyarrow as pa
@@ -37,32 +40,82 @@ class DataError(ValueError):
     """Input that cannot be used; the message names the file, the column or line, and the reason."""
 
 
+def _one_line(e: BaseException, limit: int = 400) -> str:
+    """An Arrow (or OS) error message on one line of printable text (it may quote binary input),
+    so the error the user sees stays one short paragraph."""
+    text = " ".join("".join(c if c.isprintable() else " " for c in str(e)).split())
+    return text if len(text) <= limit else text[:limit] + " ..."
+
+
 def _id_type_ok(t: pa.DataType) -> bool:
     return pa.types.is_integer(t) or pa.types.is_string(t) or pa.types.is_large_string(t)
 
 
-def _normalise(table: pa.Table, source: str) -> Tuple[pa.Table, Dict[str, int]]:
-    """Common tail of every reader: string ids as ``string``, timestamps as int64, null ids dropped
-    (counted), an empty result refused."""
-    if "timestamp" in table.column_names:
-        t = table.schema.field("timestamp").type
-        if pa.types.is_timestamp(t) or pa.types.is_date(t):
-            table = table.set_column(table.schema.get_field_index("timestamp"), "timestamp",
-                                     pc.cast(table["timestamp"], pa.timestamp("s")).cast(pa.int64()))
-        elif not (pa.types.is_integer(t) or pa.types.is_floating(t)):
-            raise DataError(f"{source}: timestamp column has type {t}; expected integers, floats or timestamps "
-                            "(set data.timestamp_column=null to ignore it)")
+ROLE_WORD = {"user_id": "user", "item_id": "item"}
+
+
+def _first_true(mask: pa.ChunkedArray) -> int:
+    return int(np.flatnonzero(mask.to_numpy(zero_copy_only=False))[0])
+
+
+def _clean_ids(table: pa.Table, where: Callable[[int], str], columns: Dict[str, str], null_ids: str,
+               id_limits: Optional[Tuple[int, int]]) -> Tuple[pa.Table, int]:
+    """One file's ids: integer ids as int64 and string ids as ``string``; ids out of the declared
+    range refused (``id_limits``: data.id_mapping=identity); rows with a null id refused
+    (``null_ids=error``) or dropped and counted. ``where(row)`` names a 0-based row of the file
+    (``file, row N`` / ``file, line N``); ``columns`` maps user_id/item_id to the file's names."""
     for name in ("user_id", "item_id"):
-        if pa.types.is_large_string(table.schema.field(name).type):
-            table = table.set_column(table.schema.get_field_index(name), name, table[name].cast(pa.string()))
+        t = table.schema.field(name).type
+        i = table.schema.get_field_index(name)
+        if pa.types.is_integer(t) and t != pa.int64():
+            table = table.set_column(i, name, table[name].cast(pa.int64()))
+        elif pa.types.is_large_string(t):
+            table = table.set_column(i, name, table[name].cast(pa.string()))
+    if id_limits is not None:
+        for name, limit, key in (("user_id", id_limits[0], "num_users"), ("item_id", id_limits[1], "num_items")):
+            col, t = columns[name], table.schema.field(name).type
+            if not pa.types.is_integer(t):
+                raise DataError(f"{where(-1)}: column {col!r} has type {t}; data.id_mapping=identity needs integer "
+                                f"{ROLE_WORD[name]} ids 0..data.{key}-1 (use data.id_mapping=vocab for other ids)")
+            bad = pc.fill_null(pc.or_(pc.less(table[name], 0), pc.greater_equal(table[name], limit)), False)
+            n_bad = pc.sum(bad).as_py() or 0
+            if n_bad:
+                row = _first_true(bad)
+                raise DataError(f"{where(row)}: {ROLE_WORD[name]} id {table[name][row].as_py()} (column {col!r}) is "
+                                f"out of range [0, {limit}) of data.id_mapping=identity with data.{key}={limit} "
+                                f"({n_bad} such rows in this file)")
     valid = pc.and_(pc.is_valid(table["user_id"]), pc.is_valid(table["item_id"]))
     n_null = len(table) - (pc.sum(valid).as_py() or 0) if len(table) else 0
+    if n_null and null_ids == "error":
+        row = _first_true(pc.invert(valid))
+        name = "user_id" if not table["user_id"][row].is_valid else "item_id"
+        raise DataError(f"{where(row)}: null {ROLE_WORD[name]} id (column {columns[name]!r}); {n_null} rows of this "
+                        "file have a null user or item id (data.null_ids=drop drops them and counts them)")
     if n_null:
-        logger.warning("%s: dropped %d rows with a null user or item id", source, n_null)
+        logger.warning("%s: dropped %d rows with a null user or item id", where(-1), n_null)
         table = table.filter(valid)
+    return table, int(n_null)
+
+
+def _timestamps(table: pa.Table, source: str) -> pa.Table:
+    """Timestamps (integers, floats, dates or timestamps) as int64 seconds."""
+    if "timestamp" not in table.column_names:
+        return table
+    t = table.schema.field("timestamp").type
+    i = table.schema.get_field_index("timestamp")
+    if pa.types.is_timestamp(t) or pa.types.is_date(t):
+        return table.set_column(i, "timestamp", pc.cast(table["timestamp"], pa.timestamp("s")).cast(pa.int64()))
+    if pa.types.is_integer(t) or pa.types.is_floating(t):
+        return table.set_column(i, "timestamp", table["timestamp"].cast(pa.int64() if pa.types.is_integer(t)
+                                                                        else pa.float64()))
+    raise DataError(f"{source}: timestamp column has type {t}; expected integers, floats or timestamps "
+                    "(set data.timestamp_column=null to ignore it)")
+
+
+def _not_empty(table: pa.Table, source: str, n_null: int) -> pa.Table:
     if len(table) == 0:
         raise DataError(f"{source}: no interactions (after dropping {n_null} rows with null ids)")
-    return table, {"null_ids": int(n_null)}
+    return table
 
 
 def _apply_min_rating(table: pa.Table, min_rating: Optional[float], source: str) -> Tuple[pa.Table, int]:
@@ -75,7 +128,8 @@ def _apply_min_rating(table: pa.Table, min_rating: Optional[float], source: str)
         logger.info("%s: %d rows with rating < %s (or no rating) are not positives", source, n_drop, min_rating)
     table = table.filter(keep)
     if len(table) == 0:
-        raise DataError(f"{source}: no interactions with rating >= {min_rating} (data.min_rating)")
+        raise DataError(f"{source}: no interactions with rating >= {min_rating} (data.min_rating): "
+                        f"all {n_drop} rows are below it")
     return table, int(n_drop)
 
 
@@ -86,52 +140,97 @@ def _apply_min_rating(table: pa.Table, min_rating: Optional[float], source: str)
 
 def read_columns(path: str, fmt: str, user_column: str, item_column: str, timestamp_column: Optional[str],
                  weight_column: Optional[str], rating_column: Optional[str], min_rating: Optional[float],
-                 separator: str = ",") -> Tuple[pa.Table, Dict[str, int]]:
-    """A Parquet or CSV file, or a directory of them, with named columns."""
+                 separator: str = ",", null_ids: str = "drop",
+                 id_limits: Optional[Tuple[int, int]] = None) -> Tuple[pa.Table, Dict[str, int]]:
+    """A Parquet or CSV file, or a directory of them, with named columns.
+
+    Each file is read and checked on its own, so an error names the file (and its row), whatever
+    the others hold; every file must give the ids the same type (integers or strings)."""
     p = Path(path)
     if not p.exists():
         raise DataError(f"{p}: no such file or directory (data.path)")
     if fmt == "csv":
         file_format = ds.CsvFileFormat(parse_options=pacsv.ParseOptions(delimiter=separator))
     else:
-        file_format = "parquet"
+        file_format = ds.ParquetFileFormat()
     what = "Parquet" if fmt == "parquet" else f"CSV (separator {separator!r})"
+    if p.is_dir():
+        try:
+            files = ds.dataset(str(p), format=file_format, exclude_invalid_files=False).files
+        except (pa.ArrowInvalid, OSError) as e:
+            raise DataError(f"{p}: cannot be read as {what}: {_one_line(e)}") from None
+        if not files:
+            raise DataError(f"{p}: directory holds no {what} files (data.path; files starting with '.' or '_' are "
+                            "ignored)")
+    else:
+        files = [str(p)]
+    tables, n_null, first = [], 0, None
+    for f in files:
+        table, columns = _read_file(f, file_format, what, fmt, user_column, item_column, timestamp_column,
+                                    weight_column, rating_column)
+        if first is None:
+            first = (f, table.schema)
+        for name in ("user_id", "item_id"):
+            t, t0 = table.schema.field(name).type, first[1].field(name).type
+            if pa.types.is_integer(t) != pa.types.is_integer(t0):
+                raise DataError(f"{f}: column {columns[name]!r} has type {t} but {first[0]} has {t0}; every file "
+                                "must give the ids the same type")
+        table, n = _clean_ids(table, lambda r, f=f: f if r < 0 else f"{f}, row {r + 1}", columns, null_ids, id_limits)
+        n_null += n
+        table = _timestamps(table, f)
+        for role in ("weight", "rating"):
+            if role in table.column_names:
+                table = table.set_column(table.schema.get_field_index(role), role, table[role].cast(pa.float64()))
+        tables.append(table)
+    if "timestamp" in tables[0].column_names and len({t.schema.field("timestamp").type for t in tables}) > 1:
+        tables = [t.set_column(t.schema.get_field_index("timestamp"), "timestamp", t["timestamp"].cast(pa.float64()))
+                  for t in tables]  # integer seconds in some files, fractional in others
+    table = pa.concat_tables(tables) if len(tables) > 1 else tables[0]
+    _not_empty(table, str(p), n_null)
+    table, n_below = _apply_min_rating(table, min_rating, str(p))
+    dropped = {"null_ids": n_null}
+    if rating_column:
+        dropped["below_min_rating"] = n_below
+    return table, dropped
+
+
+def _read_file(f: str, file_format, what: str, fmt: str, user_column: str, item_column: str,
+               timestamp_column: Optional[str], weight_column: Optional[str],
+               rating_column: Optional[str]) -> Tuple[pa.Table, Dict[str, str]]:
+    """One file's columns, renamed to their roles (user_id, item_id[, timestamp, weight, rating])."""
     try:
-        dataset = ds.dataset(str(p), format=file_format, exclude_invalid_files=False)
-        files = dataset.files
+        dataset = ds.dataset(f, format=file_format)
+        schema = dataset.schema
     except (pa.ArrowInvalid, OSError) as e:
-        raise DataError(f"{p}: cannot be read as {what}: {e}") from None
-    if not files:
-        raise DataError(f"{p}: directory holds no {what} files")
-    schema = dataset.schema
+        hint = ""
+        if fmt == "csv":
+            with open(f, "rb") as fh:
+                hint = " (it is a Parquet file: data=parquet?)" if fh.read(4) == b"PAR1" else ""
+        raise DataError(f"{f}: cannot be read as {what}{hint}: {_one_line(e)}") from None
     columns = {"user_id": user_column, "item_id": item_column}
     for role, col in columns.items():
+        word = ROLE_WORD[role]
         if col not in schema.names:
             hint = "; is the separator right? (data.separator)" if fmt == "csv" and len(schema.names) == 1 else ""
-            raise DataError(f"{p}: missing {role.split('_')[0]} column {col!r} (has {schema.names}); "
-                            f"set data.{role.split('_')[0]}_column{hint}")
-        if not _id_type_ok(schema.field(col).type):
-            raise DataError(f"{p}: column {col!r} has type {schema.field(col).type}; ids must be integers or strings")
+            raise DataError(f"{f}: missing {word} column {col!r} (has {schema.names}); set data.{word}_column{hint}")
+        t = schema.field(col).type
+        if not _id_type_ok(t):
+            raise DataError(f"{f}: column {col!r} has type {t}; ids must be integers or strings (the {word} column)")
     if timestamp_column and timestamp_column in schema.names:
         columns["timestamp"] = timestamp_column
     for role, col in (("weight", weight_column), ("rating", rating_column)):
         if col:
             if col not in schema.names:
-                raise DataError(f"{p}: missing {role} column {col!r} (has {schema.names}); set data.{role}_column")
+                raise DataError(f"{f}: missing {role} column {col!r} (has {schema.names}); set data.{role}_column")
             t = schema.field(col).type
             if not (pa.types.is_integer(t) or pa.types.is_floating(t)):
-                raise DataError(f"{p}: {role} column {col!r} has type {t}; expected numbers")
+                raise DataError(f"{f}: {role} column {col!r} has type {t}; expected numbers")
             columns[role] = col
     try:
         table = dataset.to_table(columns=list(columns.values()))
     except (pa.ArrowInvalid, OSError) as e:
-        raise DataError(f"{p}: cannot be read as {what}: {e}") from None
-    table = table.rename_columns(list(columns.keys()))
-    table, n_below = _apply_min_rating(table, min_rating, str(p))
-    table, dropped = _normalise(table, str(p))
-    if rating_column:
-        dropped["below_min_rating"] = n_below
-    return table, dropped
+        raise DataError(f"{f}: cannot be read as {what} (corrupt or truncated?): {_one_line(e)}") from None
+    return table.rename_columns(list(columns.keys())), columns
 
 
 # ---------------------------------------------------------------------------------------------
@@ -139,10 +238,11 @@ def read_columns(path: str, fmt: str, user_column: str, item_column: str, timest
 # ---------------------------------------------------------------------------------------------
 
 
-def read_lightgcn_file(path: Path) -> pa.Table:
+def read_lightgcn_file(path: Path, id_limits: Optional[Tuple[int, int]] = None) -> pa.Table:
     """``user item item ...`` per line (whitespace separated integers) -> (user_id, item_id).
 
-    Rows keep the file's order (the order of a user's items on the line)."""
+    Rows keep the file's order (the order of a user's items on the line). ``id_limits``
+    (num_users, num_items): ids must lie in [0, num_users) and [0, num_items) (data.id_mapping=identity)."""
     if not path.is_file():
         raise DataError(f"{path}: no such file (LightGCN format needs train.txt and test.txt in data.path)")
     try:
@@ -168,22 +268,34 @@ def read_lightgcn_file(path: Path) -> pa.Table:
         raise DataError(f"{path}, line {line_no}: negative id {int(tokens[bad])}")
     nonempty = counts > 0
     starts = np.concatenate([[0], np.cumsum(counts)[:-1]])[nonempty]
-    counts = counts[nonempty]
-    users = tokens[starts]
     is_user = np.zeros(len(tokens), dtype=bool)
     is_user[starts] = True
+    if id_limits is not None:
+        for word, key, limit, mask in (("user", "num_users", id_limits[0], is_user),
+                                       ("item", "num_items", id_limits[1], ~is_user)):
+            bad = mask & (tokens >= limit)
+            if bad.any():
+                first = int(np.argmax(bad))
+                line_no = int(np.repeat(np.arange(1, len(lines) + 1), counts)[first])
+                raise DataError(f"{path}, line {line_no}: {word} id {int(tokens[first])} is out of range [0, {limit}) "
+                                f"of data.id_mapping=identity with data.{key}={limit} "
+                                f"({int(bad.sum())} such ids in this file)")
+    counts = counts[nonempty]
+    users = tokens[starts]
     items = tokens[~is_user]
     users = np.repeat(users, counts - 1)
     return pa.table({"user_id": pa.array(users, pa.int64()), "item_id": pa.array(items, pa.int64())})
 
 
-def read_lightgcn(path: str) -> Tuple[pa.Table, pa.Table, Dict[str, int]]:
+def read_lightgcn(path: str, id_limits: Optional[Tuple[int, int]] = None) -> Tuple[pa.Table, pa.Table, Dict[str, int]]:
     """A LightGCN-format directory -> (train, test, dropped)."""
     p = Path(path)
+    if not p.exists():
+        raise DataError(f"{p}: no such file or directory (data.path)")
     if not p.is_dir():
         raise DataError(f"{p}: not a directory (LightGCN format: a directory with train.txt and test.txt)")
-    train = read_lightgcn_file(p / "train.txt")
-    test = read_lightgcn_file(p / "test.txt")
+    train = read_lightgcn_file(p / "train.txt", id_limits)
+    test = read_lightgcn_file(p / "test.txt", id_limits)
     if len(train) == 0:
         raise DataError(f"{p / 'train.txt'}: no interactions")
     if len(test) == 0:
@@ -213,7 +325,8 @@ def _first_bad_line(data: bytes, sep: str, source: Path, first_line: int = 1) ->
     return f"{source}: cannot be parsed as {sep!r}-separated MovieLens ratings"
 
 
-def read_movielens(path: str, min_rating: Optional[float]) -> Tuple[pa.Table, Dict[str, int]]:
+def read_movielens(path: str, min_rating: Optional[float], null_ids: str = "drop",
+                   id_limits: Optional[Tuple[int, int]] = None) -> Tuple[pa.Table, Dict[str, int]]:
     """A MovieLens directory (or its ratings file) -> (table, dropped)."""
     p = Path(path)
     if p.is_dir():
@@ -248,7 +361,9 @@ def read_movielens(path: str, min_rating: Optional[float]) -> Tuple[pa.Table, Di
         if p.name == "ratings.csv":
             raise DataError(_first_bad_line(body, ",", p, first_line=2)) from None
         raise DataError(_first_bad_line(data, sep, p)) from None
+    first_line = 2 if p.name == "ratings.csv" else 1
+    table, n_null = _clean_ids(table, lambda r: str(p) if r < 0 else f"{p}, line {r + first_line}",
+                               {"user_id": "userId", "item_id": "movieId"}, null_ids, id_limits)
+    table = _not_empty(table, str(p), n_null)
     table, n_below = _apply_min_rating(table, min_rating, str(p))
-    table, dropped = _normalise(table, str(p))
-    dropped["below_min_rating"] = n_below
-    return table, dropped
+    return table, {"null_ids": n_null, "below_min_rating": n_below}

@@ -5,6 +5,8 @@
 
 The Hydra entry point ``main`` turns the composed config into typed dataclasses and calls
 ``train(cfg, run_dir)``, which reads top to bottom: setup, loop, evaluate, export, close.
+The loop checkpoints every ``train.checkpoint_every_steps`` steps and at the end, and a rerun
+into the same run directory resumes from the newest complete checkpoint (recsys/checkpoint.py).
 """
 
 from __future__ import annotations
@@ -28,6 +30,8 @@ from omegaconf import DictConfig, OmegaConf
 from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
 from tqdm import tqdm
 
+from recsys.checkpoint import (check_compatible, load_checkpoint, prepare_resume, read_meta, run_hash,
+                               save_checkpoint, table_shapes)
 from recsys.config import Config, ConfigError, register_configs, register_resolvers
 from recsys.data import DataError, Dataset, Features, TrainBatches, prepare, write_json_atomic
 from recsys.evaluate import evaluate_model, evaluate_popularity, tower_norms
@@ -69,6 +73,21 @@ def build_task(cfg: Config, num_users: int, num_items: int,
                          cfg.loss.margin, cfg.loss.l2)
 
 
+def make_features(cfg: Config, dataset: Dataset, model: TwoTower, include_valid: bool,
+                  training: bool = False) -> Features:
+    """The model's inputs: the training history feeds the user tower while training and validating;
+    the whole training split (validation holdout included) when testing and exporting."""
+    mc = cfg.model
+    item_history = None
+    if model.item_history_weight > 0:
+        item_history = dataset.item_history(include_valid, mc.item_history_max_len, cfg.seed)
+    if not model.has_history:
+        return Features(item_history=item_history)
+    return Features(dataset.history(include_valid, mc.history_max_len), mc.share_item_table,
+                    mc.history_dropout if training else 0.0, mc.history_exclude_target and training,
+                    item_history)
+
+
 def train(cfg: Config, run_dir: Path, config_hash: str = "") -> Dict:
     """Run one training job on the current process group (created when missing)."""
     run_dir = Path(run_dir)
@@ -95,6 +114,18 @@ def train(cfg: Config, run_dir: Path, config_hash: str = "") -> Dict:
                            cfg.data.weight_column)
         seed_everything(cfg.seed)
 
+        # ---- the run directory: another run's there is refused; a checkpoint of this run is resumed
+        rhash = run_hash(cfg)
+        resume_from, error = None, None
+        if rank == 0:
+            try:
+                resume_from = prepare_resume(run_dir, cfg.train.resume, rhash, cfg.train.overwrite)
+            except ConfigError as e:
+                error = e
+        resume_from, error = broadcast_object((resume_from, error))
+        if error is not None:
+            raise error
+
         # ---- data: rank 0 prepares (or reuses) the dataset, every rank loads it
         error = None
         data_dir = None
@@ -116,6 +147,10 @@ def train(cfg: Config, run_dir: Path, config_hash: str = "") -> Dict:
                     counts["test_interactions"], dataset.manifest["dropped"])
         fit_users, fit_items = dataset.fit_pairs()
         fit_counts = dataset.item_counts(include_valid=False)
+        steps_per_epoch = len(fit_users) // cfg.train.batch_size
+        if steps_per_epoch == 0:
+            raise ConfigError(f"train.batch_size={cfg.train.batch_size} is larger than the "
+                              f"{len(fit_users)} training interactions")
         if cfg.train.patience and not dataset.has_valid:
             logger.warning("train.patience=%d has no effect without a validation split (data.valid_fraction)",
                            cfg.train.patience)
@@ -133,29 +168,15 @@ def train(cfg: Config, run_dir: Path, config_hash: str = "") -> Dict:
         dmp.module.model.reset_dense_parameters()
         logger.info("world size %d, device %s, backend %s\n%s", world, device, info.backend, describe_plan(plan))
 
-        # Inputs: the training history feeds the user tower while training and validating; the
-        # whole training split (validation holdout included) when testing and exporting.
-        def features(include_valid: bool, training: bool = False) -> Features:
-            item_history = None
-            if model.item_history_weight > 0:
-                item_history = dataset.item_history(include_valid, mc.item_history_max_len, cfg.seed)
-            if not model.has_history:
-                return Features(item_history=item_history)
-            return Features(dataset.history(include_valid, mc.history_max_len), mc.share_item_table,
-                            mc.history_dropout if training else 0.0, mc.history_exclude_target and training,
-                            item_history)
-
-        train_features, fit_features, full_features = features(False, True), features(False), features(True)
+        train_features, fit_features, full_features = (make_features(cfg, dataset, model, False, True),
+                                                       make_features(cfg, dataset, model, False),
+                                                       make_features(cfg, dataset, model, True))
         train_mask, test_csr = dataset.train_csr(), dataset.test_csr()
         valid_csr = dataset.valid_csr() if dataset.has_valid else None
         fit_mask = dataset.train_csr(include_valid=False) if dataset.has_valid else None
         valid_ks = sorted(set(cfg.eval.ks) | {cfg.eval.select_k})
 
         # ---- loop
-        steps_per_epoch = len(fit_users) // cfg.train.batch_size
-        if steps_per_epoch == 0:
-            raise ConfigError(f"train.batch_size={cfg.train.batch_size} is larger than the "
-                              f"{len(fit_users)} training interactions")
         unused = len(fit_users) - steps_per_epoch * cfg.train.batch_size
         total_steps = steps_per_epoch * cfg.train.epochs
         if cfg.train.max_steps is not None:
@@ -176,18 +197,69 @@ def train(cfg: Config, run_dir: Path, config_hash: str = "") -> Dict:
         best = {"epoch": None, "value": -1.0, "weights": None}
         since_best = 0
         valid_s = 0.0  # in-loop evaluation time, not counted as training time
-        bar = tqdm(total=total_steps * cfg.train.batch_size, unit=" interactions", unit_scale=True, dynamic_ncols=True,
-                   disable=rank != 0 or not cfg.train.progress, desc="train", mininterval=1.0)
-        t0 = time.perf_counter()
-        mark = (0, t0)  # (step, time) of the last logged step: interactions/s between logs
-        for epoch in range(cfg.train.epochs):
-            if step >= total_steps:
+        # ---- resume: weights, optimizer state, data position (epoch, batches done in it) and loop state
+        start_epoch, start_batch, finished, carried_loss, elapsed, resumed = 0, 0, False, 0.0, 0.0, None
+        if resume_from is not None:
+            t_load = time.perf_counter()
+            check_compatible(read_meta(resume_from), mc.name, table_shapes(dmp), resume_from)
+            meta, best_weights = load_checkpoint(resume_from, dmp, optimizer)
+            state = meta["loop"]
+            step, start_epoch, start_batch, finished = meta["step"], state["epoch"], state["batch"], state["finished"]
+            history, loss_curve, since_best = state["history"], state["loss_curve"], state["since_best"]
+            best = {"epoch": state["best_epoch"], "value": state["best_value"], "weights": best_weights}
+            valid_s, elapsed = state["valid_s"], state["train_wall_s"]
+            sums = [r["loss_sum"] for r in meta["ranks"]]  # each rank's loss sum over the epoch's batches done
+            if meta["world_size"] == world:
+                carried_loss = sums[rank]
+            elif rank == 0:  # another world size: the epoch's mean loss stays the same sum / (steps * world)
+                carried_loss = sum(sums) * world / meta["world_size"]
+            resumed = {"from": str(resume_from), "step": step, "world_size": meta["world_size"],
+                       "load_s": round(time.perf_counter() - t_load, 3)}
+            logger.info("resumed from %s (written by %d rank(s)): step %d, epoch %d, %d batches into it%s",
+                        resume_from, meta["world_size"], step, start_epoch, start_batch,
+                        "; training had finished" if finished else "")
+            if finished and step < total_steps:
+                logger.warning("the checkpoint is of a run whose training ended (step %d): it is evaluated and "
+                               "exported, not trained further", step)
+        saved = {"count": 0, "seconds": 0.0, "bytes": 0, "path": None, "last": time.perf_counter()}
+        every_s = cfg.train.checkpoint_every_minutes * 60
+
+        def checkpoint(epoch: int, batch: int, loss_sum: float, done: bool) -> None:
+            """Collective: every rank writes its shards; the loop state goes into meta.json."""
+            loop_state = {"epoch": epoch, "batch": batch, "finished": done, "history": history,
+                          "loss_curve": loss_curve, "since_best": since_best, "best_epoch": best["epoch"],
+                          "best_value": best["value"], "valid_s": valid_s,
+                          "train_wall_s": time.perf_counter() - t0}
+            info_ = save_checkpoint(run_dir, step, dmp, optimizer, best["weights"], {
+                "run_hash": rhash, "config_hash": config_hash,
+                "config_yaml": OmegaConf.to_yaml(OmegaConf.structured(cfg)),
+                "model": {"name": mc.name, "tables": table_shapes(dmp)},
+                "data": {"path": data_dir, **counts}, "loop": loop_state}, {"loss_sum": loss_sum},
+                cfg.train.keep_checkpoints)
+            saved.update(count=saved["count"] + 1, seconds=saved["seconds"] + info_["seconds"], bytes=info_["bytes"],
+                         path=info_["path"], last=time.perf_counter())
+            logger.info("checkpoint %s (%.2f s, %.1f MB)", info_["path"], info_["seconds"], info_["bytes"] / 1e6)
+
+        bar = tqdm(total=total_steps * cfg.train.batch_size, initial=step * cfg.train.batch_size, unit=" interactions",
+                   unit_scale=True, dynamic_ncols=True, disable=rank != 0 or not cfg.train.progress, desc="train",
+                   mininterval=1.0)
+        t0 = time.perf_counter() - elapsed
+        mark = (step, time.perf_counter())  # (step, time) of the last logged step: interactions/s between logs
+        epoch = start_epoch
+        for epoch in range(start_epoch, cfg.train.epochs):
+            if finished:
+                break
+            skip = start_batch if epoch == start_epoch else 0  # batches of this epoch done before the resume
+            if step >= total_steps and skip == 0:
                 break
             batches = TrainBatches(fit_users, fit_items, dataset.num_items,
                                    cfg.train.batch_size, cfg.loss.num_negatives, rank, world, cfg.seed, epoch,
-                                   max_batches=total_steps - step, features=train_features)
+                                   max_batches=total_steps - step + skip, features=train_features)
             it = iter(batches)
-            loss_sum, n = torch.zeros((), dtype=torch.float64, device=device), 0
+            for _ in range(skip):  # the same batches, negatives and RNG draws as before: discarded
+                next(it)
+            loss_sum = torch.tensor(carried_loss if epoch == start_epoch else 0.0, dtype=torch.float64, device=device)
+            n = skip
             while True:
                 try:
                     (loss,) = pipeline.progress(it)
@@ -212,6 +284,14 @@ def train(cfg: Config, run_dir: Path, config_hash: str = "") -> Dict:
                         tb.add_scalar("train/interactions_per_s", rate, step)
                         for name, lr in lrs.items():
                             tb.add_scalar(f"train/{name}", lr, step)
+                due = cfg.train.checkpoint_every_steps and step % cfg.train.checkpoint_every_steps == 0
+                if every_s:  # the ranks agree on the wall-clock trigger
+                    late = torch.tensor([float(time.perf_counter() - saved["last"] >= every_s)], device=device)
+                    if world > 1:
+                        dist.all_reduce(late, op=dist.ReduceOp.MAX)
+                    due = due or bool(late.item())
+                if due:
+                    checkpoint(epoch, n, float(loss_sum), False)
             if world > 1:
                 dist.all_reduce(loss_sum)
             epoch_loss = float(loss_sum) / max(n, 1) / world
@@ -256,6 +336,8 @@ def train(cfg: Config, run_dir: Path, config_hash: str = "") -> Dict:
                 logger.info("early stop: no better valid %s for %d epochs (best: epoch %d, %.4f)",
                             cfg.eval.select_metric, since_best, best["epoch"], best["value"])
                 break
+        if cfg.train.checkpoint_at_end and not finished:
+            checkpoint(epoch, 0, 0.0, True)
         wall = time.perf_counter() - t0
         bar.close()
         model_ = pipeline.detach().module.model  # the (sharded) TwoTower, its original forwards restored
@@ -290,6 +372,9 @@ def train(cfg: Config, run_dir: Path, config_hash: str = "") -> Dict:
         }
         metrics["eval"] = {"wall_s": round(eval_s, 3), "per_epoch_wall_s": round(valid_s, 3)}
         metrics["data"] = {"path": data_dir, **counts, "dropped": dataset.manifest["dropped"]}
+        metrics["run_hash"] = rhash
+        metrics["checkpoint"] = {"last": saved["path"], "written": saved["count"], "bytes": saved["bytes"],
+                                 "seconds": round(saved["seconds"], 3), "resumed": resumed}
         if tb is not None:
             for part in ("test", "popularity"):
                 for key, value in metrics.get(part, {}).items():

@@ -1,0 +1,527 @@
+"""Checkpoints: sharded tables, dense weights and optimizer state with torch.distributed.checkpoint
+(DCP), the training position and the rest of the loop's state as JSON; atomic, resumable, reshardable.
+
+    <run_dir>/checkpoints/step_000000120/
+        __0_0.distcp, __1_0.distcp ...   DCP tensor files (one per writing rank)
+        .metadata                        DCP's index of them
+        meta.json                        step, epoch and batch within it, history, best epoch, loss
+                                         accumulators, RNG states, timings, the config and its hash,
+                                         table shapes
+        COMPLETE                         written last: the size of every file above
+
+Every rank writes its shards into ``checkpoints/.tmp-step_000000120``; after a barrier rank 0 writes
+meta.json and COMPLETE, syncs them and renames the directory. A directory without COMPLETE, or
+whose files do not have the sizes COMPLETE records (torn, truncated), is never loaded: the newest
+complete one is. The last ``train.keep_checkpoints`` complete checkpoints are kept.
+
+The tables are saved as DCP ShardedTensors of the global table, so a checkpoint written by N
+ranks loads on M ranks under any sharding plan. Loading reads no pickle beyond DCP's index, whose
+unpickler is restricted to DCP's own metadata classes; tensors are read with
+``torch.load(weights_only=True)`` and byte entries are refused.
+"""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+import hashlib
+import io
+import json
+import logging
+import os
+import pickle
+import random
+import shutil
+import time
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed._shard.sharded_tensor import Shard, ShardedTensor
+from torch.distributed.tensor import DTensor
+
+from recsys.config import Config, ConfigError
+
+logger = logging.getLogger(__name__)
+
+FORMAT = 1
+CHECKPOINTS = "checkpoints"
+MARKER = "COMPLETE"
+META = "meta.json"
+PREFIX = "step_"
+_METADATA = ".metadata"  # DCP's index of the tensor files
+
+# Keys of the config that do not change what is trained: left out of the run hash, so that a rerun
+# with another progress bar, checkpoint frequency, export or log option resumes the same run.
+_VOLATILE = {
+    "train": {"resume", "overwrite", "progress", "checkpoint_every_steps", "checkpoint_every_minutes",
+              "checkpoint_at_end", "keep_checkpoints", "log_every_steps", "device"},
+    "data": {"root"},
+    "eval": {"user_chunk"},
+    "log": None,  # the whole group
+    "export": None,
+    "plan": None,
+}
+
+
+class CheckpointError(ConfigError):
+    """A checkpoint or run directory that cannot be used with this config (exit code 2)."""
+
+
+def run_hash(cfg: Config) -> str:
+    """Hash of everything in `cfg` that changes the trained model (see ``_VOLATILE``)."""
+    tree = dataclasses.asdict(cfg)
+    for group, keys in _VOLATILE.items():
+        if keys is None:
+            tree.pop(group, None)
+        else:
+            for key in keys:
+                tree.get(group, {}).pop(key, None)
+    return hashlib.sha256(json.dumps(tree, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+# ---------------------------------------------------------------------------------------------
+# Finding checkpoints
+# ---------------------------------------------------------------------------------------------
+
+
+def checkpoint_root(run_dir: Path) -> Path:
+    return Path(run_dir) / CHECKPOINTS
+
+
+def _step_of(path: Path) -> Optional[int]:
+    name = path.name
+    if not name.startswith(PREFIX) or not name[len(PREFIX):].isdigit():
+        return None
+    return int(name[len(PREFIX):])
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def is_complete(path: Path) -> bool:
+    """The marker is there and every file it lists has the recorded size."""
+    marker = Path(path) / MARKER
+    try:
+        files = json.loads(marker.read_text())["files"]
+        return all((Path(path) / name).stat().st_size == size for name, size in files.items()) and META in files
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return False
+
+
+def list_checkpoints(run_dir: Path) -> List[Path]:
+    """Complete checkpoints of a run directory, newest (highest step) first."""
+    root = checkpoint_root(run_dir)
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if p.is_dir() and _step_of(p) is not None]
+    return [p for p in sorted(found, key=_step_of, reverse=True) if is_complete(p)]
+
+
+def latest_checkpoint(run_dir: Path) -> Optional[Path]:
+    """The newest complete checkpoint; torn or unmarked newer directories are skipped (and logged)."""
+    root = checkpoint_root(run_dir)
+    if not root.is_dir():
+        return None
+    for path in sorted((p for p in root.iterdir() if p.is_dir() and _step_of(p) is not None), key=_step_of,
+                       reverse=True):
+        if is_complete(path):
+            return path
+        logger.warning("checkpoint %s is incomplete (no %s marker or a file of the wrong size): skipped",
+                       path, MARKER)
+    return None
+
+
+def read_meta(path: Path) -> Dict[str, Any]:
+    """meta.json of a checkpoint (``path`` a checkpoint directory); CheckpointError if unusable."""
+    path = Path(path)
+    if not path.is_dir():
+        raise CheckpointError(f"checkpoint {path}: no such directory")
+    if not is_complete(path):
+        raise CheckpointError(f"checkpoint {path}: incomplete (no {MARKER} marker, or a file of the wrong size)")
+    try:
+        meta = json.loads((path / META).read_text())
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"checkpoint {path / META}: unreadable ({e})") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise CheckpointError(f"checkpoint {path / META}: not a recsys checkpoint of format {FORMAT}")
+    return meta
+
+
+def resolve_checkpoint(path: Path) -> Path:
+    """A checkpoint directory, or a run directory / checkpoints directory (its newest complete one)."""
+    path = Path(path)
+    if (path / MARKER).exists() or _step_of(path) is not None:
+        return path
+    run_dir = path.parent if path.name == CHECKPOINTS else path
+    found = latest_checkpoint(run_dir)
+    if found is None:
+        raise CheckpointError(f"{path}: no complete checkpoint (looked in {checkpoint_root(run_dir)})")
+    return found
+
+
+def check_compatible(meta: Dict[str, Any], model_name: str, tables: Dict[str, List[int]], where: Path) -> None:
+    """Refuse a checkpoint whose model or tables differ from the model built now."""
+    saved = meta.get("model", {})
+    if saved.get("name") != model_name:
+        raise CheckpointError(f"checkpoint {where}: model.name={saved.get('name')} there, {model_name} here")
+    if saved.get("tables") != tables:
+        raise CheckpointError(f"checkpoint {where}: tables {saved.get('tables')} (name: [rows, dim]) do not match "
+                              f"this config's {tables}")
+
+
+def table_shapes(model) -> Dict[str, List[int]]:
+    from recsys.parallelize import table_weights
+
+    return {name: list(w.shape) for name, w in sorted(table_weights(model).items())}
+
+
+def check_run_dir(run_dir: Path, config_hash: str, overwrite: bool) -> None:
+    """Refuse an output directory that holds another run (different run hash in its newest
+    checkpoint or metrics.json); with ``overwrite`` remove that run's checkpoints and metrics.json.
+    Hydra's own .hydra/ is not looked at: Hydra rewrites it before the job starts."""
+    run_dir = Path(run_dir)
+    recorded = []
+    latest = latest_checkpoint(run_dir)
+    if latest is not None:
+        try:
+            recorded.append((str(latest), read_meta(latest).get("run_hash")))
+        except CheckpointError:
+            recorded.append((str(latest), None))
+    metrics = run_dir / "metrics.json"
+    if metrics.is_file():
+        try:
+            recorded.append((str(metrics), json.loads(metrics.read_text()).get("run_hash")))
+        except (OSError, ValueError, AttributeError):
+            recorded.append((str(metrics), None))
+    other = [(where, h) for where, h in recorded if h != config_hash]
+    if not other:
+        return
+    where, h = other[0]
+    if not overwrite:
+        raise CheckpointError(f"{run_dir} already holds a different run ({where} is of config hash {h}, this "
+                              f"config's is {config_hash}): pass train.overwrite=true to replace it, or choose "
+                              f"another hydra.run.dir")
+    logger.warning("train.overwrite=true: removing the previous run's checkpoints and metrics.json from %s", run_dir)
+    shutil.rmtree(checkpoint_root(run_dir), ignore_errors=True)
+    metrics.unlink(missing_ok=True)
+
+
+def prepare_resume(run_dir: Path, resume: str, config_hash: str, overwrite: bool) -> Optional[str]:
+    """Rank 0, before any work: the checkpoint to resume from (None: start afresh).
+
+    ``auto``: the newest complete checkpoint of `run_dir` (after refusing another run's directory);
+    ``never`` / ``none``: none (this run's old checkpoints are removed); a path: that checkpoint (or
+    the newest of that run directory), whatever the run directory holds (an explicit choice)."""
+    run_dir = Path(run_dir)
+    remove_stale_temporaries(run_dir)
+    if resume not in ("auto", "never", "none"):
+        path = resolve_checkpoint(Path(resume))
+        meta = read_meta(path)
+        if meta.get("run_hash") != config_hash:
+            logger.warning("train.resume=%s: the checkpoint's config (hash %s) differs from this one (%s): "
+                           "continuing with this config", resume, meta.get("run_hash"), config_hash)
+        return str(path)
+    check_run_dir(run_dir, config_hash, overwrite)
+    if resume != "auto":
+        if checkpoint_root(run_dir).exists():
+            logger.warning("train.resume=%s: removing this run's earlier checkpoints in %s", resume,
+                           checkpoint_root(run_dir))
+            shutil.rmtree(checkpoint_root(run_dir), ignore_errors=True)
+        return None
+    latest = latest_checkpoint(run_dir)
+    return str(latest) if latest is not None else None
+
+
+# ---------------------------------------------------------------------------------------------
+# State dicts
+# ---------------------------------------------------------------------------------------------
+
+
+def _state_like(template: Dict[str, Any], tensors: List[torch.Tensor]) -> Dict[str, Any]:
+    """A state dict shaped like `template` (a model's, sorted keys) whose local storage is `tensors`
+    (in ``parallelize._local_tensors`` order): the best-epoch snapshot as a DCP-saveable state dict."""
+    out, i = {}, 0
+    for key, value in sorted(template.items()):
+        if isinstance(value, ShardedTensor):
+            shards = []
+            for shard in value.local_shards():
+                shards.append(Shard(tensors[i], shard.metadata))
+                i += 1
+            out[key] = ShardedTensor._init_from_local_shards_and_global_metadata(
+                shards, value.metadata(), process_group=value._process_group)
+        elif isinstance(value, DTensor):
+            out[key] = DTensor.from_local(tensors[i], value.device_mesh, value.placements, shape=value.shape,
+                                          stride=value.stride())
+            i += 1
+        elif torch.is_tensor(value):
+            out[key] = tensors[i]
+            i += 1
+    if i != len(tensors):
+        raise ValueError("the best-weights snapshot does not match the model")
+    return out
+
+
+def _optimizer_state(optimizer) -> Dict[str, Any]:
+    """The optimizer state (fused table optimizer and dense Adam) without param_groups, whose
+    values come from the config."""
+    return {"state": optimizer.state_dict()["state"]}
+
+
+def _dense_state_ready(optimizer) -> None:
+    """Create the lazily built dense optimizer state (torchrec's init_state: a zero-gradient step,
+    which leaves the weights as they are) so that DCP has tensors to load into."""
+    from torchrec.optim.keyed import KeyedOptimizerWrapper
+
+    for _, opt in optimizer.optimizers:
+        if isinstance(opt, KeyedOptimizerWrapper) and not opt.state:
+            opt.init_state()
+
+
+def _rng_state() -> Dict[str, Any]:
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    py = random.getstate()
+    return {"python": [py[0], list(py[1]), py[2]],
+            "numpy": [kind, keys.tolist(), int(pos), int(has_gauss), float(gauss)],
+            "torch": base64.b64encode(torch.get_rng_state().numpy().tobytes()).decode()}
+
+
+def _set_rng_state(state: Dict[str, Any]) -> None:
+    py = state["python"]
+    random.setstate((py[0], tuple(py[1]), py[2]))
+    kind, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, gauss))
+    torch.set_rng_state(torch.from_numpy(np.frombuffer(base64.b64decode(state["torch"]), dtype=np.uint8).copy()))
+
+
+def _dir_size(path: Path) -> int:
+    return sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file())
+
+
+# ---------------------------------------------------------------------------------------------
+# Save
+# ---------------------------------------------------------------------------------------------
+
+
+def save_checkpoint(run_dir: Path, step: int, dmp, optimizer, best_weights: Optional[List[torch.Tensor]],
+                    meta: Dict[str, Any], local: Dict[str, Any], keep: int) -> Dict[str, Any]:
+    """Write ``checkpoints/step_<step>`` atomically. Collective: every rank calls it.
+
+    `meta`: the JSON state shared by the ranks (rank 0's is written); `local`: this rank's own
+    state (loss accumulator...), gathered into ``meta["ranks"]`` with its RNG states. Returns
+    {"path", "seconds", "bytes"} (the size on rank 0)."""
+    t0 = time.perf_counter()
+    rank, world = dist.get_rank(), dist.get_world_size()
+    root = checkpoint_root(run_dir)
+    final = root / f"{PREFIX}{step:09d}"
+    tmp = root / f".tmp-{final.name}"
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    ranks = [None] * world
+    dist.all_gather_object(ranks, {**local, "rng": _rng_state()})  # also a barrier: tmp exists
+    state = {"model": dmp.state_dict(), "optim": _optimizer_state(optimizer)}
+    if best_weights is not None:
+        state["best"] = _state_like(dmp.state_dict(), best_weights)
+    dcp.save(state, storage_writer=dcp.FileSystemWriter(str(tmp), single_file_per_rank=True, sync_files=True))
+    dist.barrier()  # every rank's files are written
+    size = 0
+    if rank == 0:
+        full = {"format": FORMAT, "step": step, "world_size": world, **meta, "ranks": ranks,
+                "has_best": best_weights is not None, "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
+        (tmp / META).write_text(json.dumps(full, indent=1) + "\n")
+        files = {p.relative_to(tmp).as_posix(): p.stat().st_size for p in sorted(tmp.rglob("*")) if p.is_file()}
+        for name in files:
+            _fsync(tmp / name)
+        (tmp / MARKER).write_text(json.dumps({"files": files}, indent=1) + "\n")
+        _fsync(tmp / MARKER)
+        if final.exists():  # the end-of-training checkpoint of a step that already has one
+            old = root / f".old-{final.name}"
+            shutil.rmtree(old, ignore_errors=True)
+            os.rename(final, old)
+            os.rename(tmp, final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(tmp, final)
+        _fsync(root)
+        _prune(run_dir, keep)
+        size = _dir_size(final)
+    dist.barrier()  # the checkpoint is committed before anyone goes on
+    return {"path": str(final), "seconds": time.perf_counter() - t0, "bytes": size}
+
+
+def _prune(run_dir: Path, keep: int) -> None:
+    """Keep the newest `keep` complete checkpoints; remove older ones, torn ones older than the
+    newest complete one, and temporary directories left by killed runs."""
+    complete = list_checkpoints(run_dir)
+    root = checkpoint_root(run_dir)
+    newest = _step_of(complete[0]) if complete else -1
+    for path in complete[keep:]:
+        shutil.rmtree(path, ignore_errors=True)
+    for path in root.iterdir():
+        step = _step_of(path)
+        if step is not None and step < newest and path not in complete:
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def remove_stale_temporaries(run_dir: Path) -> None:
+    """Temporary directories of checkpoints a killed run did not finish (rank 0, before training)."""
+    root = checkpoint_root(run_dir)
+    if root.is_dir():
+        for path in root.iterdir():
+            if path.name.startswith((".tmp-", ".old-")):
+                shutil.rmtree(path, ignore_errors=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# Load
+# ---------------------------------------------------------------------------------------------
+
+_SAFE_MODULES = ("torch.distributed.checkpoint.metadata", "torch.distributed.checkpoint.filesystem",
+                 "torch.distributed.checkpoint.planner")
+_SAFE_NAMES = {("collections", "OrderedDict"), ("torch.serialization", "_get_layout"),
+               ("pathlib", "PosixPath"), ("pathlib", "WindowsPath"),
+               ("pathlib", "PurePosixPath"), ("pathlib", "PureWindowsPath")}
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    """DCP's index (.metadata) is a pickle: allow only DCP's metadata classes, torch.Size and dtypes."""
+
+    def find_class(self, module: str, name: str):
+        if module in _SAFE_MODULES:
+            return super().find_class(module, name)
+        if module == "torch" and (name == "Size" or isinstance(getattr(torch, name, None), torch.dtype)):
+            return getattr(torch, name)
+        if (module, name) in _SAFE_NAMES:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"refusing to load {module}.{name} from a checkpoint index")
+
+
+class SafeFileSystemReader(dcp.FileSystemReader):
+    def read_metadata(self, *args: Any, **kwargs: Any):
+        rank = kwargs.get("rank")
+        with open(self._get_metadata_path(rank), "rb") as f:
+            metadata = _MetadataUnpickler(f).load()
+        if getattr(metadata, "storage_meta", None) is None:
+            from torch.distributed.checkpoint.metadata import StorageMeta
+
+            metadata.storage_meta = StorageMeta()
+        metadata.storage_meta.load_id = self.load_id
+        return metadata
+
+
+class TensorOnlyLoadPlanner(dcp.DefaultLoadPlanner):
+    """Loads tensors only: a byte entry (which DCP would unpickle) is refused."""
+
+    def load_bytes(self, read_item, value: io.BytesIO) -> None:
+        raise CheckpointError(f"checkpoint entry {read_item.dest_index.fqn} is not a tensor: refused")
+
+
+def load_checkpoint(path: Path, dmp, optimizer=None,
+                    load_best: bool = True) -> tuple[Dict[str, Any], Optional[List[torch.Tensor]]]:
+    """Load a checkpoint into a sharded model (any world size and sharding plan) and, if given,
+    its optimizer. Collective. Returns (meta, this rank's best-weights snapshot or None); restores
+    this rank's RNG states when the world size is the one that wrote it."""
+    from recsys.parallelize import _local_tensors
+
+    path = Path(path)
+    meta = read_meta(path)
+    state: Dict[str, Any] = {"model": dmp.state_dict()}
+    if optimizer is not None:
+        _dense_state_ready(optimizer)
+        state["optim"] = _optimizer_state(optimizer)
+    best = None
+    if load_best and meta.get("has_best"):
+        best = [t.detach().clone() for t in _local_tensors(dmp)]
+        state["best"] = _state_like(dmp.state_dict(), best)
+    try:  # DCP's index first: a refused or corrupt one gives one line (DCP itself logs tracebacks)
+        SafeFileSystemReader(str(path)).read_metadata()
+    except Exception as e:
+        raise CheckpointError(f"checkpoint {path}: unreadable index {_METADATA} ({type(e).__name__}: {e})") from None
+    try:
+        dcp.load(state, storage_reader=SafeFileSystemReader(str(path)), planner=TensorOnlyLoadPlanner())
+    except CheckpointError:
+        raise
+    except (Exception, dcp.CheckpointException) as e:  # a shape or key mismatch, a corrupt file: one line
+        first = str(e).strip().splitlines()
+        raise CheckpointError(f"checkpoint {path}: cannot be loaded into this model "
+                              f"({type(e).__name__}: {first[-1] if first else ''})") from None
+    dmp.load_state_dict(state["model"])
+    if optimizer is not None:
+        optimizer.load_state_dict(state["optim"])
+    if meta.get("world_size") == dist.get_world_size():
+        _set_rng_state(meta["ranks"][dist.get_rank()]["rng"])
+    return meta, best
+
+
+# ---------------------------------------------------------------------------------------------
+# A trained model from a run directory (python -m recsys.evaluate / recsys.export)
+# ---------------------------------------------------------------------------------------------
+
+
+def config_from_meta(meta: Dict[str, Any], where: Path) -> Config:
+    """The run's typed config, as the checkpoint recorded it (so table sizes match the weights)."""
+    from omegaconf import OmegaConf
+
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.create(meta["config_yaml"]))
+        return OmegaConf.to_object(merged)
+    except Exception as e:
+        cause = e.__cause__ or e
+        raise CheckpointError(f"checkpoint {where / META}: its config does not fit this version's schema "
+                              f"({str(cause).splitlines()[0]})") from None
+
+
+@dataclasses.dataclass
+class Trained:
+    """A checkpoint's model, sharded over the current process group, in eval mode with the weights
+    the run tests and exports (the best validated epoch's when it had a validation split)."""
+
+    cfg: Config
+    meta: Dict[str, Any]
+    path: Path
+    dataset: Any
+    dmp: Any
+    model: Any
+    device: torch.device
+
+
+def load_trained(path: Path, device: str = "auto") -> Trained:
+    """Build the run's model from its newest complete checkpoint (``path``: a run, checkpoints or
+    checkpoint directory) and load it. Joins or creates the process group (collective)."""
+    from recsys.data import Dataset, prepare
+    from recsys.parallelize import init_distributed, restore_weights, shard_model
+    from recsys.train import build_task
+
+    ckpt = resolve_checkpoint(Path(path))
+    meta = read_meta(ckpt)
+    cfg = config_from_meta(meta, ckpt)
+    info = init_distributed(device)
+    data_dir = Path(meta.get("data", {}).get("path") or "")
+    if not (data_dir / "manifest.json").is_file():  # moved: prepare it again from the run's data config
+        data_dir = None
+        if info.rank == 0:
+            data_dir = prepare(cfg.data)
+        holder = [data_dir]
+        dist.broadcast_object_list(holder, src=0)
+        data_dir = holder[0]
+    dataset = Dataset.load(Path(data_dir))
+    task = build_task(cfg, dataset.num_users, dataset.num_items, None)
+    world = dist.get_world_size()
+    batch = max(cfg.train.batch_size // world, 1)
+    dmp, _, _ = shard_model(task, info.device, cfg.optim.name, cfg.optim.lr, cfg.optim.eps, cfg.optim.dense_lr,
+                            cfg.train.sharding_types, batch)
+    check_compatible(meta, cfg.model.name, table_shapes(dmp), ckpt)
+    _, best = load_checkpoint(ckpt, dmp, None, load_best=True)
+    if best is not None:
+        restore_weights(dmp, best)
+    dmp.eval()
+    return Trained(cfg, meta, ckpt, dataset, dmp, dmp.module.model, info.device)

@@ -1,0 +1,256 @@
+"""Checkpoints: SIGKILL and resume gives the uninterrupted run's figures, 2 -> 1 resharding, torn
+checkpoints skipped, another run's directory and incompatible checkpoints refused, evaluate and
+export from a checkpoint. The real CLI on tiny configs (two gloo ranks under torchrun)."""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from recsys.checkpoint import MARKER, latest_checkpoint, list_checkpoints, read_meta
+from recsys.export import read_vectors
+from tests.dist_utils import free_port
+
+ROOT = Path(__file__).resolve().parents[1]
+ENV = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+KILL_STEP = 150  # the test kills the job once this step's checkpoint is complete
+
+
+def args(tmp_root: Path, run_dir: Path, *extra: str) -> list:
+    """A two-tower model with every kind of state: dense Adam (projection), per-rank RNG draws
+    (history dropout), a validation split with best-epoch selection; ~115 steps per epoch."""
+    return ["+experiment=tiny", f"data.root={tmp_root / 'data'}", f"hydra.run.dir={run_dir}", "data.valid_fraction=0.1",
+            "model=two_tower", "model.embedding_dim=16", "model.projection=true", "model.history_dropout=0.1",
+            "train.batch_size=64", "loss.num_negatives=16", "train.epochs=3", "train.patience=5",
+            "train.checkpoint_every_steps=10", "train.progress=false", "log.plots=false", *extra]
+
+
+def torchrun(*rest: str) -> list:
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
+            "-m", "recsys.train", *rest]
+
+
+def python(*rest: str) -> list:
+    return [sys.executable, "-m", "recsys.train", *rest]
+
+
+def run(cmd, check=True):
+    proc = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{cmd} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
+    return proc
+
+
+def descendants(pid: int) -> list:
+    """Every process below `pid` (torchrun starts each rank in a session of its own)."""
+    children = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    out, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            out.append(child)
+            todo.append(child)
+    return out
+
+
+def kill_job(proc: subprocess.Popen) -> None:
+    """SIGKILL torchrun and its ranks, as a scheduler's pre-emption does."""
+    pids = [proc.pid, *descendants(proc.pid)]
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    proc.wait()
+    for pid in pids[1:]:  # no rank goes on writing after the kill
+        deadline = time.time() + 10
+        while Path(f"/proc/{pid}").exists() and "Z" not in Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1][:3]:
+            assert time.time() < deadline, f"process {pid} survived SIGKILL"
+            time.sleep(0.01)
+
+
+def metrics(run_dir: Path) -> dict:
+    return json.loads((run_dir / "metrics.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """The uninterrupted 2-rank run, keeping every checkpoint."""
+    root = tmp_path_factory.mktemp("ckpt")
+    run_dir = root / "reference"
+    run(torchrun(*args(root, run_dir, "train.keep_checkpoints=100")))
+    return root, run_dir
+
+
+def test_sigkill_and_resume_gives_the_same_figures(reference):
+    root, ref = reference
+    run_dir = root / "killed"
+    cmd = torchrun(*args(root, run_dir, "train.keep_checkpoints=3"))
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    marker = run_dir / "checkpoints" / f"step_{KILL_STEP:09d}" / MARKER
+    deadline = time.time() + 300
+    while not marker.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    kill_job(proc)  # torchrun and both ranks, wherever they are
+    assert marker.exists(), "the job ended before the test could kill it"
+    assert not (run_dir / "metrics.json").exists()
+    killed_at = read_meta(latest_checkpoint(run_dir))["step"]
+    assert KILL_STEP <= killed_at < metrics(ref)["train"]["steps"]
+
+    # Torn checkpoints newer than the last good one: one without its marker, one with a truncated file.
+    newest = latest_checkpoint(run_dir)
+    torn = run_dir / "checkpoints" / f"step_{killed_at + 10:09d}"
+    shutil.copytree(newest, torn)
+    (torn / MARKER).unlink()
+    truncated = run_dir / "checkpoints" / f"step_{killed_at + 20:09d}"
+    shutil.copytree(newest, truncated)
+    shard = truncated / "__0_0.distcp"
+    shard.write_bytes(shard.read_bytes()[:100])
+    assert latest_checkpoint(run_dir) == newest
+
+    out = run(cmd)  # resume=auto
+    assert f"resumed from {newest}" in out.stderr + out.stdout
+    got, want = metrics(run_dir), metrics(ref)
+    assert got["checkpoint"]["resumed"]["step"] == killed_at
+    # Same world size on CPU: bitwise the same figures, losses and validation curve.
+    assert got["test"] == want["test"]
+    assert got["valid"] == want["valid"] and got["selected_epoch"] == want["selected_epoch"]
+    assert [h["loss"] for h in got["train"]["history"]] == [h["loss"] for h in want["train"]["history"]]
+    assert got["train"]["loss_curve"] == want["train"]["loss_curve"]
+    assert got["train"]["steps"] == want["train"]["steps"]
+    for name in ("items", "users"):
+        assert np.array_equal(read_vectors(run_dir / "export" / f"{name}.parquet")[1],
+                              read_vectors(ref / "export" / f"{name}.parquet")[1])
+    kept = list_checkpoints(run_dir)
+    assert len(kept) == 3 and kept[0].name == f"step_{want['train']['steps']:09d}"
+    # the torn directories were replaced by the resumed run's checkpoints of those steps, then pruned
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == sorted(p.name for p in kept)
+    assert not any(p.name.startswith(".tmp-") for p in (run_dir / "checkpoints").iterdir())
+
+
+def test_two_ranks_checkpoint_resumes_on_one_rank(reference):
+    root, ref = reference
+    run_dir = root / "resharded"
+    src = ref / "checkpoints" / "step_000000200"
+    assert read_meta(src)["world_size"] == 2
+    shutil.copytree(src, run_dir / "checkpoints" / src.name)
+    run(python(*args(root, run_dir)))
+    got, want = metrics(run_dir), metrics(ref)
+    assert got["checkpoint"]["resumed"] == {**got["checkpoint"]["resumed"], "step": 200, "world_size": 2}
+    assert got["train"]["world_size"] == 1 and got["train"]["steps"] == want["train"]["steps"]
+    # Same global batches and weights at step 200; afterwards float summation order and the
+    # history dropout draws (seeded per rank) differ: the 1-rank continuation ends close.
+    for key in ("recall@10", "recall@20", "recall@50", "ndcg@20"):
+        assert got["test"][key] == pytest.approx(want["test"][key], abs=0.02)
+    hist_got, hist_want = got["train"]["history"], want["train"]["history"]
+    assert hist_got[0] == hist_want[0]  # epoch 0 ended before the checkpoint: carried over as is
+    np.testing.assert_allclose([h["loss"] for h in hist_got], [h["loss"] for h in hist_want], rtol=0.02)
+
+    # and back: the 1-rank run's checkpoint of step 350 resumes on 2 ranks
+    again = root / "resharded_back"
+    src = run_dir / "checkpoints" / "step_000000350"
+    assert read_meta(src)["world_size"] == 1
+    shutil.copytree(src, again / "checkpoints" / src.name)
+    run(torchrun(*args(root, again)))
+    back = metrics(again)
+    assert back["checkpoint"]["resumed"]["world_size"] == 1 and back["train"]["world_size"] == 2
+    assert back["train"]["history"][:2] == got["train"]["history"][:2]
+    for key in ("recall@10", "recall@20", "recall@50", "ndcg@20"):
+        assert back["test"][key] == pytest.approx(got["test"][key], abs=0.01)
+
+
+def test_other_runs_and_incompatible_checkpoints_are_refused(reference):
+    root, ref = reference
+    # a different config pointed at the reference run's directory: refused before any work
+    other = run(python(*args(root, ref, "model.embedding_dim=8")), check=False)
+    assert other.returncode == 2 and "already holds a different run" in other.stderr
+    assert "Traceback" not in other.stderr and len(other.stderr.strip().splitlines()) == 1
+    # resuming from a checkpoint whose tables do not match
+    new_dir = root / "incompatible"
+    bad = run(python(*args(root, new_dir, "model.embedding_dim=8", f"train.resume={ref}")), check=False)
+    assert bad.returncode == 2 and "do not match" in bad.stderr and "Traceback" not in bad.stderr
+    # a different model name with the same tables
+    bad = run(python(*args(root, new_dir, "model=mf", "model.embedding_dim=16", f"train.resume={ref}")), check=False)
+    assert bad.returncode == 2 and "model.name=two_tower there" in bad.stderr
+    # train.overwrite=true replaces the other run
+    over = root / "overwritten"
+    shutil.copytree(ref / "checkpoints" / "step_000000010", over / "checkpoints" / "step_000000010")
+    run(python(*args(root, over, "model.embedding_dim=8", "train.max_steps=3", "train.overwrite=true",
+                     "train.checkpoint_every_minutes=0.000001", "train.keep_checkpoints=2")))
+    assert metrics(over)["train"]["steps"] == 3 and metrics(over)["checkpoint"]["resumed"] is None
+    # the wall-clock trigger fired after every step; the newest two are kept
+    assert metrics(over)["checkpoint"]["written"] == 4  # steps 1, 2, 3 and the end of training (step 3 again)
+    assert [p.name for p in list_checkpoints(over)] == ["step_000000003", "step_000000002"]
+
+
+def test_evaluate_and_export_from_the_checkpoint(reference):
+    root, ref = reference
+    out = subprocess.run([sys.executable, "-m", "recsys.evaluate", str(ref)], cwd=ROOT, env=ENV, capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    ev, want = json.loads((ref / "eval.json").read_text()), metrics(ref)
+    # one process evaluates what two ranks did: the same metrics up to float summation order
+    assert ev["step"] == want["train"]["steps"] and ev["test"]["users"] == want["test"]["users"]
+    for part in ("test", "valid", "popularity"):
+        for key, value in want[part].items():
+            assert ev[part][key] == pytest.approx(value, abs=1e-9), (part, key)
+    exported = root / "exported"
+    shutil.copytree(ref / "checkpoints" / f"step_{want['train']['steps']:09d}",
+                    exported / "checkpoints" / f"step_{want['train']['steps']:09d}")
+    out = subprocess.run([sys.executable, "-m", "recsys.export", f"export.run_dir={exported}", "export.npy=true"],
+                         cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert "from the checkpoint" in out.stdout
+    for name in ("items", "users"):
+        ids, vecs = read_vectors(exported / "export" / f"{name}.parquet")
+        ref_ids, ref_vecs = read_vectors(ref / "export" / f"{name}.parquet")
+        assert ids == ref_ids
+        np.testing.assert_allclose(vecs, ref_vecs, atol=1e-6)
+        assert np.array_equal(np.load(exported / "export" / f"{name}.npy"), vecs)
+    missing = subprocess.run([sys.executable, "-m", "recsys.evaluate", str(root / "nothing")], cwd=ROOT, env=ENV,
+                             capture_output=True, text=True, timeout=120)
+    assert missing.returncode == 2 and "no complete checkpoint" in missing.stderr
+
+
+def test_latest_checkpoint_skips_torn_directories(tmp_path):
+    root = tmp_path / "checkpoints"
+
+    def fake(step: int, complete: bool = True, size_ok: bool = True) -> Path:
+        d = root / f"step_{step:09d}"
+        d.mkdir(parents=True)
+        (d / "meta.json").write_text('{"format": 1}')
+        (d / "__0_0.distcp").write_bytes(b"x" * 64)
+        if complete:
+            sizes = {"meta.json": 13, "__0_0.distcp": 64 if size_ok else 65}
+            (d / MARKER).write_text(json.dumps({"files": sizes}))
+        return d
+
+    assert latest_checkpoint(tmp_path) is None
+    good = fake(10)
+    fake(20, complete=False)
+    fake(30, size_ok=False)
+    (root / ".tmp-step_000000040").mkdir()
+    assert latest_checkpoint(tmp_path) == good and list_checkpoints(tmp_path) == [good]
+
+
+def test_checkpoint_index_may_not_unpickle_other_objects(tmp_path):
+    from recsys.checkpoint import SafeFileSystemReader
+
+    (tmp_path / ".metadata").write_bytes(pickle.dumps(os.system))
+    with pytest.raises(pickle.UnpicklingError, match="refusing to load"):
+        SafeFileSystemReader(str(tmp_path)).read_metadata()
