@@ -292,7 +292,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         destroy_distributed()
     if "path" in out:
         rows = [("model", out["test"])] + ([("popularity", out["popularity"])] if "popularity" in out else [])
-        keys = [k for k in out["test"] if k != "users"]
+        keys = sorted((k for k in out["test"] if k != "users"),  # as recsys.train prints them: by K, recall first
+                      key=lambda k: (int(k.split("@")[1]), k.split("@")[0] != "recall"))
         print(f"{'':<12}" + "".join(f"{k:>12}" for k in keys))
         for name, m in rows:
             print(f"{name:<12}" + "".join(f"{m[k]:>12.4f}" for k in keys))
