@@ -43,6 +43,7 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed._shard.sharded_tensor import Shard, ShardedTensor
 from torch.distributed.tensor import DTensor
 
+from recsys.atomic import fsync_path
 from recsys.config import Config, ConfigError
 
 logger = logging.getLogger(__name__)
@@ -60,7 +61,7 @@ _VOLATILE = {
     "train": {"resume", "overwrite", "progress", "checkpoint_every_steps", "checkpoint_every_minutes",
               "checkpoint_at_end", "keep_checkpoints", "log_every_steps", "device"},
     "data": {"root"},
-    "eval": {"user_chunk"},
+    "eval": {"user_chunk", "ks", "popularity", "test_every_epoch"},
     "log": None,  # the whole group
     "export": None,
     "plan": None,
@@ -97,14 +98,6 @@ def _step_of(path: Path) -> Optional[int]:
     if not name.startswith(PREFIX) or not name[len(PREFIX):].isdigit():
         return None
     return int(name[len(PREFIX):])
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def is_complete(path: Path) -> bool:
@@ -199,7 +192,9 @@ def check_run_dir(run_dir: Path, config_hash: str, overwrite: bool) -> None:
     metrics = run_dir / "metrics.json"
     if metrics.is_file():
         try:
-            recorded.append((str(metrics), json.loads(metrics.read_text()).get("run_hash")))
+            h = json.loads(metrics.read_text()).get("run_hash")
+            if h is not None:  # a metrics.json without one predates checkpoints: nothing to compare
+                recorded.append((str(metrics), h))
         except (OSError, ValueError, AttributeError):
             recorded.append((str(metrics), None))
     other = [(where, h) for where, h in recorded if h != config_hash]
@@ -207,7 +202,7 @@ def check_run_dir(run_dir: Path, config_hash: str, overwrite: bool) -> None:
         return
     where, h = other[0]
     if not overwrite:
-        raise CheckpointError(f"{run_dir} already holds a different run ({where} is of config hash {h}, this "
+        raise CheckpointError(f"{run_dir} already holds a different run ({where} is of run hash {h}, this "
                               f"config's is {config_hash}): pass train.overwrite=true to replace it, or choose "
                               f"another hydra.run.dir")
     logger.warning("train.overwrite=true: removing the previous run's checkpoints and metrics.json from %s", run_dir)
@@ -220,10 +215,17 @@ def prepare_resume(run_dir: Path, resume: str, config_hash: str, overwrite: bool
 
     ``auto``: the newest complete checkpoint of `run_dir` (after refusing another run's directory);
     ``never`` / ``none``: none (this run's old checkpoints are removed); a path: that checkpoint (or
-    the newest of that run directory), whatever the run directory holds (an explicit choice)."""
+    the newest of that run directory), unless `run_dir` already holds a checkpoint of this run (a
+    requeued job continues from its own newest one)."""
     run_dir = Path(run_dir)
     remove_stale_temporaries(run_dir)
     if resume not in ("auto", "never", "none"):
+        own = latest_checkpoint(run_dir)
+        if own is not None and read_meta(own).get("run_hash") == config_hash:
+            logger.info("train.resume=%s: %s already holds a newer checkpoint of this run (a requeued job?): "
+                        "resuming from it", resume, own)
+            return str(own)
+        check_run_dir(run_dir, config_hash, overwrite)
         path = resolve_checkpoint(Path(resume))
         meta = read_meta(path)
         if meta.get("run_hash") != config_hash:
@@ -333,29 +335,43 @@ def save_checkpoint(run_dir: Path, step: int, dmp, optimizer, best_weights: Opti
         state["best"] = _state_like(dmp.state_dict(), best_weights)
     dcp.save(state, storage_writer=dcp.FileSystemWriter(str(tmp), single_file_per_rank=True, sync_files=True))
     dist.barrier()  # every rank's files are written
-    size = 0
+    size, error = 0, None
     if rank == 0:
-        full = {"format": FORMAT, "step": step, "world_size": world, **meta, "ranks": ranks,
-                "has_best": best_weights is not None, "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
-        (tmp / META).write_text(json.dumps(full, indent=1) + "\n")
-        files = {p.relative_to(tmp).as_posix(): p.stat().st_size for p in sorted(tmp.rglob("*")) if p.is_file()}
-        for name in files:
-            _fsync(tmp / name)
-        (tmp / MARKER).write_text(json.dumps({"files": files}, indent=1) + "\n")
-        _fsync(tmp / MARKER)
-        if final.exists():  # the end-of-training checkpoint of a step that already has one
-            old = root / f".old-{final.name}"
-            shutil.rmtree(old, ignore_errors=True)
-            os.rename(final, old)
-            os.rename(tmp, final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(tmp, final)
-        _fsync(root)
-        _prune(run_dir, keep)
-        size = _dir_size(final)
-    dist.barrier()  # the checkpoint is committed before anyone goes on
+        try:
+            size = _commit(tmp, final, root, run_dir, keep, step, world, meta, ranks, best_weights is not None)
+        except OSError as e:
+            shutil.rmtree(tmp, ignore_errors=True)
+            error = f"checkpoint {final}: could not be committed ({type(e).__name__}: {e})"
+    holder = [error]
+    dist.broadcast_object_list(holder, src=0)  # the checkpoint is committed (or failed) before anyone goes on
+    if holder[0] is not None:
+        raise CheckpointError(holder[0])
     return {"path": str(final), "seconds": time.perf_counter() - t0, "bytes": size}
+
+
+def _commit(tmp: Path, final: Path, root: Path, run_dir: Path, keep: int, step: int, world: int, meta: Dict,
+            ranks: List, has_best: bool) -> int:
+    """Rank 0: meta.json and the COMPLETE marker (every file's size) into `tmp`, synced, then renamed
+    to `final`; older checkpoints pruned. Returns the checkpoint's size in bytes."""
+    full = {"format": FORMAT, "step": step, "world_size": world, **meta, "ranks": ranks,
+            "has_best": has_best, "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    (tmp / META).write_text(json.dumps(full, indent=1) + "\n")
+    files = {p.relative_to(tmp).as_posix(): p.stat().st_size for p in sorted(tmp.rglob("*")) if p.is_file()}
+    for name in files:
+        fsync_path(tmp / name)
+    (tmp / MARKER).write_text(json.dumps({"files": files}, indent=1) + "\n")
+    fsync_path(tmp / MARKER)
+    if final.exists():  # the end-of-training checkpoint of a step that already has one
+        old = root / f".old-{final.name}"
+        shutil.rmtree(old, ignore_errors=True)
+        os.rename(final, old)
+        os.rename(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.rename(tmp, final)
+    fsync_path(root)
+    _prune(run_dir, keep)
+    return _dir_size(final)
 
 
 def _prune(run_dir: Path, keep: int) -> None:
@@ -377,7 +393,10 @@ def remove_stale_temporaries(run_dir: Path) -> None:
     root = checkpoint_root(run_dir)
     if root.is_dir():
         for path in root.iterdir():
-            if path.name.startswith((".tmp-", ".old-")):
+            final = root / path.name[len(".old-"):]
+            if path.name.startswith(".old-") and not final.exists():
+                os.rename(path, final)  # killed between replacing a checkpoint's two renames: keep it
+            elif path.name.startswith((".tmp-", ".old-")):
                 shutil.rmtree(path, ignore_errors=True)
 
 
@@ -497,7 +516,7 @@ class Trained:
 def load_trained(path: Path, device: str = "auto") -> Trained:
     """Build the run's model from its newest complete checkpoint (``path``: a run, checkpoints or
     checkpoint directory) and load it. Joins or creates the process group (collective)."""
-    from recsys.data import Dataset, prepare
+    from recsys.data import DataError, Dataset, prepare
     from recsys.parallelize import init_distributed, restore_weights, shard_model
     from recsys.train import build_task
 
@@ -507,12 +526,17 @@ def load_trained(path: Path, device: str = "auto") -> Trained:
     info = init_distributed(device)
     data_dir = Path(meta.get("data", {}).get("path") or "")
     if not (data_dir / "manifest.json").is_file():  # moved: prepare it again from the run's data config
-        data_dir = None
+        data_dir, error = None, None
         if info.rank == 0:
-            data_dir = prepare(cfg.data)
-        holder = [data_dir]
+            try:
+                data_dir = prepare(cfg.data)
+            except (DataError, ConfigError) as e:
+                error = e
+        holder = [(data_dir, error)]
         dist.broadcast_object_list(holder, src=0)
-        data_dir = holder[0]
+        data_dir, error = holder[0]
+        if error is not None:
+            raise error
     dataset = Dataset.load(Path(data_dir))
     task = build_task(cfg, dataset.num_users, dataset.num_items, None)
     world = dist.get_world_size()

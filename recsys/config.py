@@ -252,6 +252,7 @@ class TrainConfig:
         _check(self.max_steps is None or self.max_steps > 0, f"train.max_steps must be positive, got {self.max_steps}")
         _check(self.batch_size > 0, f"train.batch_size must be positive, got {self.batch_size}")
         _check(self.patience >= 0, f"train.patience must be >= 0, got {self.patience}")
+        _check(self.log_every_steps > 0, f"train.log_every_steps must be positive, got {self.log_every_steps}")
         _check(self.device in ("auto", "cpu", "cuda"), f"train.device must be auto, cpu or cuda, got {self.device!r}")
         known = {"table_wise", "row_wise", "column_wise", "table_row_wise", "table_column_wise"}
         for t in self.sharding_types:

@@ -22,6 +22,7 @@ import json
 import logging
 import os
 import shutil
+import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +36,7 @@ import torch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 from torchrec.streamable import Pipelineable
 
+from recsys.atomic import write_json_atomic, write_parquet_atomic  # noqa: F401 (re-exported)
 from recsys.config import DataConfig
 from recsys.readers import DataError, read_columns, read_lightgcn, read_movielens
 
@@ -50,48 +52,6 @@ ITEM_HISTORY_FEATURE = "item_history"
 # ---------------------------------------------------------------------------------------------
 # Small file helpers
 # ---------------------------------------------------------------------------------------------
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _commit(tmp: Path, path: Path) -> None:
-    """Flush the finished file ``tmp`` to disk and rename it to ``path``; on failure, remove it."""
-    try:
-        _fsync(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
-def write_json_atomic(obj: object, path: Path) -> None:
-    """Write JSON to a temporary name beside ``path``, then rename: readers see the old file or the new one."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        tmp.write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n")
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    _commit(tmp, path)
-
-
-def write_parquet_atomic(table: pa.Table, path: Path) -> None:
-    """Write Parquet to a temporary name beside ``path``, then rename."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        pq.write_table(table, tmp)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    _commit(tmp, path)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -270,7 +230,7 @@ def prepare(cfg: DataConfig) -> Path:
     manifest["prepare_s"] = round(time.perf_counter() - t0, 3)
     out.parent.mkdir(parents=True, exist_ok=True)
     _remove_stale_temporaries(out)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    tmp = out.with_name(f".{out.name}.tmp-{socket.gethostname()}-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     try:
@@ -291,8 +251,9 @@ def prepare(cfg: DataConfig) -> Path:
 
 
 def _remove_stale_temporaries(out: Path) -> None:
-    """Remove ``.<name>.tmp-<pid>`` directories left by a killed prepare on this host (their pid is gone)."""
-    for tmp in out.parent.glob(f".{out.name}.tmp-*"):
+    """Remove ``.<name>.tmp-<host>-<pid>`` directories left by a killed prepare on this host (their
+    pid is gone). Other hosts' temporaries are left alone: data.root may be a shared file system."""
+    for tmp in out.parent.glob(f".{out.name}.tmp-{socket.gethostname()}-*"):
         pid = tmp.name.rsplit("-", 1)[-1]
         if not pid.isdigit() or int(pid) == os.getpid():
             continue

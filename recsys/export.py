@@ -51,6 +51,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from omegaconf import DictConfig, OmegaConf
 
+from recsys.atomic import write_json_atomic
 from recsys.config import ConfigError, ExportConfig, register_configs, register_resolvers
 
 logger = logging.getLogger("recsys.export")
@@ -72,13 +73,6 @@ def _sha256(path: Path) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
-
-
-def write_json_atomic(obj: object, path: Path) -> None:
-    """As recsys.data.write_json_atomic, without importing torch (``python -m recsys.export`` starts fast)."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    os.replace(tmp, path)
 
 
 def _replace_dir(tmp: Path, out_dir: Path) -> None:

@@ -22,9 +22,10 @@ from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from omegaconf import OmegaConf
 
+from recsys.atomic import write_json_atomic, write_text_atomic
 from recsys.config import Config, ConfigError, DataConfig, register_configs, register_resolvers
-from recsys.data import DataError, Dataset, prepare, write_json_atomic
-from recsys.report import dataset_report, format_dataset_report, plot_popularity, write_text_atomic
+from recsys.data import DataError, Dataset, prepare
+from recsys.report import dataset_report, format_dataset_report, plot_popularity
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 

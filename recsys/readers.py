@@ -170,6 +170,9 @@ def read_columns(path: str, fmt: str, user_column: str, item_column: str, timest
                                     weight_column, rating_column)
         if first is None:
             first = (f, table.schema)
+        if set(table.column_names) != set(first[1].names):
+            raise DataError(f"{f}: has columns {sorted(table.column_names)} but {first[0]} has "
+                            f"{sorted(first[1].names)} (after the column mapping); every file must have the same ones")
         for name in ("user_id", "item_id"):
             t, t0 = table.schema.field(name).type, first[1].field(name).type
             if pa.types.is_integer(t) != pa.types.is_integer(t0):

@@ -15,6 +15,8 @@ from typing import Dict, Mapping, Optional, Sequence
 
 import numpy as np
 
+from recsys.atomic import write_atomic, write_text_atomic
+
 from recsys.data import Dataset
 
 logger = logging.getLogger(__name__)
@@ -38,24 +40,9 @@ DROP_REASONS = {
 # ---------------------------------------------------------------------------------------------
 
 
-def write_text_atomic(text: str, path: Path) -> Path:
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-    return path
-
-
 def save_figure(fig, path: Path) -> Path:
     """Save a matplotlib Figure as PNG atomically (temporary name with the .png suffix, then rename)."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}.png")
-    try:
-        fig.savefig(tmp, dpi=110, bbox_inches="tight")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+    return write_atomic(path, lambda tmp: fig.savefig(tmp, dpi=110, bbox_inches="tight"))
 
 
 def _figure(ncols: int = 1, width: float = 6.4, height: float = 4.2):

@@ -35,7 +35,7 @@ from recsys.checkpoint import (check_compatible, load_checkpoint, prepare_resume
 from recsys.config import Config, ConfigError, register_configs, register_resolvers
 from recsys.data import DataError, Dataset, Features, TrainBatches, prepare, write_json_atomic
 from recsys.evaluate import evaluate_model, evaluate_popularity, tower_norms
-from recsys.export import export_model
+from recsys.export import ExportError, export_model
 from recsys.model import RetrievalTask, TwoTower
 from recsys.parallelize import (describe_plan, destroy_distributed, init_distributed, init_tables, restore_weights,
                                 shard_model, snapshot_weights)
@@ -141,6 +141,9 @@ def train(cfg: Config, run_dir: Path, config_hash: str = "") -> Dict:
         kmax = max([*cfg.eval.ks, cfg.eval.select_k])
         if kmax > dataset.num_items:
             raise ConfigError(f"eval.ks / eval.select_metric: K={kmax} is larger than the number of items ({dataset.num_items})")
+        if cfg.export.enabled and cfg.export.faiss == "ivf" and cfg.export.ivf_nlist > dataset.num_items:
+            raise ConfigError(f"export.ivf_nlist={cfg.export.ivf_nlist} is larger than the number of items "
+                              f"({dataset.num_items})")
         counts = dataset.manifest["counts"]
         logger.info("dataset %s: %d users, %d items, %d train / %d test interactions, dropped %s",
                     data_dir, counts["num_users"], counts["num_items"], counts["train_interactions"],
@@ -186,10 +189,6 @@ def train(cfg: Config, run_dir: Path, config_hash: str = "") -> Dict:
         pipeline = TrainPipelineSparseDist(dmp, optimizer, device, execute_all_batches=True)
         dmp.train()
         tb_dir = run_dir / "tensorboard"
-        if rank == 0 and cfg.log.tensorboard:
-            from torch.utils.tensorboard import SummaryWriter
-
-            tb = SummaryWriter(log_dir=str(tb_dir))
         lrs = learning_rates(optimizer)
         loss_curve = {"every_steps": cfg.train.log_every_steps, "step": [], "loss": []}  # rank 0's batch loss
         history = []
@@ -221,6 +220,10 @@ def train(cfg: Config, run_dir: Path, config_hash: str = "") -> Dict:
             if finished and step < total_steps:
                 logger.warning("the checkpoint is of a run whose training ended (step %d): it is evaluated and "
                                "exported, not trained further", step)
+        if rank == 0 and cfg.log.tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            tb = SummaryWriter(log_dir=str(tb_dir), purge_step=step if resume_from is not None else None)
         saved = {"count": 0, "seconds": 0.0, "bytes": 0, "path": None, "last": time.perf_counter()}
         every_s = cfg.train.checkpoint_every_minutes * 60
 
@@ -285,7 +288,7 @@ def train(cfg: Config, run_dir: Path, config_hash: str = "") -> Dict:
                         for name, lr in lrs.items():
                             tb.add_scalar(f"train/{name}", lr, step)
                 due = cfg.train.checkpoint_every_steps and step % cfg.train.checkpoint_every_steps == 0
-                if every_s:  # the ranks agree on the wall-clock trigger
+                if every_s and step % cfg.train.log_every_steps == 0:  # the ranks agree on the wall-clock trigger
                     late = torch.tensor([float(time.perf_counter() - saved["last"] >= every_s)], device=device)
                     if world > 1:
                         dist.all_reduce(late, op=dist.ReduceOp.MAX)
@@ -456,10 +459,10 @@ def main(dcfg: DictConfig) -> Optional[float]:
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     try:
         metrics = train(cfg, run_dir, config_hash)
-    except (ConfigError, DataError) as e:
+    except (ConfigError, DataError, ExportError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
-    return metrics["test"].get("recall@20")
+    return metrics["test"].get(cfg.eval.select_metric)  # the objective a Hydra sweeper reads
 
 
 if __name__ == "__main__":

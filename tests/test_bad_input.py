@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -123,6 +124,13 @@ def test_files_of_one_directory_disagree_on_the_id_type(tmp_path):
     write(tmp_path / "logs" / "b.parquet", user_id=pa.array(["x", "y"]), item_id=pa.array([1, 2]))
     refused(tmp_path, tmp_path / "logs", r"logs/b.parquet: column 'user_id' has type string but .*a.parquet "
                                          r"has int64; every file must give the ids the same type")
+
+
+def test_files_of_one_directory_disagree_on_the_columns(tmp_path):
+    write(tmp_path / "logs" / "a.parquet", user_id=pa.array([1, 2]), item_id=pa.array([1, 2]), timestamp=pa.array([5, 6]))
+    write(tmp_path / "logs" / "b.parquet", user_id=pa.array([3, 4]), item_id=pa.array([1, 2]))
+    refused(tmp_path, tmp_path / "logs", r"logs/b.parquet: has columns \['item_id', 'user_id'\] but .*a.parquet has "
+                                         r"\['item_id', 'timestamp', 'user_id'\] .*every file must have the same ones")
 
 
 # ---- null ids: dropped and counted, or refused -----------------------------------------------
@@ -382,7 +390,7 @@ def test_interrupted_prepare_leaves_no_dataset_and_its_leftovers_are_not_reused(
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
     out = data.prepared_dir(cfg)
-    stale = out.with_name(f".{out.name}.tmp-{dead.pid}")
+    stale = out.with_name(f".{out.name}.tmp-{socket.gethostname()}-{dead.pid}")
     stale.mkdir()
     (stale / "train.parquet").write_bytes(b"half")
     out = prepare(cfg)

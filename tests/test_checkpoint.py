@@ -191,9 +191,9 @@ def test_other_runs_and_incompatible_checkpoints_are_refused(reference):
     over = root / "overwritten"
     shutil.copytree(ref / "checkpoints" / "step_000000010", over / "checkpoints" / "step_000000010")
     run(python(*args(root, over, "model.embedding_dim=8", "train.max_steps=3", "train.overwrite=true",
-                     "train.checkpoint_every_minutes=0.000001", "train.keep_checkpoints=2")))
+                     "train.checkpoint_every_minutes=0.000001", "train.log_every_steps=1", "train.keep_checkpoints=2")))
     assert metrics(over)["train"]["steps"] == 3 and metrics(over)["checkpoint"]["resumed"] is None
-    # the wall-clock trigger fired after every step; the newest two are kept
+    # the wall-clock trigger (looked at every train.log_every_steps) fired after every step; the newest two are kept
     assert metrics(over)["checkpoint"]["written"] == 4  # steps 1, 2, 3 and the end of training (step 3 again)
     assert [p.name for p in list_checkpoints(over)] == ["step_000000003", "step_000000002"]
 
@@ -254,3 +254,20 @@ def test_checkpoint_index_may_not_unpickle_other_objects(tmp_path):
     (tmp_path / ".metadata").write_bytes(pickle.dumps(os.system))
     with pytest.raises(pickle.UnpicklingError, match="refusing to load"):
         SafeFileSystemReader(str(tmp_path)).read_metadata()
+
+
+def test_a_checkpoint_replaced_halfway_is_kept(tmp_path):
+    """Killed between the two renames that replace a step's checkpoint (the end-of-training one of a
+    step that already has one): only `.old-step_N` is left, and it is restored, not removed."""
+    from recsys.checkpoint import checkpoint_root, remove_stale_temporaries
+
+    root = checkpoint_root(tmp_path)
+    (root / ".old-step_000000005").mkdir(parents=True)
+    (root / ".old-step_000000005" / MARKER).write_text("{}")
+    (root / ".tmp-step_000000006").mkdir()
+    (root / "step_000000004").mkdir()
+    (root / ".old-step_000000004").mkdir()  # its replacement was committed: the old copy goes
+    remove_stale_temporaries(tmp_path)
+    assert sorted(p.name for p in root.iterdir()) == ["step_000000004", "step_000000005"]
+    assert (root / "step_000000005" / MARKER).exists()
+

@@ -201,7 +201,7 @@ def test_slurm_sbatch_trains_on_two_nodes(tmp_path, fake_slurm):
            "GPUS_PER_NODE": "1", "RDZV_PORT": str(free_port()), "RECSYS_ROOT": str(ROOT), "PYTHON_BIN": sys.executable,
            "RECSYS_RUN_ID": None}
     run(["bash", str(JOBS / "slurm.sbatch"), *TINY, f"data.root={tmp_path / 'data'}"], cwd=tmp_path, env_extra=env)
-    runs = list((tmp_path / "outputs").glob("*/slurm-4242/metrics.json"))
+    runs = list((tmp_path / "outputs").glob("slurm-4242/metrics.json"))
     assert len(runs) == 1, list((tmp_path / "outputs").rglob("*"))
     check_metrics(runs[0], world_size=2)
     srun = (Path(fake_slurm["FAKE_SLURM_DIR"]) / "srun.log").read_text().split()
