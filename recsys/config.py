@@ -8,6 +8,7 @@ Library code receives these dataclasses (or plain arguments), never a DictConfig
 from __future__ import annotations
 
 import os
+import sys
 import time
 from dataclasses import dataclass, field
 from typing import List, Optional
@@ -18,6 +19,16 @@ from omegaconf import OmegaConf
 
 class ConfigError(ValueError):
     """A configuration value that cannot work, found before any work starts."""
+
+
+def typed_config(node):
+    """An entry point's composed config (or one group of it) as its dataclass; a value refused by a
+    check exits with code 2 and the message, before any work."""
+    try:
+        return OmegaConf.to_object(node)
+    except Exception as e:  # __post_init__ checks raise through OmegaConf
+        print(f"error: invalid configuration: {e.__cause__ or e}", file=sys.stderr)
+        sys.exit(2)
 
 
 def _check(condition: bool, message: str) -> None:

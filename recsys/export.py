@@ -49,10 +49,10 @@ import hydra
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from recsys.atomic import write_json_atomic
-from recsys.config import ConfigError, ExportConfig, register_configs, register_resolvers
+from recsys.config import ConfigError, ExportConfig, register_configs, register_resolvers, typed_config
 
 logger = logging.getLogger("recsys.export")
 
@@ -433,12 +433,7 @@ register_resolvers()
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
 def main(dcfg: DictConfig) -> None:
-    try:
-        options: ExportConfig = OmegaConf.to_object(dcfg.export)
-    except Exception as e:  # __post_init__ checks raise through OmegaConf
-        cause = e.__cause__ or e
-        print(f"error: invalid configuration: {cause}", file=sys.stderr)
-        sys.exit(2)
+    options: ExportConfig = typed_config(dcfg.export)
     if not options.run_dir:
         print("error: export.run_dir is required: python -m recsys.export export.run_dir=outputs/DATE/TIME "
               "[export.faiss=hnsw] [export.npy=true]", file=sys.stderr)

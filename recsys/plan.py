@@ -27,11 +27,11 @@ from typing import List, Optional, Tuple
 import hydra
 import torch.nn as nn
 from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from torchrec.distributed.planner.types import PlannerError, ShardingOption, Stats, Topology
 from torchrec.distributed.planner.stats import EmbeddingStats
 
-from recsys.config import Config, ConfigError, register_configs, register_resolvers
+from recsys.config import Config, ConfigError, register_configs, register_resolvers, typed_config
 from recsys.data import DataError, prepare, write_json_atomic
 from recsys.model import RetrievalTask
 from recsys.parallelize import describe_plan, embedding_modules, fuse_table_optimizer, plan_sharding
@@ -286,12 +286,7 @@ register_resolvers()
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
 def main(dcfg: DictConfig) -> None:
-    try:
-        cfg: Config = OmegaConf.to_object(dcfg)
-    except Exception as e:  # __post_init__ checks raise through OmegaConf
-        cause = e.__cause__ or e
-        print(f"error: invalid configuration: {cause}", file=sys.stderr)
-        sys.exit(2)
+    cfg: Config = typed_config(dcfg)
     if cfg.plan.verbose:
         logging.getLogger("torchrec.distributed.planner.stats").setLevel(logging.INFO)
     run_dir = Path(HydraConfig.get().runtime.output_dir)

@@ -32,7 +32,7 @@ from tqdm import tqdm
 
 from recsys.checkpoint import (check_compatible, load_checkpoint, prepare_resume, read_meta, run_hash,
                                save_checkpoint, table_shapes)
-from recsys.config import Config, ConfigError, register_configs, register_resolvers
+from recsys.config import Config, ConfigError, register_configs, register_resolvers, typed_config
 from recsys.data import DataError, Dataset, Features, TrainBatches, prepare, write_json_atomic
 from recsys.evaluate import evaluate_model, evaluate_popularity, tower_norms
 from recsys.export import ExportError, export_model
@@ -449,12 +449,7 @@ register_resolvers()
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
 def main(dcfg: DictConfig) -> Optional[float]:
-    try:
-        cfg: Config = OmegaConf.to_object(dcfg)
-    except Exception as e:  # __post_init__ checks raise through OmegaConf
-        cause = e.__cause__ or e
-        print(f"error: invalid configuration: {cause}", file=sys.stderr)
-        sys.exit(2)
+    cfg: Config = typed_config(dcfg)
     config_hash = hashlib.sha256(OmegaConf.to_yaml(dcfg, resolve=True).encode()).hexdigest()[:16]
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     try:
