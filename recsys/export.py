@@ -34,6 +34,7 @@ default number of threads and with one thread; both go into ``manifest["faiss"]`
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -84,11 +85,19 @@ def _replace_dir(tmp: Path, out_dir: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
-def _temp_dir(out_dir: Path) -> Path:
+@contextlib.contextmanager
+def _staged_dir(out_dir: Path):
+    """Yield a temporary directory beside ``out_dir`` to fill; on success it replaces ``out_dir``,
+    on any failure it is removed (``out_dir`` is left as it was)."""
     tmp = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    return tmp
+    try:
+        yield tmp
+        _replace_dir(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 def write_export(out_dir: Path, user_ids: pa.Array, user_vecs: np.ndarray, item_ids: pa.Array,
@@ -98,8 +107,7 @@ def write_export(out_dir: Path, user_ids: pa.Array, user_vecs: np.ndarray, item_
 
     ``options``: the serving artefacts (``.npy``, FAISS index) to add; None: Parquet only."""
     out_dir = Path(out_dir)
-    tmp = _temp_dir(out_dir)
-    try:
+    with _staged_dir(out_dir) as tmp:
         files = {}
         for name, id_name, ids, vecs in (("users", "user_id", user_ids, user_vecs), ("items", "item_id", item_ids, item_vecs)):
             if len(ids) != len(vecs):
@@ -119,10 +127,6 @@ def write_export(out_dir: Path, user_ids: pa.Array, user_vecs: np.ndarray, item_
             _add_serving(tmp, manifest, user_ids, np.asarray(user_vecs, np.float32), item_ids,
                          np.asarray(item_vecs, np.float32), options)
         write_json_atomic(manifest, tmp / "manifest.json")
-        _replace_dir(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out_dir
 
 
@@ -407,8 +411,7 @@ def export_run(export_dir: Path, options: ExportConfig) -> Dict:
         logger.warning("export.faiss=none and export.npy=false: no serving artefact to add "
                        "(the export is verified and rewritten with its Parquet files only)")
 
-    tmp = _temp_dir(export_dir)
-    try:
+    with _staged_dir(export_dir) as tmp:
         manifest = {key: value for key, value in old.items() if key not in ("files", "faiss")}
         manifest["files"] = {}
         for name in ("users.parquet", "items.parquet"):
@@ -420,10 +423,6 @@ def export_run(export_dir: Path, options: ExportConfig) -> Dict:
         (user_ids, user_vecs), (item_ids, item_vecs) = tables["users"], tables["items"]
         _add_serving(tmp, manifest, user_ids, user_vecs, item_ids, item_vecs, options)
         write_json_atomic(manifest, tmp / "manifest.json")
-        _replace_dir(tmp, export_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return manifest
 
 
