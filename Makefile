@@ -1,4 +1,5 @@
 # make demo: install (into .venv, once) and run the demo job.  make test: install and run the tests.
+# make bench: the scale benchmarks.
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -7,7 +8,7 @@ TORCH := torch==2.13.0
 FBGEMM := fbgemm-gpu-cpu==1.8.0
 TORCHREC := torchrec==1.8.0
 
-.PHONY: demo test install clean
+.PHONY: demo test bench install clean
 
 install: $(VENV)/.installed
 
@@ -26,6 +27,13 @@ demo: install
 
 test: install
 	$(BIN)/python -m pytest -q $(ARGS)
+
+# The scale benchmarks (README "Benchmarks"): tables printed, JSON + markdown under benchmarks/results/.
+bench: install
+	$(BIN)/python benchmarks/loader.py
+	$(BIN)/python benchmarks/memory.py
+	$(BIN)/python benchmarks/eval.py
+	$(BIN)/python benchmarks/throughput.py
 
 clean:
 	rm -rf outputs multirun .pytest_cache

@@ -49,7 +49,8 @@ ANCHORS = {
 }
 
 DESCRIPTIONS = {
-    "gowalla": "two-tower, dim 256: 0.2 id + 0.8 mean history bag (own table); cosine softmax T=0.1 over in-batch + 2048 uniform negatives, logQ",
+    "gowalla": "spectral two-tower, dim 1024: item d^1/2 V, user = sum of its items' d^-1/2 V (top singular vectors of the normalised interactions), closed form, no epochs",
+    "gowalla_two_tower": "two-tower, dim 256: 0.2 id + 0.8 mean history bag (own table); cosine softmax T=0.1 over in-batch + 2048 uniform negatives, logQ",
     "gowalla_mf": "MF, dim 256 (id embeddings only); same loss, optimiser and selection",
 }
 
@@ -150,7 +151,7 @@ def plot(dataset: str, results: dict, path: Path) -> None:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", required=True, help="a LightGCN-format directory (train.txt, test.txt)")
-    p.add_argument("--runs", default="gowalla,gowalla_mf", help="experiment names (conf/experiment/*.yaml)")
+    p.add_argument("--runs", default="gowalla,gowalla_two_tower,gowalla_mf", help="experiment names (conf/experiment/*.yaml)")
     p.add_argument("--nproc", type=int, default=1, help="ranks per run (torchrun) ")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     p.add_argument("--runs-dir", default=str(ROOT / "outputs" / "bench-quality"))

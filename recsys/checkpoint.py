@@ -61,11 +61,27 @@ _VOLATILE = {
     "train": {"resume", "overwrite", "progress", "checkpoint_every_steps", "checkpoint_every_minutes",
               "checkpoint_at_end", "keep_checkpoints", "log_every_steps", "device"},
     "data": {"root"},
-    "eval": {"user_chunk", "ks", "popularity", "test_every_epoch"},
+    "eval": {"user_chunk", "item_chunk", "score_budget_mb", "ks", "popularity", "test_every_epoch"},
     "log": None,  # the whole group
     "export": None,
     "plan": None,
 }
+
+
+def _resolved_loader(cfg: Config) -> Optional[str]:
+    """``memory`` or ``stream`` as ``recsys.train.data_config`` resolves ``data.loader`` (quietly: the
+    trainer logs its own resolution); None when it refuses the config (it says why later)."""
+    from recsys.train import data_config
+
+    quiet = logging.getLogger("recsys.data")
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)
+    try:
+        return data_config(cfg).loader
+    except ConfigError:
+        return None
+    finally:
+        quiet.setLevel(level)
 
 
 class CheckpointError(ConfigError):
@@ -73,7 +89,10 @@ class CheckpointError(ConfigError):
 
 
 def run_hash(cfg: Config) -> str:
-    """Hash of everything in `cfg` that changes the trained model (see ``_VOLATILE``)."""
+    """Hash of everything in `cfg` that changes the trained model (see ``_VOLATILE``). When the
+    dataset is read in memory (``data.loader`` resolved as training resolves it) the streaming
+    loader's options (``recsys.data._READ_ONLY_FIELDS``: loader, stream_min_rows, row_group_size,
+    num_workers, shuffle_buffer) change nothing and are left out too."""
     tree = dataclasses.asdict(cfg)
     for group, keys in _VOLATILE.items():
         if keys is None:
@@ -81,6 +100,11 @@ def run_hash(cfg: Config) -> str:
         else:
             for key in keys:
                 tree.get(group, {}).pop(key, None)
+    if _resolved_loader(cfg) == "memory":
+        from recsys.data import _READ_ONLY_FIELDS
+
+        for key in _READ_ONLY_FIELDS:
+            tree["data"].pop(key, None)
     return hashlib.sha256(json.dumps(tree, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -161,20 +185,37 @@ def resolve_checkpoint(path: Path) -> Path:
     return found
 
 
-def check_compatible(meta: Dict[str, Any], model_name: str, tables: Dict[str, List[int]], where: Path) -> None:
-    """Refuse a checkpoint whose model or tables differ from the model built now."""
+def check_compatible(meta: Dict[str, Any], model_name: str, tables: Dict[str, List], where: Path) -> None:
+    """Refuse a checkpoint whose model or tables (shapes and storage type, ``table_shapes``) differ
+    from the model built now."""
     saved = meta.get("model", {})
     if saved.get("name") != model_name:
         raise CheckpointError(f"checkpoint {where}: model.name={saved.get('name')} there, {model_name} here")
-    if saved.get("tables") != tables:
-        raise CheckpointError(f"checkpoint {where}: tables {saved.get('tables')} (name: [rows, dim]) do not match "
-                              f"this config's {tables}")
+    # checkpoints written before the storage type was recorded hold fp32 tables ([rows, dim])
+    saved_tables = {name: list(v) + ["fp32"] if isinstance(v, list) and len(v) == 2 else v
+                    for name, v in (saved.get("tables") or {}).items()}
+    if saved_tables == tables:
+        return
+    shapes = lambda t: {name: v[:2] for name, v in t.items()}  # noqa: E731
+    if shapes(saved_tables) == shapes(tables):
+        there = sorted({v[2] for v in saved_tables.values()})
+        here = sorted({v[2] for v in tables.values()})
+        raise CheckpointError(f"checkpoint {where}: its tables are stored as model.table_dtype={'/'.join(there)}, "
+                              f"this config's as model.table_dtype={'/'.join(here)}: resume with the same table_dtype")
+    raise CheckpointError(f"checkpoint {where}: tables {saved.get('tables')} (name: [rows, dim, dtype]) do not match "
+                          f"this config's {tables}")
 
 
-def table_shapes(model) -> Dict[str, List[int]]:
+def table_shapes(model) -> Dict[str, List]:
+    """{table name: [rows, dim, storage type (``model.table_dtype``: fp32 or fp16)]} of a (sharded
+    or plain) model: what a checkpoint must match to be loaded into it."""
     from recsys.parallelize import table_weights
 
-    return {name: list(w.shape) for name, w in sorted(table_weights(model).items())}
+    return {name: [*map(int, w.shape), _DTYPE_NAMES.get(w.dtype, str(w.dtype).replace("torch.", ""))]
+            for name, w in sorted(table_weights(model).items())}
+
+
+_DTYPE_NAMES = {torch.float32: "fp32", torch.float16: "fp16"}
 
 
 def check_run_dir(run_dir: Path, config_hash: str, overwrite: bool) -> None:
@@ -507,7 +548,10 @@ class Trained:
     cfg: Config
     meta: Dict[str, Any]
     path: Path
-    dataset: Any
+    data: Any
+    """The prepared dataset as training reads it (``recsys.train.open_data``): ``InMemoryData``, or
+    ``StreamedData`` for a dataset prepared for streaming. Its ``setup`` gives the evaluation sets
+    and model inputs, its ``id_rows`` the raw id of each row."""
     dmp: Any
     model: Any
     device: torch.device
@@ -516,9 +560,9 @@ class Trained:
 def load_trained(path: Path, device: str = "auto") -> Trained:
     """Build the run's model from its newest complete checkpoint (``path``: a run, checkpoints or
     checkpoint directory) and load it. Joins or creates the process group (collective)."""
-    from recsys.data import DataError, Dataset, prepare
+    from recsys.data import DataError, prepare
     from recsys.parallelize import init_distributed, restore_weights, shard_model
-    from recsys.train import build_task
+    from recsys.train import build_task, data_config, open_data
 
     ckpt = resolve_checkpoint(Path(path))
     meta = read_meta(ckpt)
@@ -529,7 +573,7 @@ def load_trained(path: Path, device: str = "auto") -> Trained:
         data_dir, error = None, None
         if info.rank == 0:
             try:
-                data_dir = prepare(cfg.data)
+                data_dir = prepare(data_config(cfg))
             except (DataError, ConfigError) as e:
                 error = e
         holder = [(data_dir, error)]
@@ -537,8 +581,8 @@ def load_trained(path: Path, device: str = "auto") -> Trained:
         data_dir, error = holder[0]
         if error is not None:
             raise error
-    dataset = Dataset.load(Path(data_dir))
-    task = build_task(cfg, dataset.num_users, dataset.num_items, None)
+    data = open_data(cfg, Path(data_dir))  # streamed: never loaded whole (counts, ids and files on demand)
+    task = build_task(cfg, data.num_users, data.num_items, None)
     world = dist.get_world_size()
     batch = max(cfg.train.batch_size // world, 1)
     dmp, _, _ = shard_model(task, info.device, cfg.optim.name, cfg.optim.lr, cfg.optim.eps, cfg.optim.dense_lr,
@@ -548,4 +592,4 @@ def load_trained(path: Path, device: str = "auto") -> Trained:
     if best is not None:
         restore_weights(dmp, best)
     dmp.eval()
-    return Trained(cfg, meta, ckpt, dataset, dmp, dmp.module.model, info.device)
+    return Trained(cfg, meta, ckpt, data, dmp, dmp.module.model, info.device)

@@ -63,7 +63,10 @@ class DataConfig:
     separator: str = ","
     """``csv``: the field separator (one character)."""
     split: str = "random"
-    """``random`` (per-user random holdout), ``temporal`` (global time cut-off) or ``given``."""
+    """``random`` (per-user random holdout), ``temporal`` (global time cut-off) or ``given``.
+    With ``loader=stream`` only ``random``, decided per (user, item) pair: an interaction is test
+    iff a seeded hash of its pair is below ``test_fraction`` (all repeats of a pair on one side;
+    the validation holdout likewise, among training pairs)."""
     test_fraction: float = 0.2
     """Share of each user's interactions (random) or of the log by time (temporal) held out."""
     valid_fraction: float = 0.0
@@ -72,7 +75,8 @@ class DataConfig:
     duplicates: str = "drop"
     """Repeated (user, item) pairs: ``drop`` all but the first (the earliest with timestamps;
     counted in the manifest's ``dropped``), ``keep`` them (counted in its ``kept``) or ``error``
-    (refuse the input, naming the first repeated pair)."""
+    (refuse the input, naming the first repeated pair). ``loader=stream`` cannot find repeats across
+    the whole log: it keeps them (``drop`` logs a warning; ``error`` is refused)."""
     null_ids: str = "drop"
     """Rows with a null user or item id: ``drop`` them (counted in the manifest's ``dropped``) or
     ``error`` (refuse the input, naming the file and row)."""
@@ -84,7 +88,25 @@ class DataConfig:
     ids of the training split are the rows (``users.parquet``/``items.parquet`` map them back).
     ``identity``: integer ids that already are the rows, user ids in [0, ``num_users``) and item
     ids in [0, ``num_items``) (both required; the tables have exactly that many rows); a negative
-    or larger id is refused with its file and row or line."""
+    or larger id is refused with its file and row or line.
+    ``hash``: ids of any type hashed (seeded with ``seed``) into ``num_users`` / ``num_items``
+    rows, for unbounded id spaces; no vocabulary is needed to train, distinct ids sharing a row
+    are counted (the collision rate is in the manifest and the log)."""
+    loader: str = "auto"
+    """``memory``: the prepared interactions are loaded into every rank's memory (all readers,
+    every model). ``stream``: prepared as Parquet row groups and streamed (each rank reads a
+    disjoint share, bounded shuffle buffer, loader workers); memory stays bounded whatever the
+    number of interactions (``synthetic``, ``parquet`` and ``csv`` sources; mf models). ``auto``:
+    ``stream`` when a synthetic or Parquet source has at least ``stream_min_rows`` rows."""
+    stream_min_rows: int = 5_000_000
+    """``loader=auto``: the number of source rows from which the streaming loader is used."""
+    row_group_size: int = 1_000_000
+    """``loader=stream``: rows per Parquet row group of the prepared files (the unit of reading and
+    of the per-epoch shuffle of the read order)."""
+    num_workers: int = 1
+    """``loader=stream``: loader worker processes per rank (0: read in the training process)."""
+    shuffle_buffer: int = 1_000_000
+    """``loader=stream``: rows held by each worker's shuffle buffer (batches are drawn from it)."""
     seed: int = 0
     """Seed of the synthetic generator and of the random split (independent of training)."""
     num_users: int = 20_000
@@ -108,8 +130,26 @@ class DataConfig:
                f"data.duplicates must be drop, keep or error, got {self.duplicates!r}")
         _check(self.null_ids in ("drop", "error"), f"data.null_ids must be drop or error, got {self.null_ids!r}")
         _check(self.unseen_test in ("drop", "error"), f"data.unseen_test must be drop or error, got {self.unseen_test!r}")
-        _check(self.id_mapping in ("vocab", "identity"),
-               f"data.id_mapping must be vocab or identity, got {self.id_mapping!r}")
+        _check(self.id_mapping in ("vocab", "identity", "hash"),
+               f"data.id_mapping must be vocab, identity or hash, got {self.id_mapping!r}")
+        _check(self.loader in ("auto", "memory", "stream"), f"data.loader must be auto, memory or stream, got {self.loader!r}")
+        _check(self.row_group_size > 0, f"data.row_group_size must be positive, got {self.row_group_size}")
+        _check(self.stream_min_rows >= 0, f"data.stream_min_rows must be >= 0, got {self.stream_min_rows}")
+        _check(self.num_workers >= 0, f"data.num_workers must be >= 0, got {self.num_workers}")
+        _check(self.shuffle_buffer >= 0, f"data.shuffle_buffer must be >= 0, got {self.shuffle_buffer}")
+        if self.id_mapping == "hash":
+            _check(self.num_users > 0 and self.num_items > 0,
+                   "data.id_mapping=hash needs data.num_users and data.num_items (the table sizes) positive")
+        if self.loader == "stream":
+            _check(self.name in ("synthetic", "parquet", "csv"),
+                   f"data.loader=stream reads synthetic, parquet and csv sources; data={self.name} needs "
+                   "data.loader=memory")
+            _check(self.split == "random",
+                   f"data.split={self.split} needs the whole log in memory (data.loader=stream splits at random, "
+                   "per (user, item) pair); use data.loader=memory")
+            _check(self.duplicates != "error",
+                   "data.duplicates=error needs the whole log in memory to find repeated pairs; use "
+                   "data.loader=memory (or data.duplicates=keep: data.loader=stream keeps repeats)")
         if self.id_mapping == "identity":
             _check(self.name != "synthetic", "data=synthetic makes its own ids: data.id_mapping=identity is for files")
             _check(self.num_users > 0 and self.num_items > 0,
@@ -163,6 +203,22 @@ class ModelConfig:
     """``two_tower``, training only: drop each history item from a batch's bags with this probability."""
     history_exclude_target: bool = False
     """``two_tower``, training only: leave the positive being predicted out of its user's bag."""
+    init: str = "normal"
+    """How the tables start: ``normal`` (seeded N(0, init_std^2) rows) or ``spectral`` (the
+    closed-form low-pass filter of a truncated SVD of the normalised training interactions, see
+    recsys/spectral.py; needs ``two_tower`` with ``history_weight=1``, ``share_item_table=false``,
+    no item history, ``normalize=false``; ``embedding_dim`` singular vectors are kept)."""
+    spectral_alpha: float = 0.0
+    """``init=spectral``: weight of the linear filter, context rows scaled by 1 + alpha s^2."""
+    spectral_niter: int = 3
+    """``init=spectral``: power iterations of the randomised SVD."""
+    spectral_refit: bool = True
+    """``init=spectral`` with ``train.epochs=0`` and a validation split: the validation metrics are
+    of tables computed from the fit part; the tables evaluated on the test split and exported are
+    then recomputed from the whole training split (closed form: no epoch to select)."""
+    table_dtype: str = "fp32"
+    """Storage of the embedding table weights: ``fp32`` or ``fp16`` (half the memory; lookups and
+    the fused optimizer update in fp32, the rows are stored rounded)."""
 
     def __post_init__(self) -> None:
         _check(self.name in ("mf", "two_tower"), f"model.name must be mf or two_tower, got {self.name!r}")
@@ -174,6 +230,15 @@ class ModelConfig:
         _check(0.0 <= self.item_history_weight <= 1.0, f"model.item_history_weight must be in [0, 1], got {self.item_history_weight}")
         _check(self.item_history_max_len >= 0, f"model.item_history_max_len must be >= 0, got {self.item_history_max_len}")
         _check(0.0 <= self.history_dropout < 1.0, f"model.history_dropout must be in [0, 1), got {self.history_dropout}")
+        _check(self.init in ("normal", "spectral"), f"model.init must be normal or spectral, got {self.init!r}")
+        if self.init == "spectral":
+            _check(self.name == "two_tower" and self.history_weight == 1.0 and not self.share_item_table
+                   and self.item_history_weight == 0.0 and not self.normalize and not self.projection,
+                   "model.init=spectral needs model=two_tower with model.history_weight=1.0, "
+                   "model.share_item_table=false, model.item_history_weight=0, model.normalize=false and "
+                   "model.projection=false (the user vector is the sum of its history's context rows)")
+            _check(self.spectral_niter >= 0, f"model.spectral_niter must be >= 0, got {self.spectral_niter}")
+        _check(self.table_dtype in ("fp32", "fp16"), f"model.table_dtype must be fp32 or fp16, got {self.table_dtype!r}")
 
 
 @dataclass
@@ -255,7 +320,7 @@ class TrainConfig:
     """Replace a different run (another config) found in the run directory instead of refusing."""
 
     def __post_init__(self) -> None:
-        _check(self.epochs > 0, f"train.epochs must be positive, got {self.epochs}")
+        _check(self.epochs >= 0, f"train.epochs must be >= 0 (0: no training, e.g. model.init=spectral), got {self.epochs}")
         _check(self.checkpoint_every_steps >= 0, f"train.checkpoint_every_steps must be >= 0, got {self.checkpoint_every_steps}")
         _check(self.checkpoint_every_minutes >= 0, f"train.checkpoint_every_minutes must be >= 0, got {self.checkpoint_every_minutes}")
         _check(self.keep_checkpoints >= 1, f"train.keep_checkpoints must be >= 1, got {self.keep_checkpoints}")
@@ -276,7 +341,9 @@ class EvalConfig:
 
     ks: List[int] = field(default_factory=lambda: [10, 20, 50])
     user_chunk: int = 1024
-    """Users scored per matrix product (bounds memory: user_chunk x num_items scores)."""
+    """At most this many users per score block and per tower call (the evaluator takes fewer per
+    block when fewer fit in ``score_budget_mb``, and about 32 MB worth on CPU, where larger
+    blocks fall out of the cache)."""
     popularity: bool = True
     """Also evaluate the popularity baseline with the same evaluator."""
     select_metric: str = "recall@20"
@@ -284,6 +351,17 @@ class EvalConfig:
     test_every_epoch: bool = False
     """Also record test metrics after every epoch (a learning curve to look at; never used to
     select anything)."""
+    max_users: int = 100_000
+    """Evaluate a random sample of at most this many of the users that have test items (0: all of
+    them; the LightGCN benchmarks have fewer than 100,000, so all are evaluated). The sample's
+    seed is fixed (``recsys.evaluate.EVAL_SAMPLE_SEED``), not ``seed``: runs that differ in their
+    training seed are evaluated on the same users."""
+    item_chunk: int = 0
+    """Items per score block (0: all items when 64 users x all items fit in ``score_budget_mb``,
+    else as many as fit); the exact top K is kept running across the item blocks."""
+    score_budget_mb: int = 256
+    """Memory of the score blocks (float32, users x items) in MB, shared by the evaluation threads:
+    bounds evaluation memory whatever the number of users and items."""
 
     @property
     def select_k(self) -> int:
@@ -293,6 +371,9 @@ class EvalConfig:
     def __post_init__(self) -> None:
         _check(len(self.ks) > 0 and all(k > 0 for k in self.ks), f"eval.ks must be positive integers, got {self.ks}")
         _check(self.user_chunk > 0, f"eval.user_chunk must be positive, got {self.user_chunk}")
+        _check(self.max_users >= 0, f"eval.max_users must be >= 0, got {self.max_users}")
+        _check(self.item_chunk >= 0, f"eval.item_chunk must be >= 0, got {self.item_chunk}")
+        _check(self.score_budget_mb > 0, f"eval.score_budget_mb must be positive, got {self.score_budget_mb}")
         metric, _, k = self.select_metric.partition("@")
         _check(metric in ("recall", "ndcg") and k.isdigit() and int(k) > 0,
                f"eval.select_metric must be recall@K or ndcg@K, got {self.select_metric!r}")
@@ -373,8 +454,8 @@ class PlanConfig:
     local_world_size: int = 8
     """Ranks per node (GPUs per node); capped at ``world_size``."""
     hbm_gib: Optional[float] = None
-    """GPU memory per rank in GiB; None: TorchRec's default (32 GiB), which is also what
-    ``recsys.train`` plans with. The planner keeps 15% of it for dense parts and activations."""
+    """GPU memory per rank in GiB; None: TorchRec's default (32 GiB). (``recsys.train`` plans with
+    the memory of the GPU it runs on.) The planner keeps 15% of it for dense parts and activations."""
     ddr_gib: Optional[float] = None
     """Host memory per rank in GiB (tables on ``cpu``, UVM-offloaded tables on ``cuda``);
     None: TorchRec's default (128 GiB), as in ``recsys.train``."""

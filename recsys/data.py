@@ -6,7 +6,12 @@ an optional timestamp and an optional weight. ``prepare`` turns it into a direct
     <root>/<name>-<hash>/
         train.parquet  test.parquet     columns: user (int64 row), item (int64 row)[, timestamp][, weight]
         users.parquet  items.parquet    the vocabularies: row i holds the raw id of embedding row i
-        manifest.json                   counts, schema, split, rows dropped and why
+                                        (data.id_mapping=hash: each raw id seen and its hashed ``row``)
+        manifest.json                   counts, schema, split, rows dropped and why, "loader"
+
+That is the layout of ``data.loader=memory`` (``Dataset.load`` reads it whole). Large sources
+(``resolve_loader``: from ``data.stream_min_rows`` rows on) are prepared by ``recsys.stream`` in
+two streaming passes into Parquet row groups instead (train/, test/, counts; see its docstring).
 
 Every dropped row is counted in the manifest and logged; the policies for bad rows (null ids,
 duplicates, test rows unseen in training) are ``drop`` (counted) or ``error`` (refused, naming the
@@ -37,8 +42,9 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 from torchrec.streamable import Pipelineable
 
 from recsys.atomic import write_json_atomic, write_parquet_atomic  # noqa: F401 (re-exported)
-from recsys.config import DataConfig
+from recsys.config import ConfigError, DataConfig
 from recsys.readers import DataError, read_columns, read_lightgcn, read_movielens
+from recsys.stream import collision_stats, hash_rows, parquet_rows, prepare_stream
 
 logger = logging.getLogger(__name__)
 
@@ -196,9 +202,66 @@ def _split_temporal(table: pa.Table, fraction: float, source: str) -> Tuple[pa.T
 # ---------------------------------------------------------------------------------------------
 
 
-def _fingerprint(cfg: DataConfig) -> str:
+# DataConfig fields that only tell how the prepared data are read, or how the loader is chosen:
+# not part of a prepared dataset's identity (the resolved loader is, for streamed datasets).
+_READ_ONLY_FIELDS = ("loader", "stream_min_rows", "row_group_size", "num_workers", "shuffle_buffer")
+
+
+def _stream_unsupported(cfg: DataConfig) -> Optional[str]:
+    """Why the streaming loader cannot prepare `cfg` (None when it can)."""
+    if cfg.name not in ("synthetic", "parquet", "csv"):
+        return f"data={cfg.name} is read in memory"
+    if cfg.split != "random":
+        return (f"data.split={cfg.split} needs the whole log in memory (streaming splits at random, per (user, item) "
+                "pair)")
+    if cfg.duplicates == "error":
+        return "data.duplicates=error needs the whole log in memory to find repeated pairs"
+    return None
+
+
+def source_rows(cfg: DataConfig) -> Optional[int]:
+    """Rows of the source as far as they are known without reading it: ``num_interactions`` of a
+    synthetic source, the metadata row count of a Parquet file or directory; else None."""
+    if cfg.name == "synthetic":
+        return cfg.num_interactions
+    if cfg.name == "parquet" and cfg.path:
+        return parquet_rows(cfg.path)
+    return None
+
+
+def resolve_loader(cfg: DataConfig, memory_reason: Optional[str] = None) -> str:
+    """``memory`` or ``stream``: how the dataset of `cfg` is prepared and read (data.loader).
+
+    ``auto`` streams a synthetic or Parquet source of at least ``data.stream_min_rows`` rows (the
+    Parquet metadata's row count) when the configuration allows it, else reads it in memory.
+    `memory_reason` (from the caller, e.g. a model that needs per-user histories) forces memory;
+    with ``data.loader=stream`` it is a ``ConfigError``. Pass the result back as ``data.loader``
+    (``dataclasses.replace``) so that ``prepare`` and ``prepared_dir`` agree with the caller."""
+    if cfg.loader == "memory":
+        return "memory"
+    if cfg.loader == "stream":
+        if memory_reason:
+            raise ConfigError(f"data.loader=stream: {memory_reason}; use data.loader=memory")
+        return "stream"
+    rows = source_rows(cfg)
+    if rows is None or rows < cfg.stream_min_rows:
+        return "memory"
+    why = memory_reason or _stream_unsupported(cfg)
+    if why:
+        logger.warning("%d source rows (data.stream_min_rows=%d), but the memory loader is used: %s", rows,
+                       cfg.stream_min_rows, why)
+        return "memory"
+    return "stream"
+
+
+def _fingerprint(cfg: DataConfig, loader: str = "memory") -> str:
     fields = dataclasses.asdict(cfg)
     fields.pop("root")
+    for key in _READ_ONLY_FIELDS:
+        fields.pop(key)
+    if loader == "stream":
+        fields["loader"] = loader
+        fields["row_group_size"] = cfg.row_group_size
     for key in ("path", "test_path"):
         if fields[key]:
             p = Path(fields[key])
@@ -208,26 +271,42 @@ def _fingerprint(cfg: DataConfig) -> str:
     return hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
-def prepared_dir(cfg: DataConfig) -> Path:
+def prepared_dir(cfg: DataConfig, loader: Optional[str] = None) -> Path:
+    """Where `cfg`'s dataset is prepared (`loader`: the resolved data.loader, resolved here if None)."""
     stem = "synthetic" if cfg.name == "synthetic" else Path(cfg.path).name.split(".")[0] or "parquet"
-    return Path(cfg.root) / f"{stem}-{_fingerprint(cfg)}"
+    return Path(cfg.root) / f"{stem}-{_fingerprint(cfg, loader or resolve_loader(cfg))}"
 
 
-def prepare(cfg: DataConfig) -> Path:
+def prepare(cfg: DataConfig, progress: Optional[bool] = None) -> Path:
     """Prepare the dataset described by `cfg` (or reuse an identical earlier preparation).
 
-    Everything is read, checked and split in memory first, so bad input (a ``DataError``)
-    leaves nothing on disk, not even ``data.root``; the files are then written into a temporary
+    ``data.loader`` (``resolve_loader``) picks the layout: ``memory`` (train.parquet, test.parquet,
+    ...; read whole by ``Dataset.load``) or ``stream`` (row groups, counts and vocabularies
+    written by ``recsys.stream.prepare_stream`` in two passes over the source, never holding it;
+    `progress`: its tqdm bars, None: on a terminal only).
+
+    Memory: everything is read, checked and split in memory first, so bad input (a
+    ``DataError``) leaves nothing on disk, not even ``data.root``. Stream: the schemas and then
+    every row are checked in the first pass, before anything is written (the synthetic raw log
+    apart); on bad input nothing is left either. The files are written into a temporary
     directory beside the final one, which is renamed into place once complete (manifest last).
     A prepare killed at any point leaves at most a ``.<name>.tmp-<pid>`` directory that no later
     run reuses (a later prepare removes it once its process is gone)."""
-    out = prepared_dir(cfg)
+    loader = resolve_loader(cfg)
+    if loader == "stream":
+        why = _stream_unsupported(cfg)
+        if why:  # data.loader=stream is refused by DataConfig already; a resolved auto never gets here
+            raise ConfigError(f"data.loader=stream: {why}; use data.loader=memory")
+    out = prepared_dir(cfg, loader)
     if (out / "manifest.json").exists():
         logger.info("reusing prepared dataset %s", out)
         return out
+    if loader == "stream":
+        return _prepare_streamed(cfg, out, progress)
     t0 = time.perf_counter()
     tables, manifest = _prepare_tables(cfg)
     manifest["prepare_s"] = round(time.perf_counter() - t0, 3)
+    manifest["loader"] = "memory"
     out.parent.mkdir(parents=True, exist_ok=True)
     _remove_stale_temporaries(out)
     tmp = out.with_name(f".{out.name}.tmp-{socket.gethostname()}-{os.getpid()}")
@@ -247,6 +326,41 @@ def prepare(cfg: DataConfig) -> Path:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     logger.info("prepared dataset %s in %.1fs", out, time.perf_counter() - t0)
+    return out
+
+
+def _prepare_streamed(cfg: DataConfig, out: Path, progress: Optional[bool]) -> Path:
+    """The streaming layout (recsys.stream), written into a temporary directory and renamed. On
+    bad input (DataError) the temporary directory goes, and so do ``data.root`` and its parents
+    that this call created, when empty."""
+    t0 = time.perf_counter()
+    root = out.parent
+    created = [p for p in (root, *root.parents) if not p.exists()]  # removed again on bad input
+    root.mkdir(parents=True, exist_ok=True)
+    _remove_stale_temporaries(out)
+    tmp = out.with_name(f".{out.name}.tmp-{socket.gethostname()}-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        manifest = prepare_stream(cfg, tmp, PREPARED_VERSION, progress)
+        manifest["prepare_s"] = round(time.perf_counter() - t0, 3)
+        write_json_atomic(manifest, tmp / "manifest.json")
+        try:
+            os.rename(tmp, out)
+        except OSError:
+            if not (out / "manifest.json").exists():  # not a concurrent identical preparation
+                raise
+            shutil.rmtree(tmp, ignore_errors=True)
+    except BaseException as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, DataError):
+            for p in created:
+                try:
+                    p.rmdir()  # only when empty
+                except OSError:
+                    break
+        raise
+    logger.info("prepared dataset %s (streaming layout) in %.1fs", out, time.perf_counter() - t0)
     return out
 
 
@@ -339,13 +453,16 @@ def _prepare_tables(cfg: DataConfig) -> Tuple[Dict[str, pa.Table], dict]:
         raise DataError(f"{source}: the training split is empty")
 
     # Rows of the embedding tables: the sorted distinct training ids (vocab), or the ids themselves
-    # (identity: every row in [0, N) exists, whether or not it has training interactions).
+    # (identity: every row in [0, N) exists, whether or not it has training interactions), or
+    # hash(id, seed) mod N (hash: users_vocab / items_vocab are then the distinct training ids,
+    # written with their rows).
     if cfg.id_mapping == "identity":
         users_vocab = pa.array(np.arange(cfg.num_users), pa.int64())
         items_vocab = pa.array(np.arange(cfg.num_items), pa.int64())
     else:
         users_vocab = pc.unique(train["user_id"]).sort()
         items_vocab = pc.unique(train["item_id"]).sort()
+    hashed = cfg.id_mapping == "hash"
     seen, unseen = _unseen(train, test, cfg.unseen_test, test_source)
     dropped.update(unseen)
     for reason, count in dropped.items():
@@ -359,8 +476,12 @@ def _prepare_tables(cfg: DataConfig) -> Tuple[Dict[str, pa.Table], dict]:
     def rows_table(source_table: pa.Table, mask=None) -> pa.Table:
         if mask is not None:
             source_table = source_table.filter(mask)
-        cols = {"user": pc.cast(pc.index_in(source_table["user_id"], value_set=users_vocab), pa.int64()),
-                "item": pc.cast(pc.index_in(source_table["item_id"], value_set=items_vocab), pa.int64())}
+        if hashed:
+            cols = {"user": pa.array(hash_rows(source_table["user_id"], cfg.seed, cfg.num_users)),
+                    "item": pa.array(hash_rows(source_table["item_id"], cfg.seed, cfg.num_items))}
+        else:
+            cols = {"user": pc.cast(pc.index_in(source_table["user_id"], value_set=users_vocab), pa.int64()),
+                    "item": pc.cast(pc.index_in(source_table["item_id"], value_set=items_vocab), pa.int64())}
         for extra in ("timestamp", "weight"):
             if extra in source_table.column_names:
                 cols[extra] = source_table[extra]
@@ -378,6 +499,16 @@ def _prepare_tables(cfg: DataConfig) -> Tuple[Dict[str, pa.Table], dict]:
         raise DataError(f"{test_source}: the test split is empty{why}; rows dropped: {dropped}")
     tables = {"train": train_t, "test": test_t, "users": pa.table({"user_id": users_vocab}),
               "items": pa.table({"item_id": items_vocab})}
+    extra = {}
+    if hashed:
+        extra["hash"] = {}
+        for which, column, ids, n in (("users", "user_id", users_vocab, cfg.num_users),
+                                      ("items", "item_id", items_vocab, cfg.num_items)):
+            rows = hash_rows(ids, cfg.seed, n)
+            tables[which] = pa.table({column: ids, "row": rows})
+            extra["hash"][which] = stats = collision_stats(rows)
+            logger.info("data.id_mapping=hash: %d distinct %s ids in %d rows used (of %d): collision rate %.4f",
+                        stats["distinct_ids"], which[:-1], stats["rows_used"], n, stats["collision_rate"])
     return tables, {
         "version": PREPARED_VERSION,
         "source": source,
@@ -388,8 +519,8 @@ def _prepare_tables(cfg: DataConfig) -> Tuple[Dict[str, pa.Table], dict]:
                    "timestamp": "timestamp" in train_t.column_names, "weight": "weight" in train_t.column_names},
         "counts": {
             "raw_interactions": n_raw,
-            "num_users": len(users_vocab),
-            "num_items": len(items_vocab),
+            "num_users": cfg.num_users if hashed else len(users_vocab),
+            "num_items": cfg.num_items if hashed else len(items_vocab),
             "train_interactions": len(train_t),
             "test_interactions": len(test_t),
             "test_users": len(pc.unique(test_t["user"])),
@@ -397,6 +528,7 @@ def _prepare_tables(cfg: DataConfig) -> Tuple[Dict[str, pa.Table], dict]:
         },
         "dropped": dropped,
         "kept": kept,
+        **extra,
     }
 
 
@@ -457,6 +589,9 @@ class Dataset:
     def load(path: Path) -> "Dataset":
         path = Path(path)
         manifest = json.loads((path / "manifest.json").read_text())
+        if manifest.get("loader") == "stream":
+            raise ValueError(f"{path}: a streamed dataset (data.loader=stream) is read in row groups by the streaming "
+                             "loader, not loaded whole")
         train = pq.read_table(path / "train.parquet")
         if "timestamp" in train.column_names:
             train = train.take(np.argsort(train["timestamp"].to_numpy(), kind="stable"))
@@ -514,9 +649,27 @@ class Dataset:
         return np.bincount(items, minlength=self.num_items)
 
     def vocab(self, which: str) -> pa.Array:
-        """Raw ids of the embedding rows: ``which`` is ``users`` or ``items``."""
-        column = {"users": "user_id", "items": "item_id"}[which]
-        return pq.read_table(self.path / f"{which}.parquet")[column].combine_chunks()
+        """Raw ids of the embedding rows: ``which`` is ``users`` or ``items``. Not with
+        ``data.id_mapping=hash`` (a row may hold several ids, or none): use ``id_rows``."""
+        if self.manifest.get("id_mapping") == "hash":
+            raise ValueError(f"{self.path}: data.id_mapping=hash has no row -> id vocabulary; use id_rows({which!r})")
+        return id_rows(self.path, which)[0]
+
+    def id_rows(self, which: str) -> Tuple[pa.Array, np.ndarray]:
+        """(raw ids, their rows) of ``users`` or ``items`` (see ``id_rows``)."""
+        return id_rows(self.path, which)
+
+
+def id_rows(path: Path, which: str) -> Tuple[pa.Array, np.ndarray]:
+    """(raw ids, their embedding rows) of a prepared dataset (either layout), ``which`` being
+    ``users`` or ``items``: vocab / identity: every row and its id (rows 0..N-1); hash: every raw
+    id seen in training and its hashed row (rows may repeat). The vector of raw id ids[k] is
+    row rows[k] of the table."""
+    column = {"users": "user_id", "items": "item_id"}[which]
+    table = pq.read_table(Path(path) / f"{which}.parquet")
+    ids = table[column].combine_chunks()
+    rows = table["row"].to_numpy() if "row" in table.column_names else np.arange(len(ids), dtype=np.int64)
+    return ids, rows
 
 
 # ---------------------------------------------------------------------------------------------

@@ -2,14 +2,17 @@
 
     <run_dir>/export/items.parquet      item_id (raw id, original type), vector (fixed_size_list<float32>[D])
     <run_dir>/export/users.parquet      user_id, vector
+                                        (data.id_mapping=hash: every raw id seen in training, each
+                                        with its hashed row's vector: colliding ids share a vector)
     <run_dir>/export/items.npy          float32 [num_items, D]; row i = row i of items.parquet  (export.npy=true)
     <run_dir>/export/items_ids.npy      the raw ids of those rows: the id's integer type or unicode
                                         strings, np.load() without pickle            (export.npy=true)
     <run_dir>/export/users.npy, users_ids.npy                                        (export.npy=true)
     <run_dir>/export/items.faiss        FAISS index of the item vectors, inner-product metric: faiss
                                         label i is row i of items.parquet            (export.faiss=flat|ivf|hnsw)
-    <run_dir>/export/manifest.json      dimension, counts, normalised, score, config hash, the sha256
-                                        of every file, and the index's measured recall and throughput
+    <run_dir>/export/manifest.json      dimension, counts, normalised, score, config hash, id mapping
+                                        (and hash collision figures), the sha256 of every file, and
+                                        the index's measured recall and throughput
 
 Training writes the directory at the end of the run: the towers' outputs over the full
 (unsharded) tables, computed on every rank and gathered on rank 0, which writes it (serving
@@ -102,10 +105,11 @@ def _staged_dir(out_dir: Path):
 
 def write_export(out_dir: Path, user_ids: pa.Array, user_vecs: np.ndarray, item_ids: pa.Array,
                  item_vecs: np.ndarray, normalized: bool, config_hash: str,
-                 options: Optional[ExportConfig] = None) -> Path:
+                 options: Optional[ExportConfig] = None, extra: Optional[Dict] = None) -> Path:
     """Write the export directory atomically (temporary directory, then rename).
 
-    ``options``: the serving artefacts (``.npy``, FAISS index) to add; None: Parquet only."""
+    ``options``: the serving artefacts (``.npy``, FAISS index) to add; None: Parquet only.
+    ``extra``: more manifest entries (``id_mapping`` and the ``hash`` collision figures)."""
     out_dir = Path(out_dir)
     with _staged_dir(out_dir) as tmp:
         files = {}
@@ -121,6 +125,7 @@ def write_export(out_dir: Path, user_ids: pa.Array, user_vecs: np.ndarray, item_
             "normalized": normalized,
             "score": "cosine" if normalized else "dot",
             "config_hash": config_hash,
+            **(extra or {}),
             "files": files,
         }
         if options is not None:
@@ -130,13 +135,17 @@ def write_export(out_dir: Path, user_ids: pa.Array, user_vecs: np.ndarray, item_
     return out_dir
 
 
-def export_model(model, features, user_vocab: pa.Array, item_vocab: pa.Array, out_dir: Path,
+def export_model(model, features, user_ids: pa.Array, item_ids: pa.Array, out_dir: Path,
                  device, config_hash: str, chunk: int = 4096,
-                 options: Optional[ExportConfig] = None) -> Optional[Path]:
+                 options: Optional[ExportConfig] = None, user_rows: Optional[np.ndarray] = None,
+                 item_rows: Optional[np.ndarray] = None, extra: Optional[Dict] = None) -> Optional[Path]:
     """Compute all vectors of a (sharded) two-tower model and write them on rank 0.
 
-    User vectors are the user tower's outputs (with each user's history bag from ``features``);
-    ``options`` adds the serving artefacts (see ``write_export``)."""
+    ``user_ids[k]`` is the raw id of table row ``user_rows[k]`` (``recsys.data.id_rows``; None: of
+    row k). With ``data.id_mapping=hash`` several ids share a row (each gets its row's vector) and
+    a row may have no id (not exported). User vectors are the user tower's outputs (with each
+    user's history bag from ``features``); ``options`` adds the serving artefacts and ``extra``
+    manifest entries (see ``write_export``). Collective."""
     # torch / torchrec are imported here so that ``python -m recsys.export`` starts in a second.
     import torch
 
@@ -144,14 +153,39 @@ def export_model(model, features, user_vocab: pa.Array, item_vocab: pa.Array, ou
     from recsys.loss import rank_and_world
 
     dim = model.embedding_dim
+    out = []
     with torch.no_grad():
-        users = all_vectors(user_tower(model, features, device), len(user_vocab), dim, device, chunk, dst=0)
-        items = all_vectors(item_tower(model, features, device), len(item_vocab), dim, device, chunk, dst=0)
+        for tower, ids, rows in ((user_tower(model, features, device), user_ids, user_rows),
+                                 (item_tower(model, features, device), item_ids, item_rows)):
+            # the rows 0..count-1 (every rank computes its share, rank 0 gathers), then each id's row
+            count = len(ids) if rows is None else (int(rows.max()) + 1 if len(rows) else 0)
+            vecs = all_vectors(tower, count, dim, device, chunk, dst=0)
+            if vecs is not None and rows is not None:
+                vecs = vecs[torch.from_numpy(np.asarray(rows, dtype=np.int64)).to(vecs.device)]
+            out.append(vecs)
     path = None
     if rank_and_world()[0] == 0:
-        path = write_export(out_dir, user_vocab, users.cpu().numpy(), item_vocab, items.cpu().numpy(),
-                            model.normalize, config_hash, options)
+        # float32 whatever the tables' storage type (fp16 tables give fp32 lookups already)
+        users, items = (v.float().cpu().numpy() for v in out)
+        path = write_export(out_dir, user_ids, users, item_ids, items, model.normalize, config_hash, options, extra)
     return path
+
+
+def export_data(model, features, data, out_dir: Path, device, config_hash: str,
+                options: Optional[ExportConfig] = None) -> Optional[Path]:
+    """``export_model`` of a training data source (``recsys.train.InMemoryData`` / ``StreamedData``):
+    every raw id of its ``id_rows`` (vocab / identity: one per table row; hash: each id seen in
+    training) with its row's vector; the manifest records the id mapping and, for hash, the
+    prepared dataset's collision figures. Collective."""
+    manifest = data.manifest
+    (user_ids, user_rows), (item_ids, item_rows) = data.id_rows("users"), data.id_rows("items")
+    extra = {"id_mapping": manifest.get("id_mapping", "vocab")}
+    if extra["id_mapping"] != "hash":  # row k is id k: no gather
+        user_rows = item_rows = None
+    if "hash" in manifest:
+        extra["hash"] = manifest["hash"]
+    return export_model(model, features, user_ids, item_ids, out_dir, device, config_hash, options=options,
+                        user_rows=user_rows, item_rows=item_rows, extra=extra)
 
 
 def _read_table_vectors(path: Path) -> Tuple[pa.Array, np.ndarray]:
@@ -464,8 +498,9 @@ def export_checkpoint(run_dir: Path, options: ExportConfig) -> Optional[Dict]:
     import warnings
 
     from recsys.checkpoint import load_trained
+    from recsys.data import Features
     from recsys.parallelize import destroy_distributed
-    from recsys.train import make_features
+    from recsys.train import InMemoryData, make_features
 
     for message in (".*deprecating ShardedTensor.*", ".*is_fx_tracing.*", ".*all_gather_into_tensor.*"):
         warnings.filterwarnings("ignore", message=message)
@@ -474,10 +509,11 @@ def export_checkpoint(run_dir: Path, options: ExportConfig) -> Optional[Dict]:
 
     try:
         run = load_trained(run_dir)
-        features = make_features(run.cfg, run.dataset, run.model, True)
-        path = export_model(run.model, features, run.dataset.vocab("users"), run.dataset.vocab("items"),
-                            run_dir / options.dir, run.device, run.meta.get("config_hash") or run.meta["run_hash"],
-                            options=options)
+        data = run.data  # the whole training split's histories (the model's inputs when testing), as training exports
+        features = (make_features(run.cfg, data.dataset, run.model, True) if isinstance(data, InMemoryData)
+                    else Features())  # streamed: mf, ids only
+        path = export_data(run.model, features, data, run_dir / options.dir, run.device,
+                           run.meta.get("config_hash") or run.meta["run_hash"], options=options)
     except DataError as e:
         raise ExportError(str(e)) from None
     finally:

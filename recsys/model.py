@@ -7,13 +7,13 @@ dot product of the two vectors (of L2-normalised vectors when ``normalize``).
 
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 import torch.fx
 import torch.nn as nn
 import torch.nn.functional as F
-from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
+from torchrec.modules.embedding_configs import DataType, EmbeddingBagConfig, PoolingType
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from torchrec.sparse.jagged_tensor import KeyedTensor
 
@@ -24,6 +24,9 @@ from recsys.loss import bpr_loss, sampled_softmax_loss
 # inside) is recorded as one call rather than traced through.
 torch.fx.wrap("sampled_softmax_loss")
 torch.fx.wrap("bpr_loss")
+
+TABLE_DTYPES = {"fp32": DataType.FP32, "fp16": DataType.FP16}
+"""``model.table_dtype`` -> the storage type of the table weights (TorchRec's ``data_type``)."""
 
 
 class TwoTower(nn.Module):
@@ -40,13 +43,22 @@ class TwoTower(nn.Module):
     interacted with the item (feature ``item_history``, a user context table of its own).
     Scores are dot products of the two towers' outputs (of L2-normalised outputs with
     ``normalize``): the exported vectors alone give the score.
+
+    ``table_dtype`` (``fp32`` or ``fp16``) is how every table's weights are stored: with ``fp16``
+    the fused kernels (FBGEMM's table-batched embeddings, CPU and CUDA) keep the rows in half
+    precision (half the memory and half the bytes per lookup) while the pooled lookups, the towers,
+    the loss and the fused optimizer's state stay in float32; each update is computed in float32
+    and rounded into the row (to nearest on CPU; stochastically on CUDA, FBGEMM's default, so
+    updates smaller than the rounding step are not lost on average).
     """
 
     def __init__(self, num_users: int, num_items: int, embedding_dim: int, normalize: bool,
                  history_weight: float = 0.0, history_pooling: str = "mean", share_item_table: bool = True,
                  projection: bool = False, item_history_weight: float = 0.0,
-                 device: Optional[torch.device] = None) -> None:
+                 device: Optional[torch.device] = None, table_dtype: str = "fp32") -> None:
         super().__init__()
+        if table_dtype not in TABLE_DTYPES:
+            raise ValueError(f"table_dtype must be one of {sorted(TABLE_DTYPES)}, got {table_dtype!r}")
         self.embedding_dim = embedding_dim
         self.normalize = normalize
         self.history_weight = history_weight
@@ -54,22 +66,24 @@ class TwoTower(nn.Module):
         self.share_item_table = share_item_table
         self.item_history_weight = item_history_weight
         device = device or torch.device("meta")
+        self.table_dtype = table_dtype
         has_history = history_weight > 0
-        user_tables = [EmbeddingBagConfig(name="user", embedding_dim=embedding_dim, num_embeddings=num_users,
-                                          feature_names=[USER_FEATURE], pooling=PoolingType.SUM)]
+
+        def table(name: str, rows: int, features: List[str]) -> EmbeddingBagConfig:
+            return EmbeddingBagConfig(name=name, embedding_dim=embedding_dim, num_embeddings=rows,
+                                      feature_names=features, pooling=PoolingType.SUM,
+                                      data_type=TABLE_DTYPES[table_dtype])
+
+        user_tables = [table("user", num_users, [USER_FEATURE])]
         item_features = [ITEM_FEATURE]
         if has_history and share_item_table:
             item_features.append(HISTORY_FEATURE)
         elif has_history:
-            user_tables.append(EmbeddingBagConfig(name="history", embedding_dim=embedding_dim, num_embeddings=num_items,
-                                                  feature_names=[HISTORY_FEATURE], pooling=PoolingType.SUM))
+            user_tables.append(table("history", num_items, [HISTORY_FEATURE]))
         self.user_ebc = EmbeddingBagCollection(tables=user_tables, device=device)
-        item_tables = [EmbeddingBagConfig(name="item", embedding_dim=embedding_dim, num_embeddings=num_items,
-                                          feature_names=item_features, pooling=PoolingType.SUM)]
+        item_tables = [table("item", num_items, item_features)]
         if item_history_weight > 0:
-            item_tables.append(EmbeddingBagConfig(name="item_history", embedding_dim=embedding_dim,
-                                                  num_embeddings=num_users, feature_names=[ITEM_HISTORY_FEATURE],
-                                                  pooling=PoolingType.SUM))
+            item_tables.append(table("item_history", num_users, [ITEM_HISTORY_FEATURE]))
         self.item_ebc = EmbeddingBagCollection(tables=item_tables, device=device)
         self.projection = nn.Linear(embedding_dim, embedding_dim, bias=False, device=device) if projection and has_history else None
 

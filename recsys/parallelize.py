@@ -18,9 +18,9 @@ from torch.distributed._shard.sharded_tensor import ShardedTensor
 from torch.distributed.tensor import DTensor
 from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
 from torchrec.distributed.model_parallel import DistributedModelParallel
-from torchrec.distributed.planner import EmbeddingShardingPlanner, ParameterConstraints, Topology
+from torchrec.distributed.planner import EmbeddingShardingPlanner, ParameterConstraints
 from torchrec.distributed.planner.storage_reservations import FixedPercentageStorageReservation
-from torchrec.distributed.planner.types import Stats
+from torchrec.distributed.planner.types import ShardingOption, Stats, Topology
 from torchrec.distributed.types import ShardingPlan, ShardingType
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
@@ -116,33 +116,151 @@ def fuse_table_optimizer(model: nn.Module, optim_name: str, lr: float, eps: floa
         apply_optimizer_in_backward(table_optimizer(optim_name), ebc.parameters(), kwargs)
 
 
+@dataclass
+class ShardPlacement:
+    rank: int
+    row_offset: int
+    rows: int
+    col_offset: int
+    cols: int
+    hbm_bytes: int
+    """The planner's estimate of the shard's device memory: weights, optimizer state, lookup buffers."""
+    ddr_bytes: int
+    """Its estimate of host memory (CPU tables, UVM-offloaded tables on CUDA)."""
+
+
+@dataclass
+class TablePlacement:
+    name: str
+    """The table's path in the model, as in the sharding plan (``model.user_ebc.user``)."""
+    rows: int
+    dim: int
+    dtype: str
+    """Storage type of the weights: ``fp32`` or ``fp16``."""
+    sharding_type: str
+    compute_kernel: str
+    shards: List[ShardPlacement]
+
+    @property
+    def ranks(self) -> List[int]:
+        return sorted({s.rank for s in self.shards})
+
+    @property
+    def weight_bytes(self) -> int:
+        return self.rows * self.dim * (2 if self.dtype == "fp16" else 4)
+
+
+@dataclass
+class RankMemory:
+    rank: int
+    shards: int
+    hbm_bytes: int
+    ddr_bytes: int
+
+
+@dataclass
+class Placement:
+    """The planner's answer: where every shard goes, what each rank holds, against what capacity."""
+
+    world_size: int
+    local_world_size: int
+    device: str
+    hbm_per_rank: int
+    """Device memory per rank (bytes) given to the planner."""
+    ddr_per_rank: int
+    usable_hbm_per_rank: int
+    """What the planner may fill with table shards (device memory less its reservation)."""
+    usable_ddr_per_rank: int
+    tables: List[TablePlacement]
+    ranks: List[RankMemory]
+
+
+@dataclass
+class PlacedPlan(ShardingPlan):
+    """TorchRec's ShardingPlan (what DistributedModelParallel takes) with the planner's placement
+    and memory estimates, for ``describe_plan``."""
+
+    placement: Optional[Placement] = None
+
+
+class PlanRecorder(Stats):
+    """A planner ``Stats`` hook: keeps the sharding options of the chosen plan (the planner's last
+    proposal when it fails), with its storage estimate of every shard, and the capacities."""
+
+    def __init__(self) -> None:
+        self.best_plan: List[ShardingOption] = []
+        self.topology: Optional[Topology] = None
+        self.usable: Optional[Topology] = None
+
+    def log(self, sharding_plan, topology, batch_size, storage_reservation, num_proposals, num_plans,
+            run_time, best_plan, *args, **kwargs) -> None:
+        self.best_plan = list(best_plan)
+        self.topology = topology
+        self.usable = storage_reservation.last_reserved_topology
+
+    def placement(self, local_world_size: int) -> Placement:
+        tables = []
+        for so in sorted(self.best_plan, key=lambda so: so.fqn):
+            shards = [ShardPlacement(s.rank, s.offset[0], s.size[0], s.offset[1], s.size[1], s.storage.hbm,
+                                     s.storage.ddr) for s in so.shards]
+            dtype = "fp16" if so.tensor.dtype == torch.float16 else "fp32"
+            tables.append(TablePlacement(so.fqn, so.tensor.shape[0], so.tensor.shape[1], dtype, so.sharding_type,
+                                         so.compute_kernel, shards))
+        world = len(self.topology.devices)
+        ranks = [RankMemory(r, 0, 0, 0) for r in range(world)]
+        for t in tables:
+            for s in t.shards:
+                ranks[s.rank].shards += 1
+                ranks[s.rank].hbm_bytes += s.hbm_bytes
+                ranks[s.rank].ddr_bytes += s.ddr_bytes
+        device, usable = self.topology.devices[0].storage, self.usable.devices[0].storage
+        return Placement(world, local_world_size, self.topology.compute_device, device.hbm, device.ddr, usable.hbm,
+                         usable.ddr, tables, ranks)
+
+
 def plan_sharding(model: nn.Module, world_size: int, device_type: str, sharding_types: List[str],
                   pg: Optional[dist.ProcessGroup] = None, batch_size: int = 512,
                   local_world_size: Optional[int] = None, hbm_cap: Optional[int] = None,
-                  ddr_cap: Optional[int] = None, stats: Optional[List[Stats]] = None) -> ShardingPlan:
+                  ddr_cap: Optional[int] = None, stats: Optional[List[Stats]] = None,
+                  recorder: Optional[PlanRecorder] = None) -> PlacedPlan:
     """Run TorchRec's planner (collectively when `pg` is given, so all ranks agree).
 
     `local_world_size` defaults to $LOCAL_WORLD_SIZE (else `world_size`); `hbm_cap` / `ddr_cap`
-    (bytes per device / host) to TorchRec's defaults; `stats` to TorchRec's EmbeddingStats.
-    The dry run (recsys.plan) sets them to plan a cluster from one process."""
+    (bytes per device / host) to TorchRec's defaults (32 GiB of HBM per GPU, 128 GiB of host
+    memory per rank); `stats`: more planner statistics hooks (TorchRec's EmbeddingStats table);
+    `recorder` keeps the planner's proposals (also when it fails). The dry run (recsys.plan) sets
+    them to plan a cluster from one process.
+
+    A table larger than one rank's memory is split: row-wise (rows over the ranks of the job, or
+    of a node with table_row_wise; CPU too, see EmbeddingBagSharder) or column-wise (TorchRec
+    cuts column shards of at least 128 columns, so only wider tables; each column shard keeps
+    its own RowWiseAdagrad state, unlike the unsharded table). `sharding_types` restricts the
+    planner's choice (e.g. [row_wise] for huge tables on GPU)."""
     constraints: Dict[str, ParameterConstraints] = {}
     if sharding_types:
         for ebc in embedding_modules(model):
             for table in ebc.embedding_bag_configs():
                 constraints[table.name] = ParameterConstraints(sharding_types=list(sharding_types))
-    local_world = local_world_size or int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
+    local_world = min(local_world_size or int(os.environ.get("LOCAL_WORLD_SIZE", world_size)), world_size)
+    recorder = recorder or PlanRecorder()
     planner = EmbeddingShardingPlanner(
         topology=Topology(world_size=world_size, compute_device=device_type, local_world_size=local_world,
                           hbm_cap=hbm_cap, ddr_cap=ddr_cap),
         constraints=constraints or None,
         batch_size=batch_size,
         storage_reservation=FixedPercentageStorageReservation(0.15),
-        stats=stats,
+        stats=[*(stats or []), recorder],
     )
     sharders = [EmbeddingBagSharder()]
-    if pg is not None:
-        return planner.collective_plan(model, sharders, pg)
-    return planner.plan(model, sharders)
+    if pg is None:
+        plan = planner.plan(model, sharders)
+        placement = recorder.placement(local_world)
+    else:  # rank 0 plans; every rank gets its plan and placement
+        plan = planner.collective_plan(model, sharders, pg)
+        holder = [recorder.placement(local_world) if dist.get_rank(pg) == 0 else None]
+        dist.broadcast_object_list(holder, src=dist.get_global_rank(pg, 0), group=pg)
+        placement = holder[0]
+    return PlacedPlan(plan.plan, placement)
 
 
 def shard_model(
@@ -154,14 +272,17 @@ def shard_model(
     dense_lr: float,
     sharding_types: List[str],
     local_batch_size: int = 512,
-) -> tuple[DistributedModelParallel, torch.optim.Optimizer, ShardingPlan]:
+) -> tuple[DistributedModelParallel, torch.optim.Optimizer, PlacedPlan]:
     """Fuse the table optimizer into the backward, plan, and shard `model` (built on meta).
 
     Returns the DMP module, the optimizer the train pipeline steps (fused table optimizer +
-    Adam for dense parameters, if any) and the sharding plan."""
+    Adam for dense parameters, if any) and the sharding plan (with the planner's placement)."""
     fuse_table_optimizer(model, optim_name, lr, eps)
+    # On GPUs the planner gets the device's memory (TorchRec assumes 32 GiB): an 80 GiB GPU holds
+    # what fits in 80 GiB less the planner's reservation before a table has to be split.
+    hbm_cap = torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else None
     plan = plan_sharding(model, dist.get_world_size(), device.type, sharding_types, dist.group.WORLD,
-                         local_batch_size)
+                         local_batch_size, hbm_cap=hbm_cap)
     dmp = DistributedModelParallel(module=model, device=device, plan=plan, sharders=[EmbeddingBagSharder()])
     dense = dict(in_backward_optimizer_filter(dmp.named_parameters()))
     optimizers = [dmp.fused_optimizer]
@@ -170,18 +291,78 @@ def shard_model(
     return dmp, CombinedOptimizer(optimizers), plan
 
 
+GIB, MIB = 1024**3, 1024**2
+
+
+def format_bytes(n: float) -> str:
+    if n == 0:
+        return "0"
+    for name, size in (("GiB", GIB), ("MiB", MIB)):
+        if n >= size:
+            return f"{n / size:.3f} {name}"
+    return f"{n / 1024:.3f} KiB"
+
+
+def _shard_shapes(t: TablePlacement) -> str:
+    """``8 shards of 125,000 x 64`` (equal shards) or ``2,500 x 64 + 2,499 x 64``."""
+    shapes = [f"{s.rows:,} x {s.cols}" for s in sorted(t.shards, key=lambda s: (s.row_offset, s.col_offset))]
+    if len(set(shapes)) == 1:
+        return f"{len(shapes)} shards of {shapes[0]}" if len(shapes) > 1 else f"1 shard of {shapes[0]}"
+    return " + ".join(shapes) if len(shapes) <= 4 else f"{len(shapes)} shards ({shapes[0]} ... {shapes[-1]})"
+
+
 def describe_plan(plan: ShardingPlan) -> str:
-    lines = []
-    for module_path, module_plan in plan.plan.items():
-        for table, ps in module_plan.items():
-            ranks = sorted({r for r in (ps.ranks or [])})
-            shards = ""
-            if ps.sharding_spec is not None:
-                shards = " shards=" + ", ".join(
-                    f"rank{s.placement.rank()}:rows{s.shard_offsets[0]}+{s.shard_sizes[0]}"
-                    f"/cols{s.shard_offsets[1]}+{s.shard_sizes[1]}" for s in ps.sharding_spec.shards)
-            lines.append(f"  {module_path}.{table}: {ps.sharding_type} kernel={ps.compute_kernel} ranks={ranks}{shards}")
-    return "sharding plan:\n" + "\n".join(lines)
+    """The sharding plan as a table (printed at the start of training and by the dry run): per
+    table its sharding type, kernel, ranks, size, storage type and shards; with the planner's
+    placement (``PlacedPlan``), also the estimated memory of every rank (consecutive ranks with
+    the same figures on one line) against what the planner may use."""
+    placement = getattr(plan, "placement", None)
+    if placement is None:
+        lines = []
+        for module_path, module_plan in plan.plan.items():
+            for table, ps in module_plan.items():
+                ranks = sorted(set(ps.ranks or []))
+                lines.append(f"  {module_path}.{table}: {ps.sharding_type} kernel={ps.compute_kernel} ranks={ranks}")
+        return "sharding plan:\n" + "\n".join(lines)
+    p = placement
+    heads = [f"  {t.name}: {t.sharding_type} kernel={t.compute_kernel} ranks={t.ranks}" for t in p.tables]
+    width = max(len(h) for h in heads)
+    size_width = max(10, *(len(f"{t.rows:,} x {t.dim}") for t in p.tables))
+    columns = f"{'rows x dim':>{size_width}} type {'weights':>12}"
+    lines = [f"sharding plan: {p.world_size} {p.device} rank(s), {p.local_world_size} per node",
+             f"{'  table: sharding kernel ranks':<{width}}  | {columns} | shards (rows x columns)"]
+    for head, t in zip(heads, p.tables):
+        lines.append(f"{head:<{width}}  | {f'{t.rows:,} x {t.dim}':>{size_width}} {t.dtype} "
+                     f"{format_bytes(t.weight_bytes):>12} | {_shard_shapes(t)}")
+    largest = max(max(m.hbm_bytes, m.ddr_bytes) for m in p.ranks)
+    unit, size = ("GiB", GIB) if largest >= GIB else ("MiB", MIB) if largest >= MIB else ("KiB", 1024)
+
+    def share(used: int, usable: int) -> str:
+        return f"{100 * used / usable:.1f}%" if usable else "-"
+
+    def span(first: int, last: int) -> str:
+        return str(first) if first == last else f"{first}-{last}"
+
+    lines += ["estimated memory per rank (the planner's: table shards' weights, optimizer state and lookup "
+              "buffers; 'use': share of what it may fill):",
+              f"  {'ranks':>11} {'nodes':>7} {'shards':>7} {'HBM ' + unit:>10} {'DDR ' + unit:>10} {'HBM use':>8} "
+              f"{'DDR use':>8}"]
+    groups: List[List[RankMemory]] = []
+    for m in p.ranks:
+        if groups and (groups[-1][0].shards, groups[-1][0].hbm_bytes, groups[-1][0].ddr_bytes) == \
+                (m.shards, m.hbm_bytes, m.ddr_bytes):
+            groups[-1].append(m)
+        else:
+            groups.append([m])
+    for g in groups:
+        m, last = g[0], g[-1].rank
+        nodes = span(m.rank // p.local_world_size, last // p.local_world_size)
+        lines.append(f"  {span(m.rank, last):>11} {nodes:>7} {m.shards:>7} {m.hbm_bytes / size:>10.3f} "
+                     f"{m.ddr_bytes / size:>10.3f} {share(m.hbm_bytes, p.usable_hbm_per_rank):>8} "
+                     f"{share(m.ddr_bytes, p.usable_ddr_per_rank):>8}")
+    lines.append(f"  {'total':>11} {'':>7} {sum(m.shards for m in p.ranks):>7} "
+                 f"{sum(m.hbm_bytes for m in p.ranks) / size:>10.3f} {sum(m.ddr_bytes for m in p.ranks) / size:>10.3f}")
+    return "\n".join(lines)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -247,6 +428,18 @@ def gather_tables(model: nn.Module, dst: int = 0) -> Dict[str, torch.Tensor]:
         if rank == dst:
             out[name] = full.cpu()
     return out
+
+
+def local_table_bytes(model: nn.Module) -> int:
+    """Bytes allocated for this rank's table weights: the storages behind its shards (FBGEMM keeps
+    the tables of one kernel group in one buffer), each counted once. Measured, not estimated."""
+    storages = {}
+    for weight in table_weights(model).values():
+        tensors = [s.tensor for s in weight.local_shards()] if isinstance(weight, ShardedTensor) else [weight]
+        for t in tensors:
+            storage = t.untyped_storage()
+            storages[storage.data_ptr()] = storage.nbytes()
+    return sum(storages.values())
 
 
 def _local_tensors(model: nn.Module) -> List[torch.Tensor]:

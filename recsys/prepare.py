@@ -12,6 +12,8 @@ dropped with their reasons, and writes ``report.json``, ``report.md`` and ``popu
 
 from __future__ import annotations
 
+import json
+
 import logging
 import sys
 from pathlib import Path
@@ -25,7 +27,7 @@ from omegaconf import OmegaConf
 from recsys.atomic import write_json_atomic, write_text_atomic
 from recsys.config import Config, ConfigError, DataConfig, register_configs, register_resolvers
 from recsys.data import DataError, Dataset, prepare
-from recsys.report import dataset_report, format_dataset_report, plot_popularity
+from recsys.report import dataset_report, stream_report, format_dataset_report, plot_popularity
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 
@@ -33,10 +35,14 @@ CONF = Path(__file__).resolve().parents[1] / "conf"
 def prepare_report(cfg: DataConfig) -> Tuple[Path, Dict, str]:
     """Prepare (or reuse) the dataset, write its report files beside it; (directory, report, text)."""
     path = prepare(cfg)
-    dataset = Dataset.load(path)
-    report = dataset_report(dataset)
-    png = plot_popularity(dataset.item_counts(), path / "popularity.png",
-                          np.bincount(dataset.train_users, minlength=dataset.num_users),
+    if json.loads((path / "manifest.json").read_text()).get("loader") == "stream":  # counts only: no pass over the log
+        report = stream_report(path)
+        item_counts, user_counts = np.load(path / "item_counts_all.npy"), np.load(path / "user_counts.npy")
+    else:
+        dataset = Dataset.load(path)
+        report = dataset_report(dataset)
+        item_counts, user_counts = dataset.item_counts(), np.bincount(dataset.train_users, minlength=dataset.num_users)
+    png = plot_popularity(item_counts, path / "popularity.png", user_counts,
                           title=f"Popularity in the training data of {path.name}")
     report["popularity_plot"] = str(png)
     text = format_dataset_report(report)

@@ -8,6 +8,8 @@ Shared by ``recsys.prepare`` (the dataset report and its popularity plot) and ``
 
 from __future__ import annotations
 
+import json
+
 import logging
 import os
 from pathlib import Path
@@ -74,27 +76,42 @@ def dataset_report(dataset: Dataset) -> Dict:
     interactions the embedding rows are learnt from. Density is every kept interaction (train,
     validation and test) over users x items."""
     n_valid = int(dataset.valid.sum())
-    n_train = len(dataset.train_users) - n_valid
-    n_test = len(dataset.test_users)
-    per_user = np.bincount(dataset.train_users, minlength=dataset.num_users)
-    per_item = np.bincount(dataset.train_items, minlength=dataset.num_items)
-    cells = dataset.num_users * dataset.num_items
-    dropped = {k: int(v) for k, v in dataset.manifest.get("dropped", {}).items()}
+    return counts_report(dataset.path, dataset.manifest, np.bincount(dataset.train_users, minlength=dataset.num_users),
+                         np.bincount(dataset.train_items, minlength=dataset.num_items),
+                         len(dataset.train_users) - n_valid, n_valid, len(dataset.test_users),
+                         int(len(np.unique(dataset.test_users))))
+
+
+def stream_report(path: Path) -> Dict:
+    """:func:`dataset_report` of a streamed prepared directory, from its counts (no pass over the data)."""
+    manifest = json.loads((Path(path) / "manifest.json").read_text())
+    counts = manifest["counts"]
+    n_valid = counts.get("valid_interactions", 0)
+    return counts_report(Path(path), manifest, np.load(Path(path) / "user_counts.npy"),
+                         np.load(Path(path) / "item_counts_all.npy"), counts["train_interactions"] - n_valid, n_valid,
+                         counts["test_interactions"], counts["test_users"])
+
+
+def counts_report(path: Path, manifest: Mapping, per_user: np.ndarray, per_item: np.ndarray, n_train: int,
+                  n_valid: int, n_test: int, test_users: int) -> Dict:
+    num_users, num_items = len(per_user), len(per_item)
+    cells = num_users * num_items
+    dropped = {k: int(v) for k, v in manifest.get("dropped", {}).items()}
     return {
-        "path": str(dataset.path),
-        "source": dataset.manifest.get("source"),
-        "split": dataset.manifest.get("split"),
-        "num_users": dataset.num_users,
-        "num_items": dataset.num_items,
+        "path": str(path),
+        "source": manifest.get("source"),
+        "split": manifest.get("split"),
+        "num_users": num_users,
+        "num_items": num_items,
         "interactions": {"train": n_train, "valid": n_valid, "test": n_test, "total": n_train + n_valid + n_test},
-        "test_users": int(len(np.unique(dataset.test_users))),
+        "test_users": test_users,
         "density": (n_train + n_valid + n_test) / cells if cells else 0.0,
         "per_user": count_quantiles(per_user),
         "per_item": count_quantiles(per_item),
         "per_user_mean": float(per_user.mean()) if len(per_user) else 0.0,
         "per_item_mean": float(per_item.mean()) if len(per_item) else 0.0,
         "top_1pct_items_share": top_share(per_item, 0.01),
-        "raw_interactions": dataset.manifest.get("counts", {}).get("raw_interactions"),
+        "raw_interactions": manifest.get("counts", {}).get("raw_interactions"),
         "dropped": dropped,
     }
 
@@ -186,9 +203,11 @@ def plot_loss(steps: Sequence[int], losses: Sequence[float], epoch_steps: Sequen
         ax.axvline(s, color="grey", lw=0.5, ls=":")
     ax.set_xlabel("step")
     ax.set_ylabel("training loss")
-    ax.set_title("Training loss (dotted: end of an epoch)", fontsize=10)
+    ax.set_title("Training loss (dotted: end of an epoch)" if len(steps) or len(epoch_steps)
+                 else "No training steps (train.epochs=0)", fontsize=10)
     ax.grid(True, alpha=0.3)
-    ax.legend()
+    if len(steps) or len(epoch_steps):
+        ax.legend()
     return save_figure(fig, path)
 
 

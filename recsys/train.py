@@ -11,6 +11,7 @@ into the same run directory resumes from the newest complete checkpoint (recsys/
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -19,10 +20,11 @@ import sys
 import time
 import warnings
 from pathlib import Path
-from typing import Dict, Optional
+from typing import Dict, Iterator, Optional
 
 import hydra
 import numpy as np
+import pyarrow.parquet as pq
 import torch
 import torch.distributed as dist
 from hydra.core.hydra_config import HydraConfig
@@ -33,13 +35,16 @@ from tqdm import tqdm
 from recsys.checkpoint import (check_compatible, load_checkpoint, prepare_resume, read_meta, run_hash,
                                save_checkpoint, table_shapes)
 from recsys.config import Config, ConfigError, register_configs, register_resolvers, typed_config
-from recsys.data import DataError, Dataset, Features, TrainBatches, prepare, write_json_atomic
-from recsys.evaluate import evaluate_model, evaluate_popularity, tower_norms
-from recsys.export import ExportError, export_model
+from recsys.data import (Batch, DataError, Dataset, Features, TrainBatches, id_rows, prepare, resolve_loader,
+                         write_json_atomic)
+from recsys.evaluate import eval_users, evaluate_model, evaluate_popularity, load_eval_sets, local_share, tower_norms
+from recsys.export import ExportError, export_data
+from recsys.loader import Pieces, StreamBatches, steps_per_epoch
 from recsys.model import RetrievalTask, TwoTower
 from recsys.parallelize import (describe_plan, destroy_distributed, init_distributed, init_tables, restore_weights,
                                 shard_model, snapshot_weights)
 from recsys.report import count_quantiles, run_plots, write_summary
+from recsys.spectral import init_spectral
 
 logger = logging.getLogger("recsys.train")
 warnings.filterwarnings("ignore", message=".*deprecating ShardedTensor.*")
@@ -68,7 +73,8 @@ def build_task(cfg: Config, num_users: int, num_items: int,
                      history_weight=mc.history_weight if mc.name == "two_tower" else 0.0,
                      history_pooling=mc.history_pooling, share_item_table=mc.share_item_table,
                      projection=mc.projection,
-                     item_history_weight=mc.item_history_weight if mc.name == "two_tower" else 0.0)
+                     item_history_weight=mc.item_history_weight if mc.name == "two_tower" else 0.0,
+                     table_dtype=mc.table_dtype)
     return RetrievalTask(model, cfg.loss.name, cfg.loss.temperature, cfg.loss.mask_accidental_hits, item_log_prob,
                          cfg.loss.margin, cfg.loss.l2)
 
@@ -86,6 +92,150 @@ def make_features(cfg: Config, dataset: Dataset, model: TwoTower, include_valid:
     return Features(dataset.history(include_valid, mc.history_max_len), mc.share_item_table,
                     mc.history_dropout if training else 0.0, mc.history_exclude_target and training,
                     item_history)
+
+
+# ---------------------------------------------------------------------------------------------
+# Data sources: what the loop and the evaluation take from the prepared dataset, in memory or streamed
+# ---------------------------------------------------------------------------------------------
+
+
+def data_config(cfg: Config):
+    """``cfg.data`` with ``data.loader`` resolved (``auto`` -> ``memory`` or ``stream``): models
+    with history bags need every user's items in memory, so they never stream."""
+    why = None
+    if cfg.model.name != "mf":
+        why = f"model={cfg.model.name} needs each user's training items (history bags), held by the memory loader only"
+    return dataclasses.replace(cfg.data, loader=resolve_loader(cfg.data, why))
+
+
+def open_data(cfg: Config, path: Path):
+    """The prepared dataset at `path` as the loop reads it: ``StreamedData`` when it was prepared
+    for streaming (its manifest says ``loader: stream``), else ``InMemoryData``."""
+    manifest = json.loads((path / "manifest.json").read_text())
+    return StreamedData(cfg, path, manifest) if manifest.get("loader") == "stream" else InMemoryData(cfg, path)
+
+
+class InMemoryData:
+    """``data.loader=memory``: the whole prepared dataset in every rank's memory; each epoch is a
+    seeded permutation of all fit interactions (``TrainBatches``: the global batch of a step does
+    not depend on the world size)."""
+
+    eval_info: Dict = {}
+    test_users = valid_users = None  # evaluate_model samples them (eval.max_users) from the full CSRs
+
+    def __init__(self, cfg: Config, path: Path) -> None:
+        self.cfg, self.dataset = cfg, Dataset.load(path)
+        self.manifest, self.has_valid = self.dataset.manifest, self.dataset.has_valid
+        self.num_users, self.num_items = self.dataset.num_users, self.dataset.num_items
+        self.fit_users, self.fit_items = self.dataset.fit_pairs()
+        self.num_fit = len(self.fit_users)
+
+    def fit_item_counts(self) -> np.ndarray:
+        return self.dataset.item_counts(include_valid=False)
+
+    def item_counts(self) -> np.ndarray:
+        return self.dataset.item_counts()
+
+    def user_counts(self) -> np.ndarray:
+        return np.bincount(self.dataset.train_users, minlength=self.num_users)
+
+    def steps_per_epoch(self, global_batch: int) -> int:
+        return self.num_fit // global_batch
+
+    def id_rows(self, which: str):
+        """(raw ids, their table rows) of ``users`` / ``items`` (``recsys.data.id_rows``: what the export writes)."""
+        return self.dataset.id_rows(which)
+
+    def setup(self, cfg: Config, model: TwoTower, rank: int, world: int, device: torch.device) -> None:
+        """The model's inputs and the evaluation sets (users' histories when the model has them)."""
+        d = self.dataset
+        self.rank, self.world = rank, world
+        self.train_features, self.fit_features, self.full_features = (make_features(cfg, d, model, False, True),
+                                                                      make_features(cfg, d, model, False),
+                                                                      make_features(cfg, d, model, True))
+        self.train_mask, self.test_csr = d.train_csr(), d.test_csr()
+        self.valid_csr = d.valid_csr() if d.has_valid else None
+        self.fit_mask = d.train_csr(include_valid=False) if d.has_valid else None
+
+    def batches(self, epoch: int, skip: int, max_batches: int) -> Iterator[Batch]:
+        """The epoch's batches from the (skip+1)-th on, at most `max_batches` counting the skipped."""
+        cfg = self.cfg
+        it = iter(TrainBatches(self.fit_users, self.fit_items, self.num_items, cfg.train.batch_size,
+                               cfg.loss.num_negatives, self.rank, self.world, cfg.seed, epoch,
+                               max_batches=max_batches, features=self.train_features))
+        for _ in range(skip):  # the same batches, negatives and RNG draws as before: discarded
+            next(it)
+        return it
+
+
+class StreamedData:
+    """``data.loader=stream``: nothing held grows with the number of interactions. Batches are
+    streamed from the row groups (``recsys.loader.StreamBatches``; the order depends on the world
+    size and ``data.num_workers``), the counts come from the prepare's ``*.npy``, and the
+    evaluation sets are built for a seeded sample of at most ``eval.max_users`` test users."""
+
+    def __init__(self, cfg: Config, path: Path, manifest: Dict) -> None:
+        if cfg.model.name != "mf":
+            raise ConfigError(f"{path} is prepared for streaming: model={cfg.model.name} needs each user's training "
+                              "items (history bags), held by the memory loader only; use data.loader=memory")
+        self.cfg, self.path, self.manifest = cfg, path, manifest
+        counts = manifest["counts"]
+        self.num_users, self.num_items = counts["num_users"], counts["num_items"]
+        self.has_valid = counts["valid_interactions"] > 0
+        self.pieces = Pieces.read(path)
+        self.num_fit = self.pieces.total_fit
+        self.eval_info: Dict = {}
+
+    def fit_item_counts(self) -> np.ndarray:
+        return np.load(self.path / "item_counts.npy")
+
+    def item_counts(self) -> np.ndarray:
+        return np.load(self.path / "item_counts_all.npy")
+
+    def user_counts(self) -> np.ndarray:
+        return np.load(self.path / "user_counts.npy")
+
+    def steps_per_epoch(self, global_batch: int) -> int:
+        return steps_per_epoch(self.pieces, global_batch)
+
+    def id_rows(self, which: str):
+        """(raw ids, their table rows) of ``users`` / ``items`` (``recsys.data.id_rows``: what the export writes)."""
+        return id_rows(self.path, which)
+
+    def setup(self, cfg: Config, model: TwoTower, rank: int, world: int, device: torch.device) -> None:
+        """Model inputs (ids only) and the evaluation sets of the evaluated users (a seeded sample of at
+        most ``eval.max_users`` of those with test / validation items), this rank's share of them."""
+        self.rank, self.world, self.pin = rank, world, device.type == "cuda"  # pinned memory on CUDA only
+        self.fit_features = self.full_features = Features()
+        test_counts = np.load(self.path / "test_user_counts.npy")
+        self.test_users = eval_users(test_counts, cfg.eval.max_users)
+        self.train_mask, self.test_csr = load_eval_sets(self.path, local_share(self.test_users)[0], "test", False)
+        self.valid_users = self.fit_mask = self.valid_csr = None
+        if self.has_valid:
+            self.valid_users = eval_users(self.valid_user_counts(), cfg.eval.max_users)
+            self.fit_mask, self.valid_csr = load_eval_sets(self.path, local_share(self.valid_users)[0], "valid", False)
+        self.eval_info = {"eval_users": len(self.test_users), "eval_users_of": int(np.count_nonzero(test_counts))}
+
+    def valid_user_counts(self) -> np.ndarray:
+        """Validation rows per user row: ``valid_user_counts.npy`` of the streaming prepare (a dataset
+        prepared before it wrote that file: counted in one pass over the user and valid columns)."""
+        saved = self.path / "valid_user_counts.npy"
+        if saved.exists():
+            return np.load(saved)
+        counts = np.zeros(self.num_users, dtype=np.int64)
+        for f in sorted((self.path / "train").glob("*.parquet")):
+            pf = pq.ParquetFile(f)
+            for g in range(pf.num_row_groups):
+                t = pf.read_row_group(g, columns=["user", "valid"])
+                held = t["valid"].to_numpy(zero_copy_only=False)
+                counts += np.bincount(t["user"].to_numpy()[held], minlength=self.num_users)
+        return counts
+
+    def batches(self, epoch: int, skip: int, max_batches: int) -> Iterator[Batch]:
+        cfg = self.cfg
+        return iter(StreamBatches(self.pieces, self.num_items, cfg.train.batch_size, cfg.loss.num_negatives, self.rank,
+                                  self.world, cfg.seed, epoch, cfg.data.num_workers, cfg.data.shuffle_buffer, skip=skip,
+                                  max_batches=max_batches, pin_memory=self.pin))
 
 
 def train(cfg: Config, run_dir: Path, config_hash: str = "") -> Dict:
@@ -126,35 +276,35 @@ def train(cfg: Config, run_dir: Path, config_hash: str = "") -> Dict:
         if error is not None:
             raise error
 
-        # ---- data: rank 0 prepares (or reuses) the dataset, every rank loads it
+        # ---- data: rank 0 prepares (or reuses) the dataset, every rank opens it (in memory or streamed)
         error = None
         data_dir = None
         if rank == 0:
             try:
-                data_dir = str(prepare(cfg.data))
+                data_dir = str(prepare(data_config(cfg)))
             except (DataError, ConfigError) as e:
                 error = e
         data_dir, error = broadcast_object((data_dir, error))
         if error is not None:
             raise error
-        dataset = Dataset.load(Path(data_dir))
+        data = open_data(cfg, Path(data_dir))
         kmax = max([*cfg.eval.ks, cfg.eval.select_k])
-        if kmax > dataset.num_items:
-            raise ConfigError(f"eval.ks / eval.select_metric: K={kmax} is larger than the number of items ({dataset.num_items})")
-        if cfg.export.enabled and cfg.export.faiss == "ivf" and cfg.export.ivf_nlist > dataset.num_items:
+        if kmax > data.num_items:
+            raise ConfigError(f"eval.ks / eval.select_metric: K={kmax} is larger than the number of items ({data.num_items})")
+        if cfg.export.enabled and cfg.export.faiss == "ivf" and cfg.export.ivf_nlist > data.num_items:
             raise ConfigError(f"export.ivf_nlist={cfg.export.ivf_nlist} is larger than the number of items "
-                              f"({dataset.num_items})")
-        counts = dataset.manifest["counts"]
-        logger.info("dataset %s: %d users, %d items, %d train / %d test interactions, dropped %s",
+                              f"({data.num_items})")
+        counts = data.manifest["counts"]
+        logger.info("dataset %s: %d users, %d items, %d train / %d test interactions, dropped %s%s",
                     data_dir, counts["num_users"], counts["num_items"], counts["train_interactions"],
-                    counts["test_interactions"], dataset.manifest["dropped"])
-        fit_users, fit_items = dataset.fit_pairs()
-        fit_counts = dataset.item_counts(include_valid=False)
-        steps_per_epoch = len(fit_users) // cfg.train.batch_size
+                    counts["test_interactions"], data.manifest["dropped"],
+                    "; streamed" if isinstance(data, StreamedData) else "")
+        fit_counts = data.fit_item_counts()
+        steps_per_epoch = data.steps_per_epoch(cfg.train.batch_size)
         if steps_per_epoch == 0:
             raise ConfigError(f"train.batch_size={cfg.train.batch_size} is larger than the "
-                              f"{len(fit_users)} training interactions")
-        if cfg.train.patience and not dataset.has_valid:
+                              f"{data.num_fit} training interactions")
+        if cfg.train.patience and not data.has_valid:
             logger.warning("train.patience=%d has no effect without a validation split (data.valid_fraction)",
                            cfg.train.patience)
 
@@ -163,24 +313,25 @@ def train(cfg: Config, run_dir: Path, config_hash: str = "") -> Dict:
         item_log_prob = None
         if cfg.loss.logq_correction:
             item_log_prob = torch.from_numpy(np.log(np.maximum(fit_counts, 1) / fit_counts.sum())).float().to(device)
-        task = build_task(cfg, dataset.num_users, dataset.num_items, item_log_prob)
+        task = build_task(cfg, data.num_users, data.num_items, item_log_prob)
         model = task.model
         dmp, optimizer, plan = shard_model(task, device, cfg.optim.name, cfg.optim.lr, cfg.optim.eps,
                                            cfg.optim.dense_lr, cfg.train.sharding_types, cfg.train.batch_size // world)
         init_tables(dmp, mc.init_std, cfg.seed)
         dmp.module.model.reset_dense_parameters()
+        if mc.init == "spectral" and resume_from is None:  # closed-form tables from the fit interactions
+            init_spectral(dmp, *data.dataset.fit_pairs(), data.num_users, data.num_items, mc, cfg.seed, device)
         logger.info("world size %d, device %s, backend %s\n%s", world, device, info.backend, describe_plan(plan))
 
-        train_features, fit_features, full_features = (make_features(cfg, dataset, model, False, True),
-                                                       make_features(cfg, dataset, model, False),
-                                                       make_features(cfg, dataset, model, True))
-        train_mask, test_csr = dataset.train_csr(), dataset.test_csr()
-        valid_csr = dataset.valid_csr() if dataset.has_valid else None
-        fit_mask = dataset.train_csr(include_valid=False) if dataset.has_valid else None
+        data.setup(cfg, model, rank, world, device)
+        fit_features, full_features = data.fit_features, data.full_features
+        train_mask, test_csr, valid_csr, fit_mask = data.train_mask, data.test_csr, data.valid_csr, data.fit_mask
         valid_ks = sorted(set(cfg.eval.ks) | {cfg.eval.select_k})
+        eval_options = {"max_users": cfg.eval.max_users, "item_chunk": cfg.eval.item_chunk,
+                        "score_budget_mb": cfg.eval.score_budget_mb}
 
         # ---- loop
-        unused = len(fit_users) - steps_per_epoch * cfg.train.batch_size
+        unused = data.num_fit - steps_per_epoch * cfg.train.batch_size
         total_steps = steps_per_epoch * cfg.train.epochs
         if cfg.train.max_steps is not None:
             total_steps = min(total_steps, cfg.train.max_steps)
@@ -212,6 +363,11 @@ def train(cfg: Config, run_dir: Path, config_hash: str = "") -> Dict:
                 carried_loss = sums[rank]
             elif rank == 0:  # another world size: the epoch's mean loss stays the same sum / (steps * world)
                 carried_loss = sum(sums) * world / meta["world_size"]
+            if isinstance(data, StreamedData) and meta["world_size"] != world and start_batch and not finished:
+                logger.warning("resuming a streamed epoch on %d rank(s), written by %d: the streamed order depends on "
+                               "the world size, so the rest of epoch %d is the new order's batches after the first %d "
+                               "(some rows of this epoch may be seen twice and others not at all)",
+                               world, meta["world_size"], start_epoch, start_batch)
             resumed = {"from": str(resume_from), "step": step, "world_size": meta["world_size"],
                        "load_s": round(time.perf_counter() - t_load, 3)}
             logger.info("resumed from %s (written by %d rank(s)): step %d, epoch %d, %d batches into it%s",
@@ -255,12 +411,7 @@ def train(cfg: Config, run_dir: Path, config_hash: str = "") -> Dict:
             skip = start_batch if epoch == start_epoch else 0  # batches of this epoch done before the resume
             if step >= total_steps and skip == 0:
                 break
-            batches = TrainBatches(fit_users, fit_items, dataset.num_items,
-                                   cfg.train.batch_size, cfg.loss.num_negatives, rank, world, cfg.seed, epoch,
-                                   max_batches=total_steps - step + skip, features=train_features)
-            it = iter(batches)
-            for _ in range(skip):  # the same batches, negatives and RNG draws as before: discarded
-                next(it)
+            it = data.batches(epoch, skip, total_steps - step + skip)  # the epoch's batches after the first `skip`
             loss_sum = torch.tensor(carried_loss if epoch == start_epoch else 0.0, dtype=torch.float64, device=device)
             n = skip
             while True:
@@ -306,11 +457,13 @@ def train(cfg: Config, run_dir: Path, config_hash: str = "") -> Dict:
                 model_ = pipeline.detach().module.model
                 dmp.eval()
                 if valid_csr is not None:
-                    record["valid"] = evaluate_model(model_, fit_features, dataset.num_items, fit_mask, valid_csr,
-                                                     valid_ks, device, cfg.eval.user_chunk)
+                    record["valid"] = evaluate_model(model_, fit_features, data.num_items, fit_mask, valid_csr,
+                                                     valid_ks, device, cfg.eval.user_chunk, users=data.valid_users,
+                                                     **eval_options)
                 if cfg.eval.test_every_epoch:
-                    record["test"] = evaluate_model(model_, full_features, dataset.num_items, train_mask, test_csr,
-                                                    cfg.eval.ks, device, cfg.eval.user_chunk)
+                    record["test"] = evaluate_model(model_, full_features, data.num_items, train_mask, test_csr,
+                                                    cfg.eval.ks, device, cfg.eval.user_chunk, users=data.test_users,
+                                                    **eval_options)
                 if valid_csr is not None:
                     value = record["valid"][cfg.eval.select_metric]
                     if value > best["value"]:
@@ -339,6 +492,21 @@ def train(cfg: Config, run_dir: Path, config_hash: str = "") -> Dict:
                 logger.info("early stop: no better valid %s for %d epochs (best: epoch %d, %.4f)",
                             cfg.eval.select_metric, since_best, best["epoch"], best["value"])
                 break
+        closed_form_valid = None
+        if mc.init == "spectral" and not history and not finished:  # no epoch: the closed form is the model
+            if valid_csr is not None:
+                model_ = pipeline.detach().module.model
+                dmp.eval()
+                closed_form_valid = evaluate_model(model_, fit_features, data.num_items, fit_mask, valid_csr, valid_ks,
+                                                   device, cfg.eval.user_chunk, users=data.valid_users, **eval_options)
+                logger.info("closed-form tables: valid %s %.4f", cfg.eval.select_metric,
+                            closed_form_valid[cfg.eval.select_metric])
+                if mc.spectral_refit:
+                    logger.info("recomputing the spectral tables from the whole training split for the test")
+                    init_spectral(dmp, data.dataset.train_users, data.dataset.train_items, data.num_users,
+                                  data.num_items, mc, cfg.seed, device)
+                dmp.train()
+                pipeline.attach(dmp)
         if cfg.train.checkpoint_at_end and not finished:
             checkpoint(epoch, 0, 0.0, True)
         wall = time.perf_counter() - t0
@@ -352,15 +520,18 @@ def train(cfg: Config, run_dir: Path, config_hash: str = "") -> Dict:
 
         # ---- evaluate (model and popularity baseline, same evaluator)
         t_eval = time.perf_counter()
-        test_metrics = evaluate_model(model_, full_features, dataset.num_items, train_mask, test_csr,
-                                      cfg.eval.ks, device, cfg.eval.user_chunk)
+        test_metrics = evaluate_model(model_, full_features, data.num_items, train_mask, test_csr,
+                                      cfg.eval.ks, device, cfg.eval.user_chunk, users=data.test_users, **eval_options)
         metrics = {"test": test_metrics}
         if best["weights"] is not None:
             metrics["valid"] = history[best["epoch"]]["valid"]
             metrics["selected_epoch"] = best["epoch"]
+        elif closed_form_valid is not None:
+            metrics["valid"] = closed_form_valid
         if cfg.eval.popularity:
-            metrics["popularity"] = evaluate_popularity(dataset.item_counts(), train_mask, test_csr, cfg.eval.ks,
-                                                        device, cfg.eval.user_chunk)
+            metrics["popularity"] = evaluate_popularity(data.item_counts(), train_mask, test_csr, cfg.eval.ks,
+                                                        device, cfg.eval.user_chunk, users=data.test_users,
+                                                        **eval_options)
         eval_s = time.perf_counter() - t_eval
         train_s = wall - valid_s
         metrics["train"] = {
@@ -374,7 +545,10 @@ def train(cfg: Config, run_dir: Path, config_hash: str = "") -> Dict:
             "loss_curve": loss_curve,
         }
         metrics["eval"] = {"wall_s": round(eval_s, 3), "per_epoch_wall_s": round(valid_s, 3)}
-        metrics["data"] = {"path": data_dir, **counts, "dropped": dataset.manifest["dropped"]}
+        metrics["data"] = {"path": data_dir, **counts, "dropped": data.manifest["dropped"],
+                           "loader": data.manifest.get("loader", "memory"), **data.eval_info}
+        if "hash" in data.manifest:  # data.id_mapping=hash: distinct ids, rows used, collision rate
+            metrics["data"]["hash"] = data.manifest["hash"]
         metrics["run_hash"] = rhash
         metrics["checkpoint"] = {"last": saved["path"], "written": saved["count"], "bytes": saved["bytes"],
                                  "seconds": round(saved["seconds"], 3), "resumed": resumed}
@@ -386,7 +560,7 @@ def train(cfg: Config, run_dir: Path, config_hash: str = "") -> Dict:
             tb.flush()
         norms = None
         if cfg.log.plots:  # collective: every rank computes its share
-            norms = tower_norms(model_, full_features, dataset.num_users, dataset.num_items, device,
+            norms = tower_norms(model_, full_features, data.num_users, data.num_items, device,
                                 cfg.eval.user_chunk, rank, world)
             if norms is not None:
                 metrics["vectors"] = {"normalized": mc.normalize,
@@ -394,8 +568,8 @@ def train(cfg: Config, run_dir: Path, config_hash: str = "") -> Dict:
 
         # ---- export
         if cfg.export.enabled:
-            path = export_model(model_, full_features, dataset.vocab("users"), dataset.vocab("items"),
-                                run_dir / cfg.export.dir, device, config_hash, options=cfg.export)
+            path = export_data(model_, full_features, data, run_dir / cfg.export.dir, device, config_hash,
+                               options=cfg.export)
             metrics["export"] = {"dir": str(path) if path else str(run_dir / cfg.export.dir)}
             if path is not None and cfg.export.faiss != "none":  # rank 0: the ANN index's recall and speed
                 metrics["export"]["faiss"] = json.loads((path / "manifest.json").read_text())["faiss"]
@@ -404,8 +578,8 @@ def train(cfg: Config, run_dir: Path, config_hash: str = "") -> Dict:
             _report(metrics, cfg.eval.ks, run_dir)
             figures = {}
             if cfg.log.plots:
-                figures = run_plots(run_dir, metrics, cfg.eval.ks, dataset.item_counts(),
-                                    np.bincount(dataset.train_users, minlength=dataset.num_users), norms, mc.normalize)
+                figures = run_plots(run_dir, metrics, cfg.eval.ks, data.item_counts(), data.user_counts(), norms,
+                                    mc.normalize)
             path = write_summary(run_dir, metrics, cfg.eval.ks, figures, tb_dir if tb is not None else None)
             logger.info("summary: %s", path)
         return metrics

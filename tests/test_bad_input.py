@@ -274,7 +274,7 @@ def test_duplicates_dropped_kept_or_refused(tmp_path):
     ({"duplicates": "sometimes"}, "data.duplicates must be drop, keep or error"),
     ({"null_ids": "fill"}, "data.null_ids must be drop or error"),
     ({"unseen_test": "keep"}, "data.unseen_test must be drop or error"),
-    ({"id_mapping": "hash"}, "data.id_mapping must be vocab or identity"),
+    ({"id_mapping": "sha"}, "data.id_mapping must be vocab, identity or hash"),
 ])
 def test_bad_data_policies_are_refused(kw, match):
     with pytest.raises(ConfigError, match=match):

@@ -281,3 +281,82 @@ def test_a_checkpoint_replaced_halfway_is_kept(tmp_path):
     assert sorted(p.name for p in root.iterdir()) == ["step_000000004", "step_000000005"]
     assert (root / "step_000000005" / MARKER).exists()
 
+
+
+# ---- one-process runs: evaluation of a memory or streamed run, table storage type, run hash --------
+
+
+def small_args(tmp_root: Path, run_dir: Path, loader: str, *extra: str) -> list:
+    """A few steps with a validation split and sampled evaluation users (eval.max_users): a streamed
+    mf run (tiny row groups), or a two-tower run with history bags read in memory."""
+    model = ["model=mf"] if loader == "stream" else ["model=two_tower", "model.projection=true"]
+    return ["+experiment=tiny", f"data.root={tmp_root / 'data'}", f"hydra.run.dir={run_dir}", f"data.loader={loader}",
+            "data.row_group_size=500", "data.valid_fraction=0.1", *model, "model.embedding_dim=8",
+            "train.max_steps=12", "train.epochs=1", "eval.max_users=150", "train.progress=false", "log.plots=false",
+            "export.enabled=false", *extra]
+
+
+@pytest.fixture(scope="module")
+def small_runs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("small")
+    for loader in ("memory", "stream"):
+        run(python(*small_args(root, root / loader, loader)))
+    return root
+
+
+@pytest.mark.parametrize("loader", ["memory", "stream"])
+def test_evaluate_a_memory_or_streamed_run(small_runs, loader):
+    run_dir = small_runs / loader
+    want = metrics(run_dir)
+    assert want["data"]["loader"] == loader and want["test"]["users"] == 150 and want["valid"]["users"] <= 150
+    out = run([sys.executable, "-m", "recsys.evaluate", str(run_dir)])
+    assert "150 test users" in out.stdout
+    ev = json.loads((run_dir / "eval.json").read_text())
+    assert ev["step"] == want["train"]["steps"] == 12
+    for part in ("test", "valid", "popularity"):
+        assert ev[part].keys() == want[part].keys()
+        for key, value in want[part].items():
+            assert ev[part][key] == pytest.approx(value, abs=1e-9), (part, key)
+
+
+def test_resume_with_another_table_dtype_is_refused(small_runs):
+    src = small_runs / "stream"
+    assert read_meta(latest_checkpoint(src))["model"]["tables"]["user"][2] == "fp32"
+    bad = run(python(*small_args(small_runs, small_runs / "fp16", "stream", "model.table_dtype=fp16",
+                                 f"train.resume={src}")), check=False)
+    assert bad.returncode == 2 and "Traceback" not in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
+    assert "model.table_dtype=fp32, this config's as model.table_dtype=fp16" in bad.stderr
+
+
+def test_tables_of_older_checkpoints_are_fp32():
+    from recsys.checkpoint import CheckpointError, check_compatible
+
+    old = {"model": {"name": "mf", "tables": {"item": [200, 16], "user": [500, 16]}}}  # no storage type recorded
+    check_compatible(old, "mf", {"item": [200, 16, "fp32"], "user": [500, 16, "fp32"]}, Path("old"))
+    with pytest.raises(CheckpointError, match="table_dtype=fp32, this config's as model.table_dtype=fp16"):
+        check_compatible(old, "mf", {"item": [200, 16, "fp16"], "user": [500, 16, "fp16"]}, Path("old"))
+    with pytest.raises(CheckpointError, match="do not match"):
+        check_compatible(old, "mf", {"item": [200, 8, "fp32"], "user": [500, 8, "fp32"]}, Path("old"))
+
+
+def test_run_hash_ignores_streaming_options_of_memory_runs():
+    import dataclasses
+
+    from recsys.checkpoint import run_hash
+    from recsys.config import Config, DataConfig, ModelConfig
+
+    def h(model: str = "mf", **data) -> str:
+        return run_hash(Config(data=DataConfig(**data), model=ModelConfig(name=model)))
+
+    streaming = {"num_workers": 4, "shuffle_buffer": 1000, "row_group_size": 500}
+    # 500k synthetic interactions, auto: read in memory; the streaming loader's options change nothing
+    assert h() == h(**streaming) == h(loader="memory", **streaming) == h(stream_min_rows=10_000_000)
+    big = {"num_interactions": 10_000_000}  # auto would stream it, but history bags are read in memory
+    assert h(model="two_tower", **big) == h(model="two_tower", **big, num_workers=2, shuffle_buffer=10)
+    assert h() != h(num_interactions=400_000)  # what is read still counts
+    assert h() != h(stream_min_rows=1000)  # now streamed
+    # streamed: they change the batches
+    for key, value in streaming.items():
+        assert h(loader="stream") != h(loader="stream", **{key: value}), key
+    assert h(loader="stream") != h(num_interactions=10_000_000, num_workers=2) != h(num_interactions=10_000_000)
+    assert dataclasses.asdict(Config())["data"]["num_workers"] == 1  # run_hash does not change the config

@@ -1,0 +1,805 @@
+"""Streaming data: a synthetic log written in row groups, and a prepare that never holds the log.
+
+Used when ``data.loader`` resolves to ``stream`` (``recsys.data.resolve_loader``). Memory stays
+bounded by the number of distinct ids (the vocabularies and the per-row counts), never by the
+number of interactions. The prepared directory (``recsys.data.prepared_dir``) holds::
+
+    train/part-00000.parquet ...   user, item (int64 rows)[, valid (bool)][, timestamp][, weight];
+                                   row groups of data.row_group_size rows
+    train/pieces.json              [{"file", "row_group", "rows", "fit_rows"}] in file order: the
+                                   loader plans its reads without opening a file (fit_rows: the
+                                   rows with valid == False)
+    test/part-00000.parquet ...    user, item (int64 rows); test/pieces.json likewise
+    users.parquet, items.parquet   vocab / identity: the raw id of each row (``user_id`` / ``item_id``);
+                                   hash: every raw id seen in training and its ``row``
+    item_counts.npy                train interactions per item row, validation rows excluded (logQ,
+                                   popularity); item_counts_all.npy: including them
+    user_counts.npy                train interactions per user row (validation included)
+    valid_user_counts.npy          validation rows per user row (all 0 without data.valid_fraction)
+    test_user_counts.npy           test interactions per user row
+    manifest.json                  as the in-memory prepare's, plus "loader": "stream" (and "hash")
+
+Three pieces, top to bottom:
+
+- **Hashing.** A 64-bit hash of each raw id (splitmix64's finaliser on integer ids, SipHash on the
+  UTF-8 of string ids) that does not depend on the file, the rank, the run or the batch. It gives
+  the split (an interaction is test iff hash(user, item, seed) < test_fraction, so the repeats of
+  a pair land on one side) and, with ``data.id_mapping=hash``, the rows (hash(id, seed) mod the
+  table size; the in-memory prepare uses the same function).
+- **The synthetic generator** (``generate_stream``): an event log (with replacement: a user may
+  take an item several times) of planted clusters and Zipf popularity, written chunk by chunk.
+- **The streaming prepare** (``prepare_stream``): the files' schemas are checked first; pass 1
+  streams the rows once, deciding the split per row and collecting the distinct training ids
+  (the vocabulary); pass 2 encodes every row through a ``pandas.Index`` built once and writes
+  the row groups and the counts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, Iterator, List, Optional, Tuple
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.csv as pacsv
+import pyarrow.dataset as ds
+import pyarrow.parquet as pq
+from tqdm import tqdm
+
+from recsys.atomic import write_json_atomic, write_parquet_atomic
+from recsys.config import DataConfig
+from recsys.readers import ROLE_WORD, DataError, _first_true, _id_type_ok, _one_line
+
+logger = logging.getLogger(__name__)
+
+BATCH_ROWS = 1 << 18
+"""Rows per batch read from the source (each pass holds a few such batches at a time)."""
+GROUPS_PER_FILE = 16
+"""Row groups per prepared part file."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Hashing: stable across files, ranks, runs
+# ---------------------------------------------------------------------------------------------
+
+_MASK = (1 << 64) - 1
+_C1 = np.uint64(0xBF58476D1CE4E5B9)
+_C2 = np.uint64(0x94D049BB133111EB)
+_SIPHASH_KEY = "0123456789123456"  # SipHash's key for string ids (pandas' default, pinned here)
+_ROWS, _SPLIT = 1, 2  # purposes of the seeded keys
+
+
+def _mix64(x: np.ndarray, inplace: bool = False) -> np.ndarray:
+    """splitmix64's finaliser on uint64 (a bijection that scrambles every bit); a new array
+    unless `inplace`."""
+    x = x if inplace else x.copy()
+    t = np.empty_like(x)
+    for shift, mult in ((30, _C1), (27, _C2), (31, None)):
+        np.right_shift(x, np.uint64(shift), out=t)
+        x ^= t
+        if mult is not None:
+            x *= mult
+    return x
+
+
+def _key(seed: int, purpose: int) -> np.uint64:
+    """A 64-bit key for (seed, purpose)."""
+    raw = (seed * 0x9E3779B97F4A7C15 + purpose * 0xD1B54A32D192ED03 + 0x2545F4914F6CDD1D) & _MASK
+    return _mix64(np.array([raw], dtype=np.uint64))[0]
+
+
+def id_hash(ids) -> np.ndarray:
+    """uint64 hash of each raw id (integer or string Arrow array, no nulls), seed-independent:
+    integer ids through splitmix64 (int32 and int64 of one value agree), string ids through
+    SipHash of their UTF-8 bytes (each distinct string of the batch hashed once)."""
+    if isinstance(ids, pa.ChunkedArray):
+        ids = ids.combine_chunks()
+    if pa.types.is_integer(ids.type):
+        return _mix64(ids.cast(pa.int64()).to_numpy().view(np.uint64))  # a copy: Arrow's buffer stays
+    encoded = pc.dictionary_encode(ids)
+    strings = encoded.dictionary.to_numpy(zero_copy_only=False)
+    hashes = _mix64(pd.util.hash_array(strings, encoding="utf8", hash_key=_SIPHASH_KEY, categorize=False), True)
+    return hashes[encoded.indices.to_numpy()]
+
+
+def rows_from_hash(hashes: np.ndarray, seed: int, num_rows: int) -> np.ndarray:
+    """Rows of ``data.id_mapping=hash``: hash(id, seed) mod num_rows (int64)."""
+    x = _mix64(hashes ^ _key(seed, _ROWS), inplace=True)
+    x %= np.uint64(num_rows)
+    return x.view(np.int64)
+
+
+def hash_rows(ids, seed: int, num_rows: int) -> np.ndarray:
+    """The row of each raw id with ``data.id_mapping=hash`` (same id -> same row, in every file and run)."""
+    return rows_from_hash(id_hash(ids), seed, num_rows)
+
+
+def _pair_uniform(user_hash: np.ndarray, item_hash: np.ndarray, seed: int) -> np.ndarray:
+    """A uniform [0, 1) number per (user, item) pair, seeded."""
+    x = item_hash * _C2  # odd multiplier: a bijection, so (u, i) and (i, u) differ
+    x ^= user_hash
+    x ^= _key(seed, _SPLIT)
+    _mix64(x, inplace=True)
+    x >>= np.uint64(11)
+    return x.astype(np.float64) * (1.0 / (1 << 53))
+
+
+def split_masks(user_hash: np.ndarray, item_hash: np.ndarray, seed: int, test_fraction: float,
+                valid_fraction: float) -> Tuple[np.ndarray, np.ndarray]:
+    """(is_test, is_valid) per row: test iff hash(user, item, seed) < test_fraction; validation iff
+    a train row with hash(user, item, seed + 1) < valid_fraction. Every repeat of a pair falls
+    on the same side."""
+    is_test = _pair_uniform(user_hash, item_hash, seed) < test_fraction
+    if valid_fraction <= 0:
+        return is_test, np.zeros(len(is_test), dtype=bool)
+    return is_test, ~is_test & (_pair_uniform(user_hash, item_hash, seed + 1) < valid_fraction)
+
+
+def collision_stats(rows: np.ndarray) -> Dict[str, float]:
+    """Collisions of hashed rows, one row per distinct id: ``collision_rate`` = 1 - rows_used /
+    distinct_ids (the share of ids that do not get a row of their own); ``ids_sharing_a_row``:
+    the ids whose row holds another id too."""
+    used, counts = np.unique(rows, return_counts=True)
+    n = len(rows)
+    return {"distinct_ids": int(n), "rows_used": int(len(used)),
+            "collision_rate": float(1.0 - len(used) / n) if n else 0.0,
+            "ids_sharing_a_row": int(counts[counts > 1].sum())}
+
+
+# ---------------------------------------------------------------------------------------------
+# Synthetic event log, streamed
+# ---------------------------------------------------------------------------------------------
+
+GEN_CHUNK = 1 << 18
+"""Rows generated (and written as one row group) at a time; fixed so the data do not depend on it."""
+_FAVOURITES = (0.6, 0.3, 0.1)  # how a user's personal share divides over their 3 favourite clusters
+_ACTIVITY = 1.25  # user index = floor(U * u ** _ACTIVITY): the lower indices are more active
+
+
+def _coprime_step(n: int) -> int:
+    """A multiplier coprime with n near n / golden ratio: i -> (a * i) mod n permutes [0, n)."""
+    a = max(1, int(n * 0.6180339887)) | 1
+    while math.gcd(a, n) != 1:
+        a += 2
+    return a
+
+
+class _InverseCdf:
+    """``np.searchsorted(keys, q, side="right")`` for sorted `keys` and queries in [lo, hi), by a
+    guide table (the cutpoint method): each of `cells` equal cells of [lo, hi) points at the
+    answer for its start, from which a vectorised forward scan finishes (a step or two on
+    average): two memory accesses per query instead of a binary search's log2(len(keys))."""
+
+    def __init__(self, keys: np.ndarray, lo: float, hi: float, cells: int) -> None:
+        self.keys = np.append(keys, np.inf)  # the scan stops at the end
+        self.lo, self.scale, self.cells = lo, cells / (hi - lo), cells
+        starts = lo + (np.arange(cells) - 1e-6) / self.scale  # a hair early: the scan only moves forward
+        self.guide = np.searchsorted(keys, starts, side="right")
+
+    def __call__(self, q: np.ndarray) -> np.ndarray:
+        cell = np.clip(((q - self.lo) * self.scale).astype(np.int64), 0, self.cells - 1)
+        pos = self.guide[cell]
+        todo = np.flatnonzero(self.keys[pos] <= q)
+        while len(todo):
+            pos[todo] += 1
+            todo = todo[self.keys[pos[todo]] <= q[todo]]
+        return pos
+
+
+def generate_stream(path: Path, num_users: int, num_items: int, num_interactions: int, latent_dim: int,
+                    popularity_exponent: float, affinity: float, seed: int, chunk_rows: int = GEN_CHUNK,
+                    chunks_per_file: int = GROUPS_PER_FILE, progress: Optional[bool] = None) -> int:
+    """Write a seeded synthetic event log of exactly ``num_interactions`` rows into the directory
+    ``path`` (``part-00000.parquet``, ...; columns ``user_id`` int64, ``item_id`` int64,
+    ``timestamp`` int64, rows in time order), one row group of ``chunk_rows`` rows at a time;
+    memory O(num_items + chunk_rows), whatever the number of rows. Returns the number of rows.
+
+    The planted structure: items fall in ``4 * latent_dim`` clusters (round robin over a seeded
+    permutation) and have Zipf popularity (``popularity_exponent``); each user has three
+    favourite clusters (a seeded hash of the user) and takes an item from them with probability
+    affinity / (1 + affinity) (0.6 / 0.3 / 0.1 among the three, the item by popularity within
+    the cluster), else an item by global popularity. A dot-product model can learn the clusters;
+    popularity alone cannot. Users are drawn with skewed activity; raw ids are not contiguous.
+    Sampling with replacement (an event log): a user may take an item several times.
+    The directory is written under a temporary name and renamed when complete."""
+    path = Path(path)
+    rng = np.random.default_rng([seed, 0])
+    num_clusters = max(1, min(4 * latent_dim, num_items))
+    cluster = rng.permutation(num_items) % num_clusters  # every cluster has an item
+    weight = (rng.permutation(num_items) + 1.0) ** -popularity_exponent
+    order = np.argsort(cluster, kind="stable")  # items grouped by cluster
+    sorted_cluster = cluster[order]
+    cum = np.cumsum(weight[order])
+    starts = np.searchsorted(sorted_cluster, np.arange(num_clusters))
+    before = np.concatenate([[0.0], cum])[starts][sorted_cluster]  # cumulative weight before the cluster
+    totals = np.bincount(sorted_cluster, weights=weight[order], minlength=num_clusters)[sorted_cluster]
+    cluster_key = sorted_cluster + (cum - before) / totals  # in (c, c + 1] within cluster c
+    last = np.r_[sorted_cluster[1:] != sorted_cluster[:-1], True]
+    cluster_key[last] = sorted_cluster[last] + 1.0
+    global_cdf = np.cumsum(weight) / weight.sum()
+    in_cluster = _InverseCdf(cluster_key, 0.0, float(num_clusters), num_items)
+    by_popularity = _InverseCdf(global_cdf, 0.0, 1.0, num_items)
+    personal = affinity / (1.0 + affinity)
+    component_cdf = np.cumsum([personal * f for f in _FAVOURITES])
+    favourite_keys = np.array([_key(seed, 100 + j) for j in range(len(_FAVOURITES))], dtype=np.uint64)
+    user_step = _coprime_step(num_users)
+
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    schema = pa.schema([("user_id", pa.int64()), ("item_id", pa.int64()), ("timestamp", pa.int64())])
+    num_chunks = -(-num_interactions // chunk_rows)
+    writer = None
+    try:
+        with tqdm(total=num_interactions, unit=" rows", unit_scale=True, desc="synthetic log", disable=progress
+                  if progress is None else not progress) as bar:
+            for k in range(num_chunks):
+                if k % chunks_per_file == 0:
+                    if writer is not None:
+                        writer.close()
+                    writer = pq.ParquetWriter(tmp / f"part-{k // chunks_per_file:05d}.parquet", schema,
+                                              compression="none", use_dictionary=False)  # read once: write fast
+                start, stop = k * chunk_rows, min((k + 1) * chunk_rows, num_interactions)
+                n = stop - start
+                crng = np.random.default_rng([seed, 1, k])
+                draws = crng.random((3, n))
+                index = np.minimum((num_users * draws[0] ** _ACTIVITY).astype(np.int64), num_users - 1)
+                user = (index * user_step) % num_users  # activity not tied to the id order
+                component = np.searchsorted(component_cdf, draws[1], side="right")
+                personal_rows = component < len(_FAVOURITES)
+                item = np.empty(n, dtype=np.int64)
+                u_hash = _mix64(user[personal_rows].view(np.uint64), inplace=True)
+                u_hash ^= favourite_keys[component[personal_rows]]
+                fav = _mix64(u_hash, inplace=True) % np.uint64(num_clusters)
+                pos = in_cluster(fav.astype(np.float64) + draws[2][personal_rows])
+                item[personal_rows] = order[np.minimum(pos, num_items - 1)]
+                item[~personal_rows] = np.minimum(by_popularity(draws[2][~personal_rows]), num_items - 1)
+                table = pa.table({
+                    "user_id": 1_000_000_000 + (user * 2654435761) % (1 << 31),
+                    "item_id": 7_000_000_000 + (item * 2246822519) % (1 << 31),
+                    "timestamp": 1_600_000_000 + (np.arange(start, stop) * 32_000_000) // max(num_interactions, 1),
+                }, schema=schema)
+                writer.write_table(table, row_group_size=chunk_rows)
+                bar.update(n)
+        if writer is not None:
+            writer.close()
+        shutil.rmtree(path, ignore_errors=True)
+        os.rename(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return num_interactions
+
+
+# ---------------------------------------------------------------------------------------------
+# The source: files and their schemas, checked before any work
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Source:
+    """The files of a ``parquet`` / ``csv`` source with the column of each role, checked."""
+
+    path: str
+    files: List[str]
+    file_format: ds.FileFormat
+    what: str
+    columns: Dict[str, str]
+    """role (user_id, item_id[, timestamp, weight, rating]) -> the files' column name."""
+    id_types: Dict[str, pa.DataType]
+    """user_id / item_id -> int64 or string (what every batch is cast to)."""
+    timestamp_type: Optional[pa.DataType]
+
+
+def parquet_rows(path: str) -> Optional[int]:
+    """Rows of a Parquet file or directory from the files' metadata (unreadable files count 0);
+    None when the path does not exist."""
+    p = Path(path)
+    if not p.exists():
+        return None
+    try:
+        files = ds.dataset(str(p), format="parquet", exclude_invalid_files=False).files if p.is_dir() else [str(p)]
+    except (pa.ArrowInvalid, OSError):
+        return None
+    total = 0
+    for f in files:
+        try:
+            total += pq.read_metadata(f).num_rows
+        except (pa.ArrowInvalid, OSError):
+            pass
+    return total
+
+
+def open_source(path: str, fmt: str, cfg: DataConfig) -> Source:
+    """Check every file's columns and types (from its schema, without reading the rows): a missing
+    column, an id type other than integers or strings, files disagreeing on the columns or on the
+    id types are refused naming the file and the column."""
+    p = Path(path)
+    if not p.exists():
+        raise DataError(f"{p}: no such file or directory (data.path)")
+    if fmt == "csv":
+        file_format = ds.CsvFileFormat(parse_options=pacsv.ParseOptions(delimiter=cfg.separator))
+        what = f"CSV (separator {cfg.separator!r})"
+    else:
+        file_format, what = ds.ParquetFileFormat(), "Parquet"
+    if p.is_dir():
+        try:
+            files = ds.dataset(str(p), format=file_format, exclude_invalid_files=False).files
+        except (pa.ArrowInvalid, OSError) as e:
+            raise DataError(f"{p}: cannot be read as {what}: {_one_line(e)}") from None
+        if not files:
+            raise DataError(f"{p}: directory holds no {what} files (data.path; files starting with '.' or '_' are "
+                            "ignored)")
+    else:
+        files = [str(p)]
+    first: Optional[Tuple[str, Dict[str, str], Dict[str, pa.DataType]]] = None
+    any_float_time = False
+    for f in files:
+        try:
+            schema = ds.dataset(f, format=file_format).schema
+        except (pa.ArrowInvalid, OSError) as e:
+            raise DataError(f"{f}: cannot be read as {what}: {_one_line(e)}") from None
+        columns = {"user_id": cfg.user_column, "item_id": cfg.item_column}
+        types = {}
+        for role, col in columns.items():
+            word = ROLE_WORD[role]
+            if col not in schema.names:
+                hint = "; is the separator right? (data.separator)" if fmt == "csv" and len(schema.names) == 1 else ""
+                raise DataError(f"{f}: missing {word} column {col!r} (has {schema.names}); "
+                                f"set data.{word}_column{hint}")
+            t = schema.field(col).type
+            if not _id_type_ok(t):
+                raise DataError(f"{f}: column {col!r} has type {t}; ids must be integers or strings "
+                                f"(the {word} column)")
+            if cfg.id_mapping == "identity" and not pa.types.is_integer(t):
+                key = "num_users" if role == "user_id" else "num_items"
+                raise DataError(f"{f}: column {col!r} has type {t}; data.id_mapping=identity needs integer {word} "
+                                f"ids 0..data.{key}-1 (use data.id_mapping=vocab for other ids)")
+            types[role] = pa.int64() if pa.types.is_integer(t) else pa.string()
+        if cfg.timestamp_column and cfg.timestamp_column in schema.names:
+            t = schema.field(cfg.timestamp_column).type
+            if not (pa.types.is_timestamp(t) or pa.types.is_date(t) or pa.types.is_integer(t)
+                    or pa.types.is_floating(t)):
+                raise DataError(f"{f}: timestamp column has type {t}; expected integers, floats or timestamps "
+                                "(set data.timestamp_column=null to ignore it)")
+            any_float_time |= pa.types.is_floating(t)
+            columns["timestamp"] = cfg.timestamp_column
+        for role, col in (("weight", cfg.weight_column), ("rating", cfg.rating_column)):
+            if col:
+                if col not in schema.names:
+                    raise DataError(f"{f}: missing {role} column {col!r} (has {schema.names}); set data.{role}_column")
+                t = schema.field(col).type
+                if not (pa.types.is_integer(t) or pa.types.is_floating(t)):
+                    raise DataError(f"{f}: {role} column {col!r} has type {t}; expected numbers")
+                columns[role] = col
+        if first is None:
+            first = (f, columns, types)
+            continue
+        if set(columns) != set(first[1]):
+            raise DataError(f"{f}: has columns {sorted(columns)} but {first[0]} has {sorted(first[1])} (after the "
+                            "column mapping); every file must have the same ones")
+        for role in ("user_id", "item_id"):
+            if types[role] != first[2][role]:
+                t, t0 = schema.field(columns[role]).type, "integers" if first[2][role] == pa.int64() else "strings"
+                raise DataError(f"{f}: column {columns[role]!r} has type {t} but {first[0]} has {t0}; every file "
+                                "must give the ids the same type")
+    timestamp_type = None
+    if "timestamp" in first[1]:
+        timestamp_type = pa.float64() if any_float_time else pa.int64()
+    return Source(str(p), files, file_format, what, first[1], first[2], timestamp_type)
+
+
+def _synthetic_source(path: Path) -> Source:
+    files = sorted(str(f) for f in path.glob("part-*.parquet"))
+    return Source(str(path), files, ds.ParquetFileFormat(), "Parquet",
+                  {"user_id": "user_id", "item_id": "item_id", "timestamp": "timestamp"},
+                  {"user_id": pa.int64(), "item_id": pa.int64()}, pa.int64())
+
+
+@dataclass
+class _Filtered:
+    """Rows read and rows left out by the reader (counted, never silent)."""
+
+    rows: int = 0
+    null_ids: int = 0
+    below_min_rating: int = 0
+
+
+def _batches(src: Source, cfg: DataConfig, filtered: _Filtered) -> Iterator[pa.Table]:
+    """The source's rows in file order, BATCH_ROWS at a time, as tables of the roles' columns
+    (ids as int64 / string, timestamp int64 or float64 seconds, weight and rating float64);
+    rows with null ids dropped (counted) or refused, ``min_rating`` applied (counted), identity
+    ids checked against the table sizes. An error names the file and the row."""
+    columns = {role: ds.field(col) for role, col in src.columns.items()}
+    file_format = src.file_format
+    if isinstance(file_format, ds.ParquetFileFormat):  # read one row group at a time, no read-ahead
+        file_format = ds.ParquetFileFormat(default_fragment_scan_options=ds.ParquetFragmentScanOptions(
+            pre_buffer=False))
+    for f in src.files:
+        try:
+            scanner = ds.dataset(f, format=file_format).scanner(
+                columns=columns, batch_size=BATCH_ROWS, batch_readahead=0, fragment_readahead=0,
+                use_threads=False)
+            batches = scanner.to_batches()
+        except (pa.ArrowInvalid, OSError) as e:
+            raise DataError(f"{f}: cannot be read as {src.what}: {_one_line(e)}") from None
+        offset = 0
+        while True:
+            try:
+                batch = next(batches)
+            except StopIteration:
+                break
+            except (pa.ArrowInvalid, pa.ArrowTypeError, OSError) as e:
+                raise DataError(f"{f}: cannot be read as {src.what} (corrupt or truncated?): {_one_line(e)}") from None
+            table = pa.Table.from_batches([batch])
+            if len(table):
+                yield _clean(table, src, cfg, f, offset, filtered)
+            offset += batch.num_rows
+
+
+def _clean(table: pa.Table, src: Source, cfg: DataConfig, f: str, offset: int, filtered: _Filtered) -> pa.Table:
+    """One batch (rows offset.. of file f) cast, checked and filtered (see _batches)."""
+    filtered.rows += len(table)
+    where = lambda row: f"{f}, row {offset + row + 1}"  # noqa: E731
+    for role in ("user_id", "item_id"):
+        i = table.schema.get_field_index(role)
+        table = table.set_column(i, role, table[role].cast(src.id_types[role]))
+    valid = pc.and_(pc.is_valid(table["user_id"]), pc.is_valid(table["item_id"]))
+    n_null = len(table) - (pc.sum(valid).as_py() or 0)
+    if n_null and cfg.null_ids == "error":
+        row = _first_true(pc.invert(valid))
+        role = "user_id" if not table["user_id"][row].is_valid else "item_id"
+        raise DataError(f"{where(row)}: null {ROLE_WORD[role]} id (column {src.columns[role]!r}); "
+                        "data.null_ids=drop drops such rows and counts them")
+    if n_null:
+        filtered.null_ids += n_null
+        table = table.filter(valid)
+    if cfg.id_mapping == "identity":
+        for role, limit, key in (("user_id", cfg.num_users, "num_users"), ("item_id", cfg.num_items, "num_items")):
+            bad = pc.or_(pc.less(table[role], 0), pc.greater_equal(table[role], limit))
+            if pc.any(bad).as_py():
+                row = _first_true(bad)
+                raise DataError(f"{where(row)}: {ROLE_WORD[role]} id {table[role][row].as_py()} (column "
+                                f"{src.columns[role]!r}) "
+                                f"is out of range [0, {limit}) of data.id_mapping=identity with data.{key}={limit}")
+    if "timestamp" in table.column_names:
+        i = table.schema.get_field_index("timestamp")
+        t = table.schema.field("timestamp").type
+        ts = table["timestamp"]
+        if pa.types.is_timestamp(t) or pa.types.is_date(t):
+            ts = pc.cast(ts, pa.timestamp("s")).cast(pa.int64())
+        table = table.set_column(i, "timestamp", ts.cast(src.timestamp_type))
+    for role in ("weight", "rating"):
+        if role in table.column_names:
+            table = table.set_column(table.schema.get_field_index(role), role, table[role].cast(pa.float64()))
+    if cfg.min_rating is not None and "rating" in table.column_names:
+        keep = pc.fill_null(pc.greater_equal(table["rating"], cfg.min_rating), False)
+        filtered.below_min_rating += len(table) - (pc.sum(keep).as_py() or 0)
+        table = table.filter(keep)
+    return table
+
+
+# ---------------------------------------------------------------------------------------------
+# Pass 1: the split and the distinct training ids
+# ---------------------------------------------------------------------------------------------
+
+
+class DistinctIds:
+    """Distinct values of a stream of Arrow arrays, in memory bounded by the distinct values (about
+    three times their size, with the lookup table), never by the number of values: each batch's
+    distinct values are looked up among those known (a ``pandas.Index``) and only the new ones are
+    kept, merged into the known ones once they outnumber half of them."""
+
+    def __init__(self, type_: pa.DataType) -> None:
+        self.known = pa.array([], type_)
+        self.index: Optional[pd.Index] = None
+        self.new: List[pa.Array] = []
+        self.pending = 0
+
+    def add(self, values) -> None:
+        unique = pc.unique(values)
+        if self.index is not None:
+            unique = unique.filter(pa.array(_lookup(self.index, unique) < 0))
+        if len(unique):
+            self.new.append(unique)
+            self.pending += len(unique)
+            if self.pending > max(BATCH_ROWS, len(self.known) // 2):
+                self._merge()
+
+    def _merge(self) -> None:
+        if self.new:
+            fresh = pc.unique(pa.concat_arrays(self.new))  # new ids found in several batches, once
+            self.known = pa.concat_arrays([self.known, fresh])
+            self.index = _as_index(self.known)
+            self.new, self.pending = [], 0
+
+    def sorted(self) -> pa.Array:
+        """The distinct values in Arrow's sort order (that of pc.unique(...).sort())."""
+        self._merge()
+        return self.known.sort()
+
+
+def _lookup(index: pd.Index, ids: pa.Array) -> np.ndarray:
+    """Position of each id in `index` (-1 when absent), vectorised; string ids are dictionary
+    encoded first, so each distinct string of the batch is looked up once."""
+    if pa.types.is_integer(ids.type):
+        return index.get_indexer(ids.to_numpy())
+    encoded = pc.dictionary_encode(ids)
+    return index.get_indexer(encoded.dictionary.to_numpy(zero_copy_only=False))[encoded.indices.to_numpy()]
+
+
+def _as_index(values: pa.Array) -> pd.Index:
+    return pd.Index(values.to_numpy(zero_copy_only=False), copy=False)
+
+
+# ---------------------------------------------------------------------------------------------
+# Pass 2: row groups out
+# ---------------------------------------------------------------------------------------------
+
+
+class RowGroupWriter:
+    """Tables of any length in, Parquet parts of ``groups_per_file`` row groups of exactly
+    ``row_group_size`` rows out (the last one shorter); records each group as a piece."""
+
+    def __init__(self, directory: Path, name: str, schema: pa.Schema, row_group_size: int,
+                 groups_per_file: int = GROUPS_PER_FILE) -> None:
+        self.directory, self.name, self.schema = directory, name, schema
+        self.row_group_size, self.groups_per_file = row_group_size, groups_per_file
+        self.buffer: List[pa.Table] = []
+        self.buffered = 0
+        self.writer: Optional[pq.ParquetWriter] = None
+        self.file_index, self.group_in_file = -1, 0
+        self.pieces: List[dict] = []
+        (directory / name).mkdir(parents=True, exist_ok=True)
+
+    def write(self, table: pa.Table) -> None:
+        if len(table) == 0:
+            return
+        self.buffer.append(table)
+        self.buffered += len(table)
+        while self.buffered >= self.row_group_size:
+            self._flush(self.row_group_size)
+
+    def _flush(self, n: int) -> None:
+        table = pa.concat_tables(self.buffer) if len(self.buffer) > 1 else self.buffer[0]
+        group, rest = table.slice(0, n).combine_chunks(), table.slice(n)
+        self.buffer, self.buffered = ([rest] if len(rest) else []), len(rest)
+        if self.writer is None or self.group_in_file == self.groups_per_file:
+            if self.writer is not None:
+                self.writer.close()
+            self.file_index += 1
+            self.group_in_file = 0
+            self.writer = pq.ParquetWriter(self.directory / self.name / f"part-{self.file_index:05d}.parquet",
+                                           self.schema)
+        self.writer.write_table(group, row_group_size=n)
+        fit = n - (int(pc.sum(group["valid"]).as_py() or 0) if "valid" in group.column_names else 0)
+        self.pieces.append({"file": f"{self.name}/part-{self.file_index:05d}.parquet",
+                            "row_group": self.group_in_file, "rows": n, "fit_rows": fit})
+        self.group_in_file += 1
+
+    def close(self) -> None:
+        if self.buffered:
+            self._flush(self.buffered)
+        if self.writer is not None:
+            self.writer.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# The streaming prepare
+# ---------------------------------------------------------------------------------------------
+
+
+def _add_counts(counts: np.ndarray, rows: np.ndarray) -> None:
+    """counts[r] += 1 for each r of rows: a bincount for small tables, an unbuffered add for large
+    ones (a bincount's full-length array per batch would cost more than the batch)."""
+    if len(rows) * 8 >= len(counts):
+        counts += np.bincount(rows, minlength=len(counts))
+    else:
+        np.add.at(counts, rows, 1)
+
+
+def _bar(total: Optional[int], desc: str, progress: Optional[bool]) -> tqdm:
+    return tqdm(total=total, unit=" rows", unit_scale=True, desc=desc,
+                disable=None if progress is None else not progress)
+
+
+def prepare_stream(cfg: DataConfig, tmp: Path, version: int, progress: Optional[bool] = None) -> dict:
+    """Prepare the dataset of `cfg` into the (empty, temporary) directory `tmp` in the streaming
+    layout (module docstring) and return its manifest (not written: the caller writes it last
+    and renames the directory). ``data=synthetic`` first generates its raw log into
+    ``tmp/raw`` (removed at the end). Bad input raises ``DataError`` (naming the file, the
+    column or row, and the reason) before anything but the raw synthetic log is written, except
+    an empty test split, found in pass 2."""
+    t0 = time.perf_counter()
+    if cfg.name == "synthetic":
+        source_name = "synthetic"
+        raw = tmp / "raw"
+        generate_stream(raw, cfg.num_users, cfg.num_items, cfg.num_interactions, cfg.latent_dim,
+                        cfg.popularity_exponent, cfg.affinity, cfg.seed, progress=progress)
+        src = _synthetic_source(raw)
+        logger.info("generated %d synthetic interactions in %.1fs", cfg.num_interactions, time.perf_counter() - t0)
+    else:
+        source_name = cfg.path
+        src = open_source(cfg.path, cfg.name, cfg)
+    total = parquet_rows(src.path) if src.what == "Parquet" else None
+    if cfg.duplicates == "drop":  # a synthetic event log has repeats by design
+        logger.log(logging.INFO if cfg.name == "synthetic" else logging.WARNING,
+                   "%s: repeated (user, item) pairs are kept with data.loader=stream (a streaming prepare cannot find "
+                   "them across the whole log; the repeats of a pair all fall on one side of the split); "
+                   "data.loader=memory drops them", source_name)
+
+    # ---- pass 1: split decided per row, distinct training ids (and test ids, to refuse unseen ones)
+    filtered = _Filtered()
+    train_ids = {r: DistinctIds(src.id_types[r]) for r in ("user_id", "item_id")}
+    test_ids = {r: DistinctIds(src.id_types[r]) for r in ("user_id", "item_id")} if cfg.unseen_test == "error" else None
+    with _bar(total, "prepare 1/2: vocabulary", progress) as bar:
+        for table in _batches(src, cfg, filtered):
+            users, items = table["user_id"].combine_chunks(), table["item_id"].combine_chunks()
+            is_test, _ = split_masks(id_hash(users), id_hash(items), cfg.seed, cfg.test_fraction, 0.0)
+            train = pa.array(~is_test)
+            train_ids["user_id"].add(users.filter(train))
+            train_ids["item_id"].add(items.filter(train))
+            if test_ids is not None:
+                test_ids["user_id"].add(users.filter(pa.array(is_test)))
+                test_ids["item_id"].add(items.filter(pa.array(is_test)))
+            bar.update(filtered.rows - bar.n)
+    kept_rows = filtered.rows - filtered.null_ids - filtered.below_min_rating
+    if kept_rows == 0:
+        why = (f"after dropping {filtered.null_ids} rows with null ids" if not filtered.below_min_rating else
+               f"all {filtered.below_min_rating} rows are below data.min_rating={cfg.min_rating}")
+        raise DataError(f"{src.path}: no interactions ({why})")
+    users_seen, items_seen = train_ids["user_id"].sorted(), train_ids["item_id"].sorted()
+    if len(users_seen) == 0:
+        raise DataError(f"{src.path}: the training split is empty")
+    if test_ids is not None:
+        _refuse_unseen(src.path, test_ids, users_seen, items_seen)
+    del train_ids, test_ids  # their lookup tables: pass 2 builds its own, once
+    user_index, item_index = _as_index(users_seen), _as_index(items_seen)
+    if cfg.id_mapping == "vocab":
+        num_users, num_items = len(users_seen), len(items_seen)
+    else:  # identity and hash: the declared table sizes
+        num_users, num_items = cfg.num_users, cfg.num_items
+    logger.info("pass 1: %d rows, %d distinct training users, %d items (%.1fs)", filtered.rows, len(users_seen),
+                len(items_seen), time.perf_counter() - t0)
+
+    # ---- pass 2: encode, write row groups, count
+    fields = [("user", pa.int64()), ("item", pa.int64())]
+    if cfg.valid_fraction > 0:
+        fields.append(("valid", pa.bool_()))
+    extras = [c for c in ("timestamp", "weight") if c in src.columns]
+    fields += [(c, src.timestamp_type if c == "timestamp" else pa.float64()) for c in extras]
+    train_out = RowGroupWriter(tmp, "train", pa.schema(fields), cfg.row_group_size)
+    test_out = RowGroupWriter(tmp, "test", pa.schema(fields[:2]), cfg.row_group_size)
+    item_counts = np.zeros(num_items, dtype=np.int64)
+    item_counts_all = np.zeros(num_items, dtype=np.int64)
+    user_counts = np.zeros(num_users, dtype=np.int64)
+    valid_user_counts = np.zeros(num_users, dtype=np.int64)
+    test_user_counts = np.zeros(num_users, dtype=np.int64)
+    unseen = {"test_unseen_user": 0, "test_unseen_item": 0}
+    n_test_raw = 0
+    with _bar(kept_rows, "prepare 2/2: encode", progress) as bar:
+        for table in _batches(src, cfg, _Filtered()):
+            users, items = table["user_id"].combine_chunks(), table["item_id"].combine_chunks()
+            hu, hi = id_hash(users), id_hash(items)
+            is_test, is_valid = split_masks(hu, hi, cfg.seed, cfg.test_fraction, cfg.valid_fraction)
+            pos_u, pos_i = _lookup(user_index, users), _lookup(item_index, items)
+            if cfg.id_mapping == "vocab":
+                rows_u, rows_i = pos_u, pos_i
+            elif cfg.id_mapping == "identity":
+                rows_u, rows_i = users.to_numpy(), items.to_numpy()
+            else:
+                rows_u, rows_i = rows_from_hash(hu, cfg.seed, num_users), rows_from_hash(hi, cfg.seed, num_items)
+            unseen_user = is_test & (pos_u < 0)
+            unseen_item = is_test & (pos_u >= 0) & (pos_i < 0)
+            unseen["test_unseen_user"] += int(unseen_user.sum())
+            unseen["test_unseen_item"] += int(unseen_item.sum())
+            n_test_raw += int(is_test.sum())
+            train, test = ~is_test, is_test & (pos_u >= 0) & (pos_i >= 0)
+            cols = {"user": rows_u[train], "item": rows_i[train]}
+            if cfg.valid_fraction > 0:
+                cols["valid"] = is_valid[train]
+            for c in extras:
+                cols[c] = table[c].filter(pa.array(train))
+            train_out.write(pa.table(cols, schema=train_out.schema))
+            test_out.write(pa.table({"user": rows_u[test], "item": rows_i[test]}, schema=test_out.schema))
+            _add_counts(user_counts, cols["user"])
+            _add_counts(item_counts_all, cols["item"])
+            _add_counts(item_counts, cols["item"][~is_valid[train]])
+            _add_counts(valid_user_counts, cols["user"][is_valid[train]])
+            _add_counts(test_user_counts, rows_u[test])
+            bar.update(len(table))
+    train_out.close()
+    test_out.close()
+    n_test = int(test_user_counts.sum())
+    if n_test == 0:
+        raise DataError(f"{src.path}: the test split is empty ({n_test_raw} rows fell in it, data.test_fraction="
+                        f"{cfg.test_fraction}, and {sum(unseen.values())} had a user or item never seen in training)")
+
+    # ---- vocabularies / hashed ids, counts, pieces
+    hash_stats = None
+    for which, seen, column, n in (("users", users_seen, "user_id", num_users),
+                                   ("items", items_seen, "item_id", num_items)):
+        if cfg.id_mapping == "hash":
+            rows = rows_from_hash(id_hash(seen), cfg.seed, n)
+            table = pa.table({column: seen, "row": rows})
+            hash_stats = hash_stats or {}
+            hash_stats[which] = collision_stats(rows)
+        elif cfg.id_mapping == "identity":
+            table = pa.table({column: pa.array(np.arange(n), pa.int64())})
+        else:
+            table = pa.table({column: seen})
+        write_parquet_atomic(table, tmp / f"{which}.parquet")
+    for name, counts in (("item_counts", item_counts), ("item_counts_all", item_counts_all),
+                         ("user_counts", user_counts), ("valid_user_counts", valid_user_counts),
+                         ("test_user_counts", test_user_counts)):
+        np.save(tmp / f"{name}.npy", counts)
+    write_json_atomic(train_out.pieces, tmp / "train" / "pieces.json")
+    write_json_atomic(test_out.pieces, tmp / "test" / "pieces.json")
+    if cfg.name == "synthetic":
+        shutil.rmtree(tmp / "raw")
+
+    dropped = {"null_ids": filtered.null_ids}
+    if cfg.rating_column:
+        dropped["below_min_rating"] = filtered.below_min_rating
+    dropped.update(unseen)
+    for reason, count in dropped.items():
+        if count:
+            logger.warning("%s: dropped %d rows (%s)", source_name, count, reason.replace("_", " "))
+    if hash_stats:
+        for which, s in hash_stats.items():
+            logger.info("data.id_mapping=hash: %d distinct %s ids in %d rows used (of %d): collision rate %.4f",
+                        s["distinct_ids"], which[:-1], s["rows_used"], num_users if which == "users" else num_items,
+                        s["collision_rate"])
+    n_train = int(user_counts.sum())
+    manifest = {
+        "version": version,
+        "source": source_name,
+        "config": dataclasses.asdict(cfg),
+        "loader": "stream",
+        "split": cfg.split,
+        "id_mapping": cfg.id_mapping,
+        "schema": {"user_id": str(users_seen.type), "item_id": str(items_seen.type),
+                   "timestamp": "timestamp" in extras, "weight": "weight" in extras},
+        "counts": {
+            "raw_interactions": filtered.rows,
+            "num_users": num_users,
+            "num_items": num_items,
+            "train_interactions": n_train,
+            "test_interactions": n_test,
+            "test_users": int(np.count_nonzero(test_user_counts)),
+            "valid_interactions": n_train - int(item_counts.sum()),
+        },
+        "dropped": dropped,
+        "kept": {},
+        "row_group_size": cfg.row_group_size,
+        "train_row_groups": len(train_out.pieces),
+    }
+    if hash_stats:
+        manifest["hash"] = hash_stats
+    logger.info("streaming prepare: %d rows in %.1fs (%.0f rows/s)", filtered.rows, time.perf_counter() - t0,
+                filtered.rows / max(time.perf_counter() - t0, 1e-9))
+    return manifest
+
+
+def _refuse_unseen(source: str, test_ids: Dict[str, DistinctIds], users: pa.Array, items: pa.Array) -> None:
+    """data.unseen_test=error: refuse test ids that no training row has (before anything is written)."""
+    parts = []
+    for role, seen in (("user_id", users), ("item_id", items)):
+        ids = test_ids[role].sorted()
+        missing = ids.filter(pc.invert(pc.is_in(ids, value_set=seen)))
+        if len(missing):
+            word = ROLE_WORD[role]
+            parts.append(f"{len(missing)} distinct {word}s never seen in training (the first: {word} "
+                         f"{missing[0].as_py()!r})")
+    if parts:
+        raise DataError(f"{source}: the test split has {' and '.join(parts)}; no vector is trained for them "
+                        "(data.unseen_test=drop drops their rows and counts them)")

@@ -1,0 +1,112 @@
+"""Export with ``data.id_mapping=hash``: every raw id seen in training is exported with the vector of
+its hashed row, whether the data were read in memory or streamed, at the end of training and from
+the checkpoint (``export.source=checkpoint``); the collision rate is in metrics.json and in the
+export manifest.
+
+The reference is independent of the export code: the table weights read straight from the
+checkpoint's DCP files (``dcp_to_torch_save``), the rows from ``recsys.stream.hash_rows``, the ids
+from the source log, the collision rate by a Python set."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+from recsys.checkpoint import latest_checkpoint
+from recsys.export import read_vectors
+from recsys.stream import hash_rows
+
+ROOT = Path(__file__).resolve().parents[1]
+ENV = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+NUM_USERS, NUM_ITEMS = 64, 60  # table rows: fewer than the distinct ids, so rows are shared
+
+
+def write_log(path: Path) -> pa.Table:
+    """120 sparse integer user ids x 80 string item ids, 40 distinct items per user: every id has
+    training rows under either split."""
+    rng = np.random.default_rng(0)
+    users = 10_000 + 13 * np.arange(120, dtype=np.int64) ** 2
+    items = np.array([f"sku-{k}" for k in range(80)])
+    u = np.repeat(users, 40)
+    i = np.concatenate([rng.choice(80, 40, replace=False) for _ in users])
+    table = pa.table({"user_id": pa.array(u), "item_id": pa.array(items[i])})
+    pq.write_table(table, path, row_group_size=1000)
+    return table
+
+
+def train_args(tmp_path: Path, log: Path, loader: str, run_dir: Path) -> list:
+    return [sys.executable, "-m", "recsys.train", "+experiment=tiny", "data=parquet", f"data.path={log}",
+            f"data.root={tmp_path / 'data'}", f"hydra.run.dir={run_dir}", f"data.loader={loader}",
+            "data.row_group_size=500", "data.id_mapping=hash", f"data.num_users={NUM_USERS}",
+            f"data.num_items={NUM_ITEMS}", "model=mf", "model.embedding_dim=8", "model.normalize=false",
+            "train.max_steps=8", "train.batch_size=128", "loss.num_negatives=16", "train.progress=false",
+            "log.plots=false", "export.npy=true"]
+
+
+def run(cmd) -> subprocess.CompletedProcess:
+    proc = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, f"{cmd} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}"
+    return proc
+
+
+def checkpoint_tables(run_dir: Path, tmp_path: Path) -> dict:
+    """The user and item table weights of the run's newest checkpoint, read from its DCP files."""
+    out = tmp_path / f"{run_dir.name}.pt"
+    dcp_to_torch_save(str(latest_checkpoint(run_dir)), str(out))
+    model = torch.load(out, weights_only=False)["model"]
+    return {which: model[f"model.{which}_ebc.embedding_bags.{which}.weight"].float().numpy()
+            for which in ("user", "item")}
+
+
+@pytest.mark.parametrize("loader", ["memory", "stream"])
+def test_hash_mode_exports_every_raw_id_with_its_rows_vector(tmp_path, loader):
+    log = write_log(tmp_path / "log.parquet")
+    run_dir = tmp_path / "run"
+    run(train_args(tmp_path, tmp_path / "log.parquet", loader, run_dir))
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["data"]["loader"] == loader
+    prepared = json.loads((Path(metrics["data"]["path"]) / "manifest.json").read_text())
+    seed = prepared["config"]["seed"]
+    tables = checkpoint_tables(run_dir, tmp_path)
+    export_manifest = json.loads((run_dir / "export" / "manifest.json").read_text())
+    assert export_manifest["id_mapping"] == "hash"
+
+    for which, column, n in (("user", "user_id", NUM_USERS), ("item", "item_id", NUM_ITEMS)):
+        ids, vecs = read_vectors(run_dir / "export" / f"{which}s.parquet")
+        want_ids = sorted(set(log[column].to_pylist()))
+        assert sorted(ids) == want_ids and len(ids) == len(want_ids)  # each distinct raw id once
+        rows = hash_rows(pa.array(ids, log[column].type), seed, n)
+        assert len(set(rows.tolist())) < len(ids)  # rows are shared: the export is per id, not per row
+        np.testing.assert_array_equal(vecs, tables[which][rows])
+        # the .npy serving files: the same ids and vectors, row for row
+        assert np.load(run_dir / "export" / f"{which}s_ids.npy").tolist() == ids
+        np.testing.assert_array_equal(np.load(run_dir / "export" / f"{which}s.npy"), vecs)
+        # the collision rate: in metrics.json and the export manifest, as a set counts it
+        rate = 1 - len(set(rows.tolist())) / len(ids)
+        for where in (metrics["data"]["hash"], export_manifest["hash"]):
+            assert where[f"{which}s"]["distinct_ids"] == len(ids)
+            assert where[f"{which}s"]["collision_rate"] == pytest.approx(rate, abs=1e-12)
+
+    # export.source=checkpoint: the same files from the checkpoint alone
+    again = tmp_path / "again"
+    ckpt = latest_checkpoint(run_dir)
+    shutil.copytree(ckpt, again / "checkpoints" / ckpt.name)
+    out = run([sys.executable, "-m", "recsys.export", f"export.run_dir={again}", "export.source=checkpoint"])
+    assert "from the checkpoint" in out.stdout
+    for name in ("users", "items"):
+        ids, vecs = read_vectors(again / "export" / f"{name}.parquet")
+        ref_ids, ref_vecs = read_vectors(run_dir / "export" / f"{name}.parquet")
+        assert ids == ref_ids
+        np.testing.assert_array_equal(vecs, ref_vecs)
+    assert json.loads((again / "export" / "manifest.json").read_text())["hash"] == export_manifest["hash"]

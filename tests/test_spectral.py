@@ -1,0 +1,117 @@
+"""Spectral initialisation (recsys/spectral.py) against numpy references."""
+
+import numpy as np
+import pytest
+import torch
+
+from recsys.spectral import load_tables, spectral_tables
+
+
+def _pairs(num_users, num_items, density, seed):
+    rng = np.random.default_rng(seed)
+    dense = rng.random((num_users, num_items)) < density
+    dense[np.arange(num_users), rng.integers(0, num_items, num_users)] = True  # every user has an item
+    dense[rng.integers(0, num_users, num_items), np.arange(num_items)] = True  # every item has a user
+    u, i = np.nonzero(dense)
+    return u, i, dense.astype(np.float64)
+
+
+def _scores(tables, dense):
+    user = dense @ tables["history"].double().numpy()  # sum-pooled history bag
+    return user @ tables["item"].double().numpy().T
+
+
+@pytest.mark.parametrize("alpha", [0.0, 2.0])
+def test_full_rank_equals_the_closed_form_filter(alpha):
+    # With every singular vector kept, V V^T = I and V S^2 V^T = R~^T R~: the score is
+    # r D^-1/2 (I + alpha R~^T R~) D^1/2, computed here without any SVD.
+    u, i, dense = _pairs(30, 12, 0.3, 0)
+    repeated_u, repeated_i = np.concatenate([u, u[:5]]), np.concatenate([i, i[:5]])  # repeats count once
+    tables = spectral_tables(repeated_u, repeated_i, 30, 12, dim=12, alpha=alpha, niter=6)
+    du, di = dense.sum(1), dense.sum(0)
+    norm = dense / np.sqrt(du[:, None] * di[None, :])
+    filt = np.eye(12) + alpha * norm.T @ norm
+    expected = dense @ np.diag(di**-0.5) @ filt @ np.diag(di**0.5)
+    np.testing.assert_allclose(_scores(tables, dense), expected, rtol=1e-4, atol=1e-5)
+    assert tables["user"].abs().sum() == 0 and tables["user"].shape == (30, 12)
+
+
+def test_truncated_equals_numpy_svd_subspace():
+    u, i, dense = _pairs(60, 40, 0.15, 1)
+    k = 6
+    tables = spectral_tables(u, i, 60, 40, dim=k, alpha=0.0, niter=30)
+    du, di = dense.sum(1), dense.sum(0)
+    _, s, vt = np.linalg.svd(dense / np.sqrt(du[:, None] * di[None, :]))
+    assert s[k - 1] - s[k] > 1e-3  # a gap: the top-k subspace is well defined
+    v = vt[:k].T
+    expected = dense @ np.diag(di**-0.5) @ v @ v.T @ np.diag(di**0.5)
+    np.testing.assert_allclose(_scores(tables, dense), expected, rtol=1e-3, atol=1e-4)
+
+
+def test_load_tables_checks_names_and_shapes():
+    class Plain(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.ebc = torch.nn.Module()
+            self.ebc.embedding_bags = torch.nn.ModuleDict({"item": torch.nn.EmbeddingBag(4, 3)})
+
+    model = Plain()
+    load_tables(model, {"item": torch.ones(4, 3)})
+    assert torch.equal(model.ebc.embedding_bags["item"].weight.detach(), torch.ones(4, 3))
+    with pytest.raises(ValueError, match="shape"):
+        load_tables(model, {"item": torch.ones(5, 3)})
+    with pytest.raises(ValueError, match="no initial values"):
+        load_tables(model, {})
+    with pytest.raises(ValueError, match="larger than the number"):
+        spectral_tables(np.array([0]), np.array([0]), 1, 1, dim=2, alpha=0.0)
+
+
+def test_training_entry_point_two_ranks_exports_the_refit_closed_form(tmp_path):
+    """`model.init=spectral train.epochs=0` through the real entry point on 2 gloo ranks: validation
+    metrics from the fit part, then the tables recomputed from all of train.txt; the exported
+    vectors are the closed-form filter of the whole training split (numpy reference, full rank)."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from recsys.export import read_vectors
+    from tests.dist_utils import free_port
+
+    rng = np.random.default_rng(0)
+    lg = tmp_path / "lg"
+    lg.mkdir()
+    train = {}
+    lines_train, lines_test = [], []
+    for u in range(80):
+        picks = [int(i) for i in rng.choice(24, 9, replace=False)]
+        train[u] = picks[:7]
+        lines_train.append(" ".join(map(str, [u, *picks[:7]])))
+        lines_test.append(" ".join(map(str, [u, *picks[7:]])))
+    (lg / "train.txt").write_text("\n".join(lines_train) + "\n")
+    (lg / "test.txt").write_text("\n".join(lines_test) + "\n")
+    run_dir = tmp_path / "run"
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
+         "-m", "recsys.train", "data=lightgcn", f"data.path={lg}", "data.valid_fraction=0.3",
+         f"data.root={tmp_path / 'data'}", "model=two_tower", "model.init=spectral", "model.embedding_dim=24",
+         "model.spectral_alpha=1.0", "model.spectral_niter=6", "model.history_weight=1.0", "model.history_pooling=sum",
+         "model.share_item_table=false", "model.normalize=false", "train.epochs=0", "train.batch_size=64",
+         "loss.num_negatives=32", "eval.ks=[5,10]", "eval.select_metric=recall@10", "train.progress=false",
+         f"hydra.run.dir={run_dir}"],
+        cwd=root, capture_output=True, text=True, timeout=600, env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    m = json.loads((run_dir / "metrics.json").read_text())
+    assert m["train"]["steps"] == 0 and 0 < m["valid"]["recall@10"] <= 1 and m["valid"]["users"] > 0
+
+    dense = np.zeros((80, 24))
+    for u, items in train.items():
+        dense[u, items] = 1
+    di = dense.sum(0)
+    norm = dense / np.sqrt(dense.sum(1)[:, None] * di[None, :])
+    expected = dense @ np.diag(di**-0.5) @ (np.eye(24) + norm.T @ norm) @ np.diag(di**0.5)
+    user_ids, user_vecs = read_vectors(run_dir / "export" / "users.parquet")
+    item_ids, item_vecs = read_vectors(run_dir / "export" / "items.parquet")
+    scores = user_vecs.astype(np.float64) @ item_vecs.T.astype(np.float64)
+    np.testing.assert_allclose(scores, expected[np.ix_(user_ids, item_ids)], rtol=1e-3, atol=1e-4)
