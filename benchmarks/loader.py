@@ -151,8 +151,10 @@ def main() -> None:
     print("\n" + md)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "loader.json").write_text(json.dumps(result, indent=2) + "\n")
-    (out / "loader.md").write_text(md)
+    from recsys.atomic import write_json_atomic, write_text_atomic
+
+    write_json_atomic(result, out / "loader.json")
+    write_text_atomic(md, out / "loader.md")
     print(f"written: {out}/loader.json, loader.md")
 
 

@@ -238,8 +238,11 @@ def main() -> None:
     print("\n" + md)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "memory.json").write_text(compact_json(result))
-    (out / "memory.md").write_text(md)
+    sys.path.insert(0, str(ROOT))
+    from recsys.atomic import write_text_atomic
+
+    write_text_atomic(compact_json(result), out / "memory.json")
+    write_text_atomic(md, out / "memory.md")
     print(f"written: {out}/memory.json, memory.md")
 
 

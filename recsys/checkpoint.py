@@ -59,7 +59,7 @@ _METADATA = ".metadata"  # DCP's index of the tensor files
 # with another progress bar, checkpoint frequency, export or log option resumes the same run.
 _VOLATILE = {
     "train": {"resume", "overwrite", "progress", "checkpoint_every_steps", "checkpoint_every_minutes",
-              "checkpoint_at_end", "keep_checkpoints", "log_every_steps", "device"},
+              "checkpoint_at_end", "keep_checkpoints", "log_every_steps", "device", "timeout_minutes"},
     "data": {"root"},
     "eval": {"user_chunk", "item_chunk", "score_budget_mb", "ks", "popularity", "test_every_epoch"},
     "log": None,  # the whole group
@@ -68,10 +68,19 @@ _VOLATILE = {
 }
 
 
+# Options added after run directories existed: hashed only when not at their default, so a run
+# directory written before they existed keeps its hash (and resumes).
+_ADDED = {
+    "data": ("loader", "stream_min_rows", "row_group_size", "num_workers", "shuffle_buffer"),
+    "model": ("init", "spectral_alpha", "spectral_niter", "spectral_refit", "table_dtype"),
+    "eval": ("max_users",),
+}
+
+
 def _resolved_loader(cfg: Config) -> Optional[str]:
-    """``memory`` or ``stream`` as ``recsys.train.data_config`` resolves ``data.loader`` (quietly: the
+    """``memory`` or ``stream`` as ``recsys.sources.data_config`` resolves ``data.loader`` (quietly: the
     trainer logs its own resolution); None when it refuses the config (it says why later)."""
-    from recsys.train import data_config
+    from recsys.sources import data_config
 
     quiet = logging.getLogger("recsys.data")
     level = quiet.level
@@ -89,10 +98,12 @@ class CheckpointError(ConfigError):
 
 
 def run_hash(cfg: Config) -> str:
-    """Hash of everything in `cfg` that changes the trained model (see ``_VOLATILE``). When the
-    dataset is read in memory (``data.loader`` resolved as training resolves it) the streaming
-    loader's options (``recsys.data._READ_ONLY_FIELDS``: loader, stream_min_rows, row_group_size,
-    num_workers, shuffle_buffer) change nothing and are left out too."""
+    """Hash of everything in `cfg` that changes the trained model (see ``_VOLATILE``; options of
+    ``_ADDED`` only when not at their default). When the dataset is read in memory (``data.loader``
+    resolved as training resolves it) the streaming loader's options (``recsys.data._READ_ONLY_FIELDS``:
+    loader, stream_min_rows, row_group_size, num_workers, shuffle_buffer) change nothing and are left
+    out; when it is streamed, only the resolution counts, not ``loader`` / ``stream_min_rows``. The
+    table sizes of file sources mapped by vocabulary come from the data: hashed at their defaults."""
     tree = dataclasses.asdict(cfg)
     for group, keys in _VOLATILE.items():
         if keys is None:
@@ -100,11 +111,23 @@ def run_hash(cfg: Config) -> str:
         else:
             for key in keys:
                 tree.get(group, {}).pop(key, None)
-    if _resolved_loader(cfg) == "memory":
+    defaults = Config()
+    for group, keys in _ADDED.items():
+        for key in keys:
+            if getattr(getattr(cfg, group), key) == getattr(getattr(defaults, group), key):
+                tree[group].pop(key, None)
+    if cfg.data.name != "synthetic" and cfg.data.id_mapping == "vocab":  # unused: the data gives the table sizes
+        tree["data"].update(num_users=defaults.data.num_users, num_items=defaults.data.num_items)
+    loader = _resolved_loader(cfg)
+    if loader == "memory":
         from recsys.data import _READ_ONLY_FIELDS
 
         for key in _READ_ONLY_FIELDS:
             tree["data"].pop(key, None)
+    elif loader == "stream":  # what counts is the resolved loader, not how it was asked for
+        tree["data"].pop("loader", None)
+        tree["data"].pop("stream_min_rows", None)
+        tree["data"]["streamed"] = True
     return hashlib.sha256(json.dumps(tree, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -549,7 +572,7 @@ class Trained:
     meta: Dict[str, Any]
     path: Path
     data: Any
-    """The prepared dataset as training reads it (``recsys.train.open_data``): ``InMemoryData``, or
+    """The prepared dataset as training reads it (``recsys.sources.open_data``): ``InMemoryData``, or
     ``StreamedData`` for a dataset prepared for streaming. Its ``setup`` gives the evaluation sets
     and model inputs, its ``id_rows`` the raw id of each row."""
     dmp: Any
@@ -562,7 +585,8 @@ def load_trained(path: Path, device: str = "auto") -> Trained:
     checkpoint directory) and load it. Joins or creates the process group (collective)."""
     from recsys.data import DataError, prepare
     from recsys.parallelize import init_distributed, restore_weights, shard_model
-    from recsys.train import build_task, data_config, open_data
+    from recsys.model import build_task
+    from recsys.sources import data_config, open_data
 
     ckpt = resolve_checkpoint(Path(path))
     meta = read_meta(ckpt)

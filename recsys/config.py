@@ -110,9 +110,10 @@ class DataConfig:
     seed: int = 0
     """Seed of the synthetic generator and of the random split (independent of training)."""
     num_users: int = 20_000
-    """``synthetic``: number of users. ``id_mapping=identity``: the number of user rows."""
+    """``synthetic``: number of users. ``id_mapping=identity`` / ``hash``: the number of user rows
+    (the file sources' configs set 0: these modes then need it given)."""
     num_items: int = 5_000
-    """``synthetic``: number of items. ``id_mapping=identity``: the number of item rows."""
+    """``synthetic``: number of items. ``id_mapping=identity`` / ``hash``: the number of item rows."""
     num_interactions: int = 500_000
     """``synthetic``: approximate number of interactions (before the split)."""
     latent_dim: int = 16
@@ -185,7 +186,8 @@ class ModelConfig:
     init_std: float = 0.1
     """Standard deviation of the (sharding-independent) normal initialisation of the tables."""
     history_weight: float = 0.5
-    """``two_tower``: user = (1 - w) * id embedding + w * pooled history (w in (0, 1])."""
+    """``two_tower``: user = (1 - w) * id embedding + w * pooled history (w in [0, 1]; 0: no
+    history bag, the id embedding alone)."""
     history_pooling: str = "mean"
     """``two_tower``: ``mean`` or ``sum`` of the history bag."""
     history_max_len: int = 0
@@ -224,7 +226,7 @@ class ModelConfig:
         _check(self.name in ("mf", "two_tower"), f"model.name must be mf or two_tower, got {self.name!r}")
         _check(self.embedding_dim > 0, f"model.embedding_dim must be positive, got {self.embedding_dim}")
         _check(self.init_std > 0, f"model.init_std must be positive, got {self.init_std}")
-        _check(0.0 < self.history_weight <= 1.0, f"model.history_weight must be in (0, 1], got {self.history_weight}")
+        _check(0.0 <= self.history_weight <= 1.0, f"model.history_weight must be in [0, 1], got {self.history_weight}")
         _check(self.history_pooling in ("mean", "sum"), f"model.history_pooling must be mean or sum, got {self.history_pooling!r}")
         _check(self.history_max_len >= 0, f"model.history_max_len must be >= 0, got {self.history_max_len}")
         _check(0.0 <= self.item_history_weight <= 1.0, f"model.item_history_weight must be in [0, 1], got {self.item_history_weight}")
@@ -237,6 +239,8 @@ class ModelConfig:
                    "model.init=spectral needs model=two_tower with model.history_weight=1.0, "
                    "model.share_item_table=false, model.item_history_weight=0, model.normalize=false and "
                    "model.projection=false (the user vector is the sum of its history's context rows)")
+            _check(self.history_max_len == 0, "model.init=spectral sums each user's whole history: "
+                   f"model.history_max_len must be 0, got {self.history_max_len}")
             _check(self.spectral_niter >= 0, f"model.spectral_niter must be >= 0, got {self.spectral_niter}")
         _check(self.table_dtype in ("fp32", "fp16"), f"model.table_dtype must be fp32 or fp16, got {self.table_dtype!r}")
 
@@ -295,6 +299,9 @@ class TrainConfig:
     """Global batch: interactions per step over all ranks (divisible by the world size)."""
     device: str = "auto"
     """``auto`` (CUDA when available), ``cpu`` or ``cuda``."""
+    timeout_minutes: float = 120.0
+    """How long a rank waits in a collective, e.g. for rank 0 to prepare the dataset: prepare a very
+    large one first (``python -m recsys.prepare``) or raise this."""
     sharding_types: List[str] = field(default_factory=list)
     """Restrict the planner (e.g. [row_wise]); empty: the planner chooses."""
     patience: int = 0
@@ -320,6 +327,7 @@ class TrainConfig:
     """Replace a different run (another config) found in the run directory instead of refusing."""
 
     def __post_init__(self) -> None:
+        _check(self.timeout_minutes > 0, f"train.timeout_minutes must be positive, got {self.timeout_minutes}")
         _check(self.epochs >= 0, f"train.epochs must be >= 0 (0: no training, e.g. model.init=spectral), got {self.epochs}")
         _check(self.checkpoint_every_steps >= 0, f"train.checkpoint_every_steps must be >= 0, got {self.checkpoint_every_steps}")
         _check(self.checkpoint_every_minutes >= 0, f"train.checkpoint_every_minutes must be >= 0, got {self.checkpoint_every_minutes}")
@@ -360,8 +368,9 @@ class EvalConfig:
     """Items per score block (0: all items when 64 users x all items fit in ``score_budget_mb``,
     else as many as fit); the exact top K is kept running across the item blocks."""
     score_budget_mb: int = 256
-    """Memory of the score blocks (float32, users x items) in MB, shared by the evaluation threads:
-    bounds evaluation memory whatever the number of users and items."""
+    """Memory of the score blocks (float32, users x items) in MB, shared by the evaluation threads.
+    Besides the blocks, every rank holds all item vectors (items x dim), its users' vectors and the
+    evaluated users' item sets."""
 
     @property
     def select_k(self) -> int:
@@ -490,6 +499,10 @@ class Config:
     log: LogConfig = field(default_factory=LogConfig)
     plan: PlanConfig = field(default_factory=PlanConfig)
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        _check(self.train.epochs > 0 or self.model.init == "spectral",
+               "train.epochs=0 trains nothing: it is for model.init=spectral (the closed-form tables)")
 
 
 GROUPS = {

@@ -21,6 +21,7 @@ is then written under a temporary name and renamed, so a reader sees a complete 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -308,23 +309,10 @@ def prepare(cfg: DataConfig, progress: Optional[bool] = None) -> Path:
     manifest["prepare_s"] = round(time.perf_counter() - t0, 3)
     manifest["loader"] = "memory"
     out.parent.mkdir(parents=True, exist_ok=True)
-    _remove_stale_temporaries(out)
-    tmp = out.with_name(f".{out.name}.tmp-{socket.gethostname()}-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
+    with _staged_dataset(out) as tmp:
         for name, table in tables.items():
             write_parquet_atomic(table, tmp / f"{name}.parquet")
         write_json_atomic(manifest, tmp / "manifest.json")
-        try:
-            os.rename(tmp, out)
-        except OSError:
-            if not (out / "manifest.json").exists():  # not a concurrent identical preparation
-                raise
-            shutil.rmtree(tmp, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     logger.info("prepared dataset %s in %.1fs", out, time.perf_counter() - t0)
     return out
 
@@ -337,31 +325,43 @@ def _prepare_streamed(cfg: DataConfig, out: Path, progress: Optional[bool]) -> P
     root = out.parent
     created = [p for p in (root, *root.parents) if not p.exists()]  # removed again on bad input
     root.mkdir(parents=True, exist_ok=True)
+    try:
+        with _staged_dataset(out) as tmp:
+            manifest = prepare_stream(cfg, tmp, PREPARED_VERSION, progress)
+            manifest["prepare_s"] = round(time.perf_counter() - t0, 3)
+            write_json_atomic(manifest, tmp / "manifest.json")
+    except DataError:
+        for p in created:
+            try:
+                p.rmdir()  # only when empty
+            except OSError:
+                break
+        raise
+    logger.info("prepared dataset %s (streaming layout) in %.1fs", out, time.perf_counter() - t0)
+    return out
+
+
+@contextlib.contextmanager
+def _staged_dataset(out: Path) -> Iterator[Path]:
+    """A fresh temporary directory ``.<name>.tmp-<host>-<pid>`` beside `out` (this host's stale ones
+    removed first) to write the dataset into; renamed to `out` when the block ends (unless a
+    concurrent identical preparation renamed its own first: then it is removed), removed when the
+    block raises."""
     _remove_stale_temporaries(out)
     tmp = out.with_name(f".{out.name}.tmp-{socket.gethostname()}-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     try:
-        manifest = prepare_stream(cfg, tmp, PREPARED_VERSION, progress)
-        manifest["prepare_s"] = round(time.perf_counter() - t0, 3)
-        write_json_atomic(manifest, tmp / "manifest.json")
+        yield tmp
         try:
             os.rename(tmp, out)
         except OSError:
             if not (out / "manifest.json").exists():  # not a concurrent identical preparation
                 raise
             shutil.rmtree(tmp, ignore_errors=True)
-    except BaseException as e:
+    except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
-        if isinstance(e, DataError):
-            for p in created:
-                try:
-                    p.rmdir()  # only when empty
-                except OSError:
-                    break
         raise
-    logger.info("prepared dataset %s (streaming layout) in %.1fs", out, time.perf_counter() - t0)
-    return out
 
 
 def _remove_stale_temporaries(out: Path) -> None:

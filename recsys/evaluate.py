@@ -15,8 +15,8 @@ items of the groups that can hold a top-K item are ranked (see `_block_top_keys`
 
 What is masked and what is relevant are `ItemSets`: a CSR over all user rows for in-memory data
 (`CSRSets`), or, for streamed data, the sets of the evaluated users only, read in one pass over
-the prepared Parquet files (`load_eval_sets`) and kept as a CSR of unique pairs or a packed bitmap,
-whichever is smaller.
+the prepared Parquet files (`load_eval_sets`; `load_split_sets` for the test and validation sets
+at once) and kept as a CSR of unique pairs or a packed bitmap, whichever is smaller.
 """
 
 from __future__ import annotations
@@ -230,13 +230,22 @@ def load_eval_sets(prepared_dir, users: np.ndarray, split: str = "test",
     """(masked, relevant) item sets of `users` from a streaming prepared dataset, for
     `ranking_metric_sums`: ``split="test"``: every training row (``train/``, validation rows
     included) and the ``test/`` rows; ``split="valid"``: the training rows not held out for
-    validation and the held-out ones (``valid`` column of ``train/``).
+    validation and the held-out ones (``valid`` column of ``train/``). ``load_split_sets`` of
+    one split."""
+    return load_split_sets(prepared_dir, {split: users}, progress)[split]
 
-    Reads each Parquet row group once (one pass over ``train/``, one over ``test/``), keeps the
-    rows of `users` (a boolean lookup by user row) and removes repeated pairs. Each set is a CSR of
-    unique pairs or a packed bitmap, whichever is smaller: memory is bounded by the users' distinct
-    pairs (and by users x items bits), not by the number of interactions. Under torchrun, pass this
-    rank's `local_share` of the evaluated users."""
+
+def load_split_sets(prepared_dir, users: Dict[str, np.ndarray],
+                    progress: Optional[bool] = None) -> Dict[str, Tuple[ItemSets, ItemSets]]:
+    """``load_eval_sets`` of several splits at once: `users` maps ``test`` and / or ``valid`` to
+    their evaluated users; each split gets its (masked, relevant) item sets.
+
+    Reads each Parquet row group once (one pass over ``train/`` for all the splits, one over
+    ``test/`` for the test split), keeps the rows of each split's users (a boolean lookup by user
+    row) and removes repeated pairs. Each set is a CSR of unique pairs or a packed bitmap,
+    whichever is smaller: memory is bounded by the users' distinct pairs (and by users x items
+    bits), not by the number of interactions. Under torchrun, pass this rank's `local_share` of
+    the evaluated users. A progress bar per pass unless `progress` is False (None: on a terminal)."""
     import pyarrow.parquet as pq
     from tqdm import tqdm
 
@@ -247,16 +256,20 @@ def load_eval_sets(prepared_dir, users: np.ndarray, split: str = "test",
         raise DataError(f"{root}: no manifest.json (not a complete prepared dataset)")
     manifest = json.loads((root / "manifest.json").read_text())
     num_users, num_items = int(manifest["counts"]["num_users"]), int(manifest["counts"]["num_items"])
-    if split not in ("test", "valid"):
-        raise ValueError(f"load_eval_sets: split must be test or valid, got {split!r}")
-    users = _sorted_unique(np.asarray(users, dtype=np.int64))
-    if len(users) and (users[0] < 0 or users[-1] >= num_users):
-        raise ValueError(f"load_eval_sets: user rows must be in [0, {num_users}), got {users[0]}..{users[-1]}")
-    wanted = np.zeros(num_users, dtype=bool)
-    wanted[users] = True
-    mask, relevant = _SetBuilder(users, num_items), _SetBuilder(users, num_items)
-    sources = [("train", ["user", "item"] + (["valid"] if split == "valid" else []))]
-    if split == "test":
+    splits = {}  # split -> (its users, sorted; which user rows are wanted; mask builder; relevant builder)
+    for split, wanted_users in users.items():
+        if split not in ("test", "valid"):
+            raise ValueError(f"load_eval_sets: split must be test or valid, got {split!r}")
+        wanted_users = _sorted_unique(np.asarray(wanted_users, dtype=np.int64))
+        if len(wanted_users) and (wanted_users[0] < 0 or wanted_users[-1] >= num_users):
+            raise ValueError(f"load_eval_sets: user rows must be in [0, {num_users}), got "
+                             f"{wanted_users[0]}..{wanted_users[-1]}")
+        wanted = np.zeros(num_users, dtype=bool)
+        wanted[wanted_users] = True
+        splits[split] = (wanted_users, wanted, _SetBuilder(wanted_users, num_items),
+                         _SetBuilder(wanted_users, num_items))
+    sources = [("train", ["user", "item"] + (["valid"] if "valid" in splits else []))]
+    if "test" in splits:
         sources.append(("test", ["user", "item"]))
     for part, columns in sources:
         files = sorted((root / part).glob("*.parquet"))
@@ -277,22 +290,27 @@ def load_eval_sets(prepared_dir, users: np.ndarray, split: str = "test",
                         if len(values) and (values.min() < 0 or values.max() >= limit):
                             raise DataError(f"{path}, row group {group}: column {name!r} has rows outside "
                                             f"[0, {limit}) (manifest counts)")
-                    keep = wanted[u]
-                    slots = np.searchsorted(users, u[keep])
-                    if part == "test":
-                        relevant.add(slots, i[keep])
-                    elif split == "valid":
-                        held = table["valid"].to_numpy(zero_copy_only=False)[keep]
-                        mask.add(slots[~held], i[keep][~held])
-                        relevant.add(slots[held], i[keep][held])
-                    else:
-                        mask.add(slots, i[keep])
+                    for split, (wanted_users, wanted, mask, relevant) in splits.items():
+                        if part == "test" and split != "test":
+                            continue
+                        keep = wanted[u]
+                        slots = np.searchsorted(wanted_users, u[keep])
+                        if part == "test":
+                            relevant.add(slots, i[keep])
+                        elif split == "valid":
+                            held = table["valid"].to_numpy(zero_copy_only=False)[keep]
+                            mask.add(slots[~held], i[keep][~held])
+                            relevant.add(slots[held], i[keep][held])
+                        else:
+                            mask.add(slots, i[keep])
                     bar.update(len(u))
-    out = mask.finish(), relevant.finish()
-    for name, builder, sets in (("masked", mask, out[0]), ("relevant", relevant, out[1])):
-        logger.info("eval sets (%s, %d users): %s: %d rows of these users, %d unique pairs, kept as %s (%.1f MB)",
-                    split, len(users), name, builder.rows, int(sets.counts(users).sum()),
-                    type(sets).__name__, sets.nbytes() / 2**20)
+    out = {}
+    for split, (wanted_users, _, mask, relevant) in splits.items():
+        out[split] = mask.finish(), relevant.finish()
+        for name, builder, sets in (("masked", mask, out[split][0]), ("relevant", relevant, out[split][1])):
+            logger.info("eval sets (%s, %d users): %s: %d rows of these users, %d unique pairs, kept as %s (%.1f MB)",
+                        split, len(wanted_users), name, builder.rows, int(sets.counts(wanted_users).sum()),
+                        type(sets).__name__, sets.nbytes() / 2**20)
     return out
 
 
@@ -620,8 +638,10 @@ def all_vectors(tower: Callable[[np.ndarray], torch.Tensor], count: int, dim: in
 
 
 def eval_options(eval_cfg: EvalConfig) -> Dict[str, int]:
-    """The block-size keywords of `evaluate_model` / `evaluate_popularity` from an EvalConfig."""
-    return {"item_chunk": eval_cfg.item_chunk, "score_budget_mb": eval_cfg.score_budget_mb}
+    """The keywords of `evaluate_model` / `evaluate_popularity` from an EvalConfig: the sample size
+    (``max_users``, used when no `users` are given) and the block sizes."""
+    return {"max_users": eval_cfg.max_users, "item_chunk": eval_cfg.item_chunk,
+            "score_budget_mb": eval_cfg.score_budget_mb}
 
 
 def _evaluated(test: ItemSets, users: Optional[np.ndarray], max_users: int) -> Tuple[np.ndarray, int]:
@@ -722,7 +742,7 @@ def evaluate_run(path, device: str = "auto", out_name: str = "eval.json") -> Dic
     """Load a run's newest complete checkpoint (``path``: the run, or one checkpoint directory), with
     the config the checkpoint recorded, and evaluate it as training does at its end (test, and
     validation and popularity as the run had them) with the evaluation sets of its data source
-    (``recsys.train.open_data``: the dataset in memory, or the streamed one's sampled users).
+    (``recsys.sources.open_data``: the dataset in memory, or the streamed one).
     Rank 0 writes ``<run_dir>/<out_name>`` atomically. Collective under torchrun; one process otherwise."""
     from pathlib import Path
 
@@ -735,7 +755,7 @@ def evaluate_run(path, device: str = "auto", out_name: str = "eval.json") -> Dic
     rank, world = rank_and_world()
     data.setup(cfg, model, rank, world, dev)  # as training: model inputs, masks and test / validation sets
     out: Dict = {"checkpoint": str(run.path), "step": run.meta["step"], "run_hash": run.meta.get("run_hash")}
-    options = {"max_users": cfg.eval.max_users, **eval_options(cfg.eval)}
+    options = eval_options(cfg.eval)
     out["test"] = evaluate_model(model, data.full_features, data.num_items, data.train_mask, data.test_csr, cfg.eval.ks,
                                  dev, cfg.eval.user_chunk, users=data.test_users, **options)
     if data.valid_csr is not None:

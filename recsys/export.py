@@ -173,7 +173,7 @@ def export_model(model, features, user_ids: pa.Array, item_ids: pa.Array, out_di
 
 def export_data(model, features, data, out_dir: Path, device, config_hash: str,
                 options: Optional[ExportConfig] = None) -> Optional[Path]:
-    """``export_model`` of a training data source (``recsys.train.InMemoryData`` / ``StreamedData``):
+    """``export_model`` of a training data source (``recsys.sources.InMemoryData`` / ``StreamedData``):
     every raw id of its ``id_rows`` (vocab / identity: one per table row; hash: each id seen in
     training) with its row's vector; the manifest records the id mapping and, for hash, the
     prepared dataset's collision figures. Collective."""
@@ -498,9 +498,7 @@ def export_checkpoint(run_dir: Path, options: ExportConfig) -> Optional[Dict]:
     import warnings
 
     from recsys.checkpoint import load_trained
-    from recsys.data import Features
     from recsys.parallelize import destroy_distributed
-    from recsys.train import InMemoryData, make_features
 
     for message in (".*deprecating ShardedTensor.*", ".*is_fx_tracing.*", ".*all_gather_into_tensor.*"):
         warnings.filterwarnings("ignore", message=message)
@@ -509,9 +507,8 @@ def export_checkpoint(run_dir: Path, options: ExportConfig) -> Optional[Dict]:
 
     try:
         run = load_trained(run_dir)
-        data = run.data  # the whole training split's histories (the model's inputs when testing), as training exports
-        features = (make_features(run.cfg, data.dataset, run.model, True) if isinstance(data, InMemoryData)
-                    else Features())  # streamed: mf, ids only
+        data = run.data
+        features = data.features(run.model)  # the whole training split's histories, as training exports
         path = export_data(run.model, features, data, run_dir / options.dir, run.device,
                            run.meta.get("config_hash") or run.meta["run_hash"], options=options)
     except DataError as e:

@@ -7,7 +7,7 @@ dot product of the two vectors (of L2-normalised vectors when ``normalize``).
 
 from __future__ import annotations
 
-from typing import List, Optional, Tuple
+from typing import TYPE_CHECKING, List, Optional, Tuple
 
 import torch
 import torch.fx
@@ -19,6 +19,9 @@ from torchrec.sparse.jagged_tensor import KeyedTensor
 
 from recsys.data import HISTORY_FEATURE, ITEM_FEATURE, ITEM_HISTORY_FEATURE, USER_FEATURE, Batch
 from recsys.loss import bpr_loss, sampled_softmax_loss
+
+if TYPE_CHECKING:
+    from recsys.config import Config, ModelConfig
 
 # The train pipeline traces forward() to find the sharded modules; the loss (collectives
 # inside) is recorded as one call rather than traced through.
@@ -172,3 +175,25 @@ class RetrievalTask(nn.Module):
         if self.l2:
             loss = loss + self.l2 * (user_raw.pow(2).sum(-1).mean() + item_raw.pow(2).sum(-1).mean())
         return loss, (loss.detach(),)
+
+
+def history_weights(mc: ModelConfig) -> Tuple[float, float]:
+    """(history_weight, item_history_weight) of the model built from `mc`: those of the config for
+    ``two_tower``, 0 for ``mf`` (id embeddings only, whatever the config's weights say)."""
+    return (mc.history_weight, mc.item_history_weight) if mc.name == "two_tower" else (0.0, 0.0)
+
+
+def build_task(cfg: Config, num_users: int, num_items: int,
+               item_log_prob: Optional[torch.Tensor] = None) -> RetrievalTask:
+    """The model (tables on the meta device) wrapped with its loss: what gets sharded and trained.
+    The dry run (recsys.plan) builds the same module."""
+    mc = cfg.model
+    history_weight, item_history_weight = history_weights(mc)
+    model = TwoTower(num_users, num_items, mc.embedding_dim, mc.normalize,
+                     history_weight=history_weight,
+                     history_pooling=mc.history_pooling, share_item_table=mc.share_item_table,
+                     projection=mc.projection,
+                     item_history_weight=item_history_weight,
+                     table_dtype=mc.table_dtype)
+    return RetrievalTask(model, cfg.loss.name, cfg.loss.temperature, cfg.loss.mask_accidental_hits, item_log_prob,
+                         cfg.loss.margin, cfg.loss.l2)

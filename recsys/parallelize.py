@@ -6,6 +6,7 @@ The same calls run on CPU with gloo (tests, laptops) and on CUDA with NCCL (clus
 
 from __future__ import annotations
 
+import datetime
 import logging
 import os
 from dataclasses import dataclass
@@ -55,10 +56,12 @@ class DistInfo:
     backend: str
 
 
-def init_distributed(device: str = "auto") -> DistInfo:
+def init_distributed(device: str = "auto", timeout_minutes: Optional[float] = None) -> DistInfo:
     """Join the torchrun job (env://), or make a 1-rank group for a plain `python -m` run.
 
-    NCCL on CUDA, gloo on CPU; the device is cuda:LOCAL_RANK, never a hard-coded index."""
+    NCCL on CUDA, gloo on CPU; the device is cuda:LOCAL_RANK, never a hard-coded index.
+    `timeout_minutes`: how long a collective may wait (the other ranks wait while rank 0 prepares
+    the dataset); None: torch's default (10 minutes with NCCL, 30 with gloo)."""
     use_cuda = torch.cuda.is_available() if device == "auto" else device == "cuda"
     if use_cuda and not torch.cuda.is_available():
         raise RuntimeError("train.device=cuda but CUDA is not available")
@@ -71,7 +74,8 @@ def init_distributed(device: str = "auto") -> DistInfo:
     backend = "nccl" if use_cuda else "gloo"
     if not dist.is_initialized():
         if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
-            dist.init_process_group(backend=backend, device_id=dev if use_cuda else None)
+            timeout = datetime.timedelta(minutes=timeout_minutes) if timeout_minutes else None
+            dist.init_process_group(backend=backend, device_id=dev if use_cuda else None, timeout=timeout)
         else:
             dist.init_process_group(backend=backend, store=dist.HashStore(), rank=0, world_size=1)
     return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, dev, backend)

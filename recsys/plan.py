@@ -34,9 +34,10 @@ from torchrec.distributed.planner.stats import EmbeddingStats
 from recsys.config import Config, ConfigError, register_configs, register_resolvers, typed_config
 from recsys.data import DataError, prepare, write_json_atomic
 from recsys.model import RetrievalTask
+from recsys.model import build_task as train_module
 from recsys.parallelize import (GIB, PlanRecorder, RankMemory, TablePlacement, describe_plan, embedding_modules,
                                 format_bytes, fuse_table_optimizer, plan_sharding)
-from recsys.train import build_task as train_module
+from recsys.sources import data_config
 
 logger = logging.getLogger("recsys.plan")
 warnings.filterwarnings("ignore", message=".*deprecating ShardedTensor.*")
@@ -141,7 +142,7 @@ def table_sizes(cfg: Config) -> Tuple[int, int, str]:
     """(num_users, num_items, where they came from): ``plan.num_*`` or the prepared dataset."""
     if cfg.plan.num_users:
         return cfg.plan.num_users, cfg.plan.num_items, "plan.num_users / plan.num_items"
-    data_dir = prepare(cfg.data)
+    data_dir = prepare(data_config(cfg))  # as training prepares it (the loader resolved for this model)
     counts = json.loads((data_dir / "manifest.json").read_text())["counts"]
     return counts["num_users"], counts["num_items"], str(data_dir)
 

@@ -13,7 +13,6 @@ dropped with their reasons, and writes ``report.json``, ``report.md`` and ``popu
 from __future__ import annotations
 
 import json
-
 import logging
 import sys
 from pathlib import Path
@@ -25,16 +24,18 @@ from hydra.core.global_hydra import GlobalHydra
 from omegaconf import OmegaConf
 
 from recsys.atomic import write_json_atomic, write_text_atomic
-from recsys.config import Config, ConfigError, DataConfig, register_configs, register_resolvers
+from recsys.config import Config, ConfigError, register_configs, register_resolvers
 from recsys.data import DataError, Dataset, prepare
+from recsys.sources import data_config
 from recsys.report import dataset_report, stream_report, format_dataset_report, plot_popularity
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 
 
-def prepare_report(cfg: DataConfig) -> Tuple[Path, Dict, str]:
-    """Prepare (or reuse) the dataset, write its report files beside it; (directory, report, text)."""
-    path = prepare(cfg)
+def prepare_report(cfg: Config) -> Tuple[Path, Dict, str]:
+    """Prepare (or reuse) the dataset as training with this config would (``data.loader`` resolved
+    for its model), write its report files beside it; (directory, report, text)."""
+    path = prepare(data_config(cfg))
     if json.loads((path / "manifest.json").read_text()).get("loader") == "stream":  # counts only: no pass over the log
         report = stream_report(path)
         item_counts, user_counts = np.load(path / "item_counts_all.npy"), np.load(path / "user_counts.npy")
@@ -75,7 +76,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f"error: invalid configuration: {cause}".splitlines()[0], file=sys.stderr)
         return 2
     try:
-        path, report, text = prepare_report(cfg.data)
+        path, report, text = prepare_report(cfg)
     except (ConfigError, DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -25,7 +25,7 @@ from __future__ import annotations
 import io
 import logging
 from pathlib import Path
-from typing import Callable, Dict, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 import pyarrow as pa
@@ -138,6 +138,30 @@ def _apply_min_rating(table: pa.Table, min_rating: Optional[float], source: str)
 # ---------------------------------------------------------------------------------------------
 
 
+def source_files(path: Path, fmt: str, separator: str = ",") -> Tuple[List[str], ds.FileFormat, str]:
+    """(files, their Arrow format, its name for messages) of a ``parquet`` / ``csv`` source: the
+    file `path`, or the files of the directory `path` (files starting with '.' or '_' left out).
+    A missing path, an unreadable directory or one without files raises ``DataError``."""
+    p = Path(path)
+    if not p.exists():
+        raise DataError(f"{p}: no such file or directory (data.path)")
+    if fmt == "csv":
+        file_format = ds.CsvFileFormat(parse_options=pacsv.ParseOptions(delimiter=separator))
+        what = f"CSV (separator {separator!r})"
+    else:
+        file_format, what = ds.ParquetFileFormat(), "Parquet"
+    if not p.is_dir():
+        return [str(p)], file_format, what
+    try:
+        files = ds.dataset(str(p), format=file_format, exclude_invalid_files=False).files
+    except (pa.ArrowInvalid, OSError) as e:
+        raise DataError(f"{p}: cannot be read as {what}: {_one_line(e)}") from None
+    if not files:
+        raise DataError(f"{p}: directory holds no {what} files (data.path; files starting with '.' or '_' are "
+                        "ignored)")
+    return files, file_format, what
+
+
 def read_columns(path: str, fmt: str, user_column: str, item_column: str, timestamp_column: Optional[str],
                  weight_column: Optional[str], rating_column: Optional[str], min_rating: Optional[float],
                  separator: str = ",", null_ids: str = "drop",
@@ -147,23 +171,7 @@ def read_columns(path: str, fmt: str, user_column: str, item_column: str, timest
     Each file is read and checked on its own, so an error names the file (and its row), whatever
     the others hold; every file must give the ids the same type (integers or strings)."""
     p = Path(path)
-    if not p.exists():
-        raise DataError(f"{p}: no such file or directory (data.path)")
-    if fmt == "csv":
-        file_format = ds.CsvFileFormat(parse_options=pacsv.ParseOptions(delimiter=separator))
-    else:
-        file_format = ds.ParquetFileFormat()
-    what = "Parquet" if fmt == "parquet" else f"CSV (separator {separator!r})"
-    if p.is_dir():
-        try:
-            files = ds.dataset(str(p), format=file_format, exclude_invalid_files=False).files
-        except (pa.ArrowInvalid, OSError) as e:
-            raise DataError(f"{p}: cannot be read as {what}: {_one_line(e)}") from None
-        if not files:
-            raise DataError(f"{p}: directory holds no {what} files (data.path; files starting with '.' or '_' are "
-                            "ignored)")
-    else:
-        files = [str(p)]
+    files, file_format, what = source_files(p, fmt, separator)
     tables, n_null, first = [], 0, None
     for f in files:
         table, columns = _read_file(f, file_format, what, fmt, user_column, item_column, timestamp_column,

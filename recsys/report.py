@@ -9,7 +9,6 @@ Shared by ``recsys.prepare`` (the dataset report and its popularity plot) and ``
 from __future__ import annotations
 
 import json
-
 import logging
 import os
 from pathlib import Path

@@ -30,6 +30,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed._shard.sharded_tensor import ShardedTensor
 
+from recsys.config import ModelConfig
 from recsys.parallelize import table_weights
 
 logger = logging.getLogger(__name__)
@@ -98,7 +99,7 @@ def load_tables(model: torch.nn.Module, full: Dict[str, torch.Tensor]) -> None:
 
 
 def init_spectral(model: torch.nn.Module, users: np.ndarray, items: np.ndarray, num_users: int, num_items: int,
-                  mc, seed: int, device: torch.device) -> None:
+                  mc: ModelConfig, seed: int, device: torch.device) -> None:
     """Fill a (sharded) two-tower's tables with :func:`spectral_tables` of the (user, item) pairs,
     computed on rank 0 and broadcast (`mc`: the model config: dimension, alpha, iterations)."""
     rank = dist.get_rank() if dist.is_initialized() else 0

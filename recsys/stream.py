@@ -50,14 +50,13 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.csv as pacsv
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
 from recsys.atomic import write_json_atomic, write_parquet_atomic
 from recsys.config import DataConfig
-from recsys.readers import ROLE_WORD, DataError, _first_true, _id_type_ok, _one_line
+from recsys.readers import ROLE_WORD, DataError, _first_true, _id_type_ok, _one_line, source_files
 
 logger = logging.getLogger(__name__)
 
@@ -324,23 +323,7 @@ def open_source(path: str, fmt: str, cfg: DataConfig) -> Source:
     column, an id type other than integers or strings, files disagreeing on the columns or on the
     id types are refused naming the file and the column."""
     p = Path(path)
-    if not p.exists():
-        raise DataError(f"{p}: no such file or directory (data.path)")
-    if fmt == "csv":
-        file_format = ds.CsvFileFormat(parse_options=pacsv.ParseOptions(delimiter=cfg.separator))
-        what = f"CSV (separator {cfg.separator!r})"
-    else:
-        file_format, what = ds.ParquetFileFormat(), "Parquet"
-    if p.is_dir():
-        try:
-            files = ds.dataset(str(p), format=file_format, exclude_invalid_files=False).files
-        except (pa.ArrowInvalid, OSError) as e:
-            raise DataError(f"{p}: cannot be read as {what}: {_one_line(e)}") from None
-        if not files:
-            raise DataError(f"{p}: directory holds no {what} files (data.path; files starting with '.' or '_' are "
-                            "ignored)")
-    else:
-        files = [str(p)]
+    files, file_format, what = source_files(p, fmt, cfg.separator)
     first: Optional[Tuple[str, Dict[str, str], Dict[str, pa.DataType]]] = None
     any_float_time = False
     for f in files:
@@ -414,8 +397,8 @@ class _Filtered:
     below_min_rating: int = 0
 
 
-def _batches(src: Source, cfg: DataConfig, filtered: _Filtered) -> Iterator[pa.Table]:
-    """The source's rows in file order, BATCH_ROWS at a time, as tables of the roles' columns
+def _batches(src: Source, cfg: DataConfig, filtered: _Filtered) -> Iterator[Tuple[str, pa.Table]]:
+    """The source's rows in file order, BATCH_ROWS at a time, as (file, table of the roles' columns)
     (ids as int64 / string, timestamp int64 or float64 seconds, weight and rating float64);
     rows with null ids dropped (counted) or refused, ``min_rating`` applied (counted), identity
     ids checked against the table sizes. An error names the file and the row."""
@@ -442,7 +425,7 @@ def _batches(src: Source, cfg: DataConfig, filtered: _Filtered) -> Iterator[pa.T
                 raise DataError(f"{f}: cannot be read as {src.what} (corrupt or truncated?): {_one_line(e)}") from None
             table = pa.Table.from_batches([batch])
             if len(table):
-                yield _clean(table, src, cfg, f, offset, filtered)
+                yield f, _clean(table, src, cfg, f, offset, filtered)
             offset += batch.num_rows
 
 
@@ -642,7 +625,7 @@ def prepare_stream(cfg: DataConfig, tmp: Path, version: int, progress: Optional[
     train_ids = {r: DistinctIds(src.id_types[r]) for r in ("user_id", "item_id")}
     test_ids = {r: DistinctIds(src.id_types[r]) for r in ("user_id", "item_id")} if cfg.unseen_test == "error" else None
     with _bar(total, "prepare 1/2: vocabulary", progress) as bar:
-        for table in _batches(src, cfg, filtered):
+        for _, table in _batches(src, cfg, filtered):
             users, items = table["user_id"].combine_chunks(), table["item_id"].combine_chunks()
             is_test, _ = split_masks(id_hash(users), id_hash(items), cfg.seed, cfg.test_fraction, 0.0)
             train = pa.array(~is_test)
@@ -687,12 +670,13 @@ def prepare_stream(cfg: DataConfig, tmp: Path, version: int, progress: Optional[
     unseen = {"test_unseen_user": 0, "test_unseen_item": 0}
     n_test_raw = 0
     with _bar(kept_rows, "prepare 2/2: encode", progress) as bar:
-        for table in _batches(src, cfg, _Filtered()):
+        for f, table in _batches(src, cfg, _Filtered()):
             users, items = table["user_id"].combine_chunks(), table["item_id"].combine_chunks()
             hu, hi = id_hash(users), id_hash(items)
             is_test, is_valid = split_masks(hu, hi, cfg.seed, cfg.test_fraction, cfg.valid_fraction)
             pos_u, pos_i = _lookup(user_index, users), _lookup(item_index, items)
             if cfg.id_mapping == "vocab":
+                _check_known(f, ~is_test, pos_u, pos_i, users, items)
                 rows_u, rows_i = pos_u, pos_i
             elif cfg.id_mapping == "identity":
                 rows_u, rows_i = users.to_numpy(), items.to_numpy()
@@ -788,6 +772,19 @@ def prepare_stream(cfg: DataConfig, tmp: Path, version: int, progress: Optional[
     logger.info("streaming prepare: %d rows in %.1fs (%.0f rows/s)", filtered.rows, time.perf_counter() - t0,
                 filtered.rows / max(time.perf_counter() - t0, 1e-9))
     return manifest
+
+
+def _check_known(f: str, train: np.ndarray, pos_u: np.ndarray, pos_i: np.ndarray, users: pa.Array,
+                 items: pa.Array) -> None:
+    """Pass 2, ``data.id_mapping=vocab``: every training row's ids are in the vocabulary of pass 1
+    (else the source changed between the passes, and the row would get no table row)."""
+    for role, pos, ids in (("user_id", pos_u, users), ("item_id", pos_i, items)):
+        missing = train & (pos < 0)
+        if missing.any():
+            first = ids[int(np.flatnonzero(missing)[0])].as_py()
+            raise DataError(f"{f}: changed during preparation: {int(missing.sum())} training rows have a "
+                            f"{ROLE_WORD[role]} id that the first pass did not see (the first: {first!r}); "
+                            "prepare again from a source that is not being written")
 
 
 def _refuse_unseen(source: str, test_ids: Dict[str, DistinctIds], users: pa.Array, items: pa.Array) -> None:

@@ -11,7 +11,6 @@ into the same run directory resumes from the newest complete checkpoint (recsys/
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import logging
@@ -20,11 +19,10 @@ import sys
 import time
 import warnings
 from pathlib import Path
-from typing import Dict, Iterator, Optional
+from typing import Dict, Optional
 
 import hydra
 import numpy as np
-import pyarrow.parquet as pq
 import torch
 import torch.distributed as dist
 from hydra.core.hydra_config import HydraConfig
@@ -35,15 +33,14 @@ from tqdm import tqdm
 from recsys.checkpoint import (check_compatible, load_checkpoint, prepare_resume, read_meta, run_hash,
                                save_checkpoint, table_shapes)
 from recsys.config import Config, ConfigError, register_configs, register_resolvers, typed_config
-from recsys.data import (Batch, DataError, Dataset, Features, TrainBatches, id_rows, prepare, resolve_loader,
-                         write_json_atomic)
-from recsys.evaluate import eval_users, evaluate_model, evaluate_popularity, load_eval_sets, local_share, tower_norms
+from recsys.data import DataError, prepare, write_json_atomic
+from recsys.evaluate import eval_options, evaluate_model, evaluate_popularity, tower_norms
 from recsys.export import ExportError, export_data
-from recsys.loader import Pieces, StreamBatches, steps_per_epoch
-from recsys.model import RetrievalTask, TwoTower
+from recsys.model import build_task
 from recsys.parallelize import (describe_plan, destroy_distributed, init_distributed, init_tables, restore_weights,
                                 shard_model, snapshot_weights)
 from recsys.report import count_quantiles, run_plots, write_summary
+from recsys.sources import StreamedData, data_config, open_data
 from recsys.spectral import init_spectral
 
 logger = logging.getLogger("recsys.train")
@@ -64,184 +61,10 @@ def broadcast_object(obj, src: int = 0):
     return holder[0]
 
 
-def build_task(cfg: Config, num_users: int, num_items: int,
-               item_log_prob: Optional[torch.Tensor] = None) -> RetrievalTask:
-    """The model (tables on the meta device) wrapped with its loss: what gets sharded and trained.
-    The dry run (recsys.plan) builds the same module."""
-    mc = cfg.model
-    model = TwoTower(num_users, num_items, mc.embedding_dim, mc.normalize,
-                     history_weight=mc.history_weight if mc.name == "two_tower" else 0.0,
-                     history_pooling=mc.history_pooling, share_item_table=mc.share_item_table,
-                     projection=mc.projection,
-                     item_history_weight=mc.item_history_weight if mc.name == "two_tower" else 0.0,
-                     table_dtype=mc.table_dtype)
-    return RetrievalTask(model, cfg.loss.name, cfg.loss.temperature, cfg.loss.mask_accidental_hits, item_log_prob,
-                         cfg.loss.margin, cfg.loss.l2)
-
-
-def make_features(cfg: Config, dataset: Dataset, model: TwoTower, include_valid: bool,
-                  training: bool = False) -> Features:
-    """The model's inputs: the training history feeds the user tower while training and validating;
-    the whole training split (validation holdout included) when testing and exporting."""
-    mc = cfg.model
-    item_history = None
-    if model.item_history_weight > 0:
-        item_history = dataset.item_history(include_valid, mc.item_history_max_len, cfg.seed)
-    if not model.has_history:
-        return Features(item_history=item_history)
-    return Features(dataset.history(include_valid, mc.history_max_len), mc.share_item_table,
-                    mc.history_dropout if training else 0.0, mc.history_exclude_target and training,
-                    item_history)
-
-
-# ---------------------------------------------------------------------------------------------
-# Data sources: what the loop and the evaluation take from the prepared dataset, in memory or streamed
-# ---------------------------------------------------------------------------------------------
-
-
-def data_config(cfg: Config):
-    """``cfg.data`` with ``data.loader`` resolved (``auto`` -> ``memory`` or ``stream``): models
-    with history bags need every user's items in memory, so they never stream."""
-    why = None
-    if cfg.model.name != "mf":
-        why = f"model={cfg.model.name} needs each user's training items (history bags), held by the memory loader only"
-    return dataclasses.replace(cfg.data, loader=resolve_loader(cfg.data, why))
-
-
-def open_data(cfg: Config, path: Path):
-    """The prepared dataset at `path` as the loop reads it: ``StreamedData`` when it was prepared
-    for streaming (its manifest says ``loader: stream``), else ``InMemoryData``."""
-    manifest = json.loads((path / "manifest.json").read_text())
-    return StreamedData(cfg, path, manifest) if manifest.get("loader") == "stream" else InMemoryData(cfg, path)
-
-
-class InMemoryData:
-    """``data.loader=memory``: the whole prepared dataset in every rank's memory; each epoch is a
-    seeded permutation of all fit interactions (``TrainBatches``: the global batch of a step does
-    not depend on the world size)."""
-
-    eval_info: Dict = {}
-    test_users = valid_users = None  # evaluate_model samples them (eval.max_users) from the full CSRs
-
-    def __init__(self, cfg: Config, path: Path) -> None:
-        self.cfg, self.dataset = cfg, Dataset.load(path)
-        self.manifest, self.has_valid = self.dataset.manifest, self.dataset.has_valid
-        self.num_users, self.num_items = self.dataset.num_users, self.dataset.num_items
-        self.fit_users, self.fit_items = self.dataset.fit_pairs()
-        self.num_fit = len(self.fit_users)
-
-    def fit_item_counts(self) -> np.ndarray:
-        return self.dataset.item_counts(include_valid=False)
-
-    def item_counts(self) -> np.ndarray:
-        return self.dataset.item_counts()
-
-    def user_counts(self) -> np.ndarray:
-        return np.bincount(self.dataset.train_users, minlength=self.num_users)
-
-    def steps_per_epoch(self, global_batch: int) -> int:
-        return self.num_fit // global_batch
-
-    def id_rows(self, which: str):
-        """(raw ids, their table rows) of ``users`` / ``items`` (``recsys.data.id_rows``: what the export writes)."""
-        return self.dataset.id_rows(which)
-
-    def setup(self, cfg: Config, model: TwoTower, rank: int, world: int, device: torch.device) -> None:
-        """The model's inputs and the evaluation sets (users' histories when the model has them)."""
-        d = self.dataset
-        self.rank, self.world = rank, world
-        self.train_features, self.fit_features, self.full_features = (make_features(cfg, d, model, False, True),
-                                                                      make_features(cfg, d, model, False),
-                                                                      make_features(cfg, d, model, True))
-        self.train_mask, self.test_csr = d.train_csr(), d.test_csr()
-        self.valid_csr = d.valid_csr() if d.has_valid else None
-        self.fit_mask = d.train_csr(include_valid=False) if d.has_valid else None
-
-    def batches(self, epoch: int, skip: int, max_batches: int) -> Iterator[Batch]:
-        """The epoch's batches from the (skip+1)-th on, at most `max_batches` counting the skipped."""
-        cfg = self.cfg
-        it = iter(TrainBatches(self.fit_users, self.fit_items, self.num_items, cfg.train.batch_size,
-                               cfg.loss.num_negatives, self.rank, self.world, cfg.seed, epoch,
-                               max_batches=max_batches, features=self.train_features))
-        for _ in range(skip):  # the same batches, negatives and RNG draws as before: discarded
-            next(it)
-        return it
-
-
-class StreamedData:
-    """``data.loader=stream``: nothing held grows with the number of interactions. Batches are
-    streamed from the row groups (``recsys.loader.StreamBatches``; the order depends on the world
-    size and ``data.num_workers``), the counts come from the prepare's ``*.npy``, and the
-    evaluation sets are built for a seeded sample of at most ``eval.max_users`` test users."""
-
-    def __init__(self, cfg: Config, path: Path, manifest: Dict) -> None:
-        if cfg.model.name != "mf":
-            raise ConfigError(f"{path} is prepared for streaming: model={cfg.model.name} needs each user's training "
-                              "items (history bags), held by the memory loader only; use data.loader=memory")
-        self.cfg, self.path, self.manifest = cfg, path, manifest
-        counts = manifest["counts"]
-        self.num_users, self.num_items = counts["num_users"], counts["num_items"]
-        self.has_valid = counts["valid_interactions"] > 0
-        self.pieces = Pieces.read(path)
-        self.num_fit = self.pieces.total_fit
-        self.eval_info: Dict = {}
-
-    def fit_item_counts(self) -> np.ndarray:
-        return np.load(self.path / "item_counts.npy")
-
-    def item_counts(self) -> np.ndarray:
-        return np.load(self.path / "item_counts_all.npy")
-
-    def user_counts(self) -> np.ndarray:
-        return np.load(self.path / "user_counts.npy")
-
-    def steps_per_epoch(self, global_batch: int) -> int:
-        return steps_per_epoch(self.pieces, global_batch)
-
-    def id_rows(self, which: str):
-        """(raw ids, their table rows) of ``users`` / ``items`` (``recsys.data.id_rows``: what the export writes)."""
-        return id_rows(self.path, which)
-
-    def setup(self, cfg: Config, model: TwoTower, rank: int, world: int, device: torch.device) -> None:
-        """Model inputs (ids only) and the evaluation sets of the evaluated users (a seeded sample of at
-        most ``eval.max_users`` of those with test / validation items), this rank's share of them."""
-        self.rank, self.world, self.pin = rank, world, device.type == "cuda"  # pinned memory on CUDA only
-        self.fit_features = self.full_features = Features()
-        test_counts = np.load(self.path / "test_user_counts.npy")
-        self.test_users = eval_users(test_counts, cfg.eval.max_users)
-        self.train_mask, self.test_csr = load_eval_sets(self.path, local_share(self.test_users)[0], "test", False)
-        self.valid_users = self.fit_mask = self.valid_csr = None
-        if self.has_valid:
-            self.valid_users = eval_users(self.valid_user_counts(), cfg.eval.max_users)
-            self.fit_mask, self.valid_csr = load_eval_sets(self.path, local_share(self.valid_users)[0], "valid", False)
-        self.eval_info = {"eval_users": len(self.test_users), "eval_users_of": int(np.count_nonzero(test_counts))}
-
-    def valid_user_counts(self) -> np.ndarray:
-        """Validation rows per user row: ``valid_user_counts.npy`` of the streaming prepare (a dataset
-        prepared before it wrote that file: counted in one pass over the user and valid columns)."""
-        saved = self.path / "valid_user_counts.npy"
-        if saved.exists():
-            return np.load(saved)
-        counts = np.zeros(self.num_users, dtype=np.int64)
-        for f in sorted((self.path / "train").glob("*.parquet")):
-            pf = pq.ParquetFile(f)
-            for g in range(pf.num_row_groups):
-                t = pf.read_row_group(g, columns=["user", "valid"])
-                held = t["valid"].to_numpy(zero_copy_only=False)
-                counts += np.bincount(t["user"].to_numpy()[held], minlength=self.num_users)
-        return counts
-
-    def batches(self, epoch: int, skip: int, max_batches: int) -> Iterator[Batch]:
-        cfg = self.cfg
-        return iter(StreamBatches(self.pieces, self.num_items, cfg.train.batch_size, cfg.loss.num_negatives, self.rank,
-                                  self.world, cfg.seed, epoch, cfg.data.num_workers, cfg.data.shuffle_buffer, skip=skip,
-                                  max_batches=max_batches, pin_memory=self.pin))
-
-
 def train(cfg: Config, run_dir: Path, config_hash: str = "") -> Dict:
     """Run one training job on the current process group (created when missing)."""
     run_dir = Path(run_dir)
-    info = init_distributed(cfg.train.device)
+    info = init_distributed(cfg.train.device, cfg.train.timeout_minutes)
     rank, world, device = info.rank, info.world_size, info.device
     tb = None  # TensorBoard writer: rank 0 with log.tensorboard
     try:
@@ -300,8 +123,8 @@ def train(cfg: Config, run_dir: Path, config_hash: str = "") -> Dict:
                     counts["test_interactions"], data.manifest["dropped"],
                     "; streamed" if isinstance(data, StreamedData) else "")
         fit_counts = data.fit_item_counts()
-        steps_per_epoch = data.steps_per_epoch(cfg.train.batch_size)
-        if steps_per_epoch == 0:
+        epoch_steps = data.steps_per_epoch(cfg.train.batch_size)
+        if epoch_steps == 0:
             raise ConfigError(f"train.batch_size={cfg.train.batch_size} is larger than the "
                               f"{data.num_fit} training interactions")
         if cfg.train.patience and not data.has_valid:
@@ -327,16 +150,15 @@ def train(cfg: Config, run_dir: Path, config_hash: str = "") -> Dict:
         fit_features, full_features = data.fit_features, data.full_features
         train_mask, test_csr, valid_csr, fit_mask = data.train_mask, data.test_csr, data.valid_csr, data.fit_mask
         valid_ks = sorted(set(cfg.eval.ks) | {cfg.eval.select_k})
-        eval_options = {"max_users": cfg.eval.max_users, "item_chunk": cfg.eval.item_chunk,
-                        "score_budget_mb": cfg.eval.score_budget_mb}
+        eval_kw = eval_options(cfg.eval)
 
         # ---- loop
-        unused = data.num_fit - steps_per_epoch * cfg.train.batch_size
-        total_steps = steps_per_epoch * cfg.train.epochs
+        unused = data.num_fit - epoch_steps * cfg.train.batch_size
+        total_steps = epoch_steps * cfg.train.epochs
         if cfg.train.max_steps is not None:
             total_steps = min(total_steps, cfg.train.max_steps)
         logger.info("%d steps of %d interactions (%d per epoch; the %d left over by the batch size are "
-                    "a different random subset each epoch)", total_steps, cfg.train.batch_size, steps_per_epoch, unused)
+                    "a different random subset each epoch)", total_steps, cfg.train.batch_size, epoch_steps, unused)
         pipeline = TrainPipelineSparseDist(dmp, optimizer, device, execute_all_batches=True)
         dmp.train()
         tb_dir = run_dir / "tensorboard"
@@ -459,11 +281,11 @@ def train(cfg: Config, run_dir: Path, config_hash: str = "") -> Dict:
                 if valid_csr is not None:
                     record["valid"] = evaluate_model(model_, fit_features, data.num_items, fit_mask, valid_csr,
                                                      valid_ks, device, cfg.eval.user_chunk, users=data.valid_users,
-                                                     **eval_options)
+                                                     **eval_kw)
                 if cfg.eval.test_every_epoch:
                     record["test"] = evaluate_model(model_, full_features, data.num_items, train_mask, test_csr,
                                                     cfg.eval.ks, device, cfg.eval.user_chunk, users=data.test_users,
-                                                    **eval_options)
+                                                    **eval_kw)
                 if valid_csr is not None:
                     value = record["valid"][cfg.eval.select_metric]
                     if value > best["value"]:
@@ -494,11 +316,12 @@ def train(cfg: Config, run_dir: Path, config_hash: str = "") -> Dict:
                 break
         closed_form_valid = None
         if mc.init == "spectral" and not history and not finished:  # no epoch: the closed form is the model
-            if valid_csr is not None:
+            if valid_csr is not None:  # evaluation time, not training time: the validation pass and the refit
+                t_eval = time.perf_counter()
                 model_ = pipeline.detach().module.model
                 dmp.eval()
                 closed_form_valid = evaluate_model(model_, fit_features, data.num_items, fit_mask, valid_csr, valid_ks,
-                                                   device, cfg.eval.user_chunk, users=data.valid_users, **eval_options)
+                                                   device, cfg.eval.user_chunk, users=data.valid_users, **eval_kw)
                 logger.info("closed-form tables: valid %s %.4f", cfg.eval.select_metric,
                             closed_form_valid[cfg.eval.select_metric])
                 if mc.spectral_refit:
@@ -507,6 +330,7 @@ def train(cfg: Config, run_dir: Path, config_hash: str = "") -> Dict:
                                   data.num_items, mc, cfg.seed, device)
                 dmp.train()
                 pipeline.attach(dmp)
+                valid_s += time.perf_counter() - t_eval
         if cfg.train.checkpoint_at_end and not finished:
             checkpoint(epoch, 0, 0.0, True)
         wall = time.perf_counter() - t0
@@ -521,7 +345,7 @@ def train(cfg: Config, run_dir: Path, config_hash: str = "") -> Dict:
         # ---- evaluate (model and popularity baseline, same evaluator)
         t_eval = time.perf_counter()
         test_metrics = evaluate_model(model_, full_features, data.num_items, train_mask, test_csr,
-                                      cfg.eval.ks, device, cfg.eval.user_chunk, users=data.test_users, **eval_options)
+                                      cfg.eval.ks, device, cfg.eval.user_chunk, users=data.test_users, **eval_kw)
         metrics = {"test": test_metrics}
         if best["weights"] is not None:
             metrics["valid"] = history[best["epoch"]]["valid"]
@@ -531,7 +355,7 @@ def train(cfg: Config, run_dir: Path, config_hash: str = "") -> Dict:
         if cfg.eval.popularity:
             metrics["popularity"] = evaluate_popularity(data.item_counts(), train_mask, test_csr, cfg.eval.ks,
                                                         device, cfg.eval.user_chunk, users=data.test_users,
-                                                        **eval_options)
+                                                        **eval_kw)
         eval_s = time.perf_counter() - t_eval
         train_s = wall - valid_s
         metrics["train"] = {

@@ -228,9 +228,22 @@ def test_two_ranks_train_on_a_streamed_dataset_and_resume(tmp_path):
 
 def test_history_models_are_refused_with_the_streaming_loader(tmp_path):
     from recsys.config import ConfigError, ModelConfig
-    from recsys.train import data_config
+    from recsys.data import prepare
+    from recsys.sources import StreamedData, data_config
 
     cfg = tiny_stream_config(tmp_path)
     cfg.model = ModelConfig(name="two_tower", embedding_dim=8)
     with pytest.raises(ConfigError, match="history"):
         data_config(cfg)
+    cfg.model = ModelConfig(name="two_tower", embedding_dim=8, item_history_weight=0.5)
+    cfg.model.history_weight = 0.0  # no user history bag, but an item history bag
+    with pytest.raises(ConfigError, match="model.item_history_weight=0.5"):
+        data_config(cfg)
+    cfg.model.item_history_weight = 0.0  # no history bag at all: a two-tower model streams
+    assert data_config(cfg).loader == "stream"
+    cfg.model = ModelConfig(name="mf", embedding_dim=8, history_weight=0.5)  # mf: history_weight is not used
+    assert data_config(cfg).loader == "stream"
+    path = prepare(data_config(cfg))
+    cfg.model = ModelConfig(name="two_tower", embedding_dim=8)
+    with pytest.raises(ConfigError, match="prepared for streaming: model=two_tower with history bags"):
+        StreamedData(cfg, path, json.loads((path / "manifest.json").read_text()))
