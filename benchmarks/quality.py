@@ -123,6 +123,11 @@ def plot(dataset: str, results: dict, path: Path) -> None:
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for name, m in results.items():
         hist = m["train"]["history"]
+        if not hist:  # a closed-form model (train.epochs=0): its result as a level
+            ax.axhline(m["test"]["recall@20"], color="black", lw=1.5, ls="--", label=f"{name} (closed form, test)")
+            if m.get("valid"):
+                ax.axhline(m["valid"]["recall@20"], color="black", lw=1, label=f"{name} (closed form, valid)")
+            continue
         epochs = [h["epoch"] + 1 for h in hist]
         if all("valid" in h for h in hist):
             line, = ax.plot(epochs, [h["valid"]["recall@20"] for h in hist], marker="o", ms=3, label=f"{name} (valid)")
