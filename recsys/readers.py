@@ -205,19 +205,12 @@ def read_columns(path: str, fmt: str, user_column: str, item_column: str, timest
     return table, dropped
 
 
-def _read_file(f: str, file_format, what: str, fmt: str, user_column: str, item_column: str,
-               timestamp_column: Optional[str], weight_column: Optional[str],
-               rating_column: Optional[str]) -> Tuple[pa.Table, Dict[str, str]]:
-    """One file's columns, renamed to their roles (user_id, item_id[, timestamp, weight, rating])."""
-    try:
-        dataset = ds.dataset(f, format=file_format)
-        schema = dataset.schema
-    except (pa.ArrowInvalid, OSError) as e:
-        hint = ""
-        if fmt == "csv":
-            with open(f, "rb") as fh:
-                hint = " (it is a Parquet file: data=parquet?)" if fh.read(4) == b"PAR1" else ""
-        raise DataError(f"{f}: cannot be read as {what}{hint}: {_one_line(e)}") from None
+def column_roles(f: str, schema: pa.Schema, fmt: str, user_column: str, item_column: str,
+                 timestamp_column: Optional[str], weight_column: Optional[str],
+                 rating_column: Optional[str]) -> Dict[str, str]:
+    """A file's column name by role (user_id, item_id[, timestamp, weight, rating]) from its schema:
+    a missing id, weight or rating column, ids that are neither integers nor strings, a
+    non-numeric weight or rating are refused naming the file and the column."""
     columns = {"user_id": user_column, "item_id": item_column}
     for role, col in columns.items():
         word = ROLE_WORD[role]
@@ -237,6 +230,23 @@ def _read_file(f: str, file_format, what: str, fmt: str, user_column: str, item_
             if not (pa.types.is_integer(t) or pa.types.is_floating(t)):
                 raise DataError(f"{f}: {role} column {col!r} has type {t}; expected numbers")
             columns[role] = col
+    return columns
+
+
+def _read_file(f: str, file_format, what: str, fmt: str, user_column: str, item_column: str,
+               timestamp_column: Optional[str], weight_column: Optional[str],
+               rating_column: Optional[str]) -> Tuple[pa.Table, Dict[str, str]]:
+    """One file's columns, renamed to their roles (user_id, item_id[, timestamp, weight, rating])."""
+    try:
+        dataset = ds.dataset(f, format=file_format)
+        schema = dataset.schema
+    except (pa.ArrowInvalid, OSError) as e:
+        hint = ""
+        if fmt == "csv":
+            with open(f, "rb") as fh:
+                hint = " (it is a Parquet file: data=parquet?)" if fh.read(4) == b"PAR1" else ""
+        raise DataError(f"{f}: cannot be read as {what}{hint}: {_one_line(e)}") from None
+    columns = column_roles(f, schema, fmt, user_column, item_column, timestamp_column, weight_column, rating_column)
     try:
         table = dataset.to_table(columns=list(columns.values()))
     except (pa.ArrowInvalid, OSError) as e:

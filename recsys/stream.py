@@ -56,7 +56,7 @@ from tqdm import tqdm
 
 from recsys.atomic import write_json_atomic, write_parquet_atomic
 from recsys.config import DataConfig
-from recsys.readers import ROLE_WORD, DataError, _first_true, _id_type_ok, _one_line, source_files
+from recsys.readers import ROLE_WORD, DataError, _first_true, _one_line, column_roles, source_files
 
 logger = logging.getLogger(__name__)
 
@@ -331,39 +331,23 @@ def open_source(path: str, fmt: str, cfg: DataConfig) -> Source:
             schema = ds.dataset(f, format=file_format).schema
         except (pa.ArrowInvalid, OSError) as e:
             raise DataError(f"{f}: cannot be read as {what}: {_one_line(e)}") from None
-        columns = {"user_id": cfg.user_column, "item_id": cfg.item_column}
+        columns = column_roles(f, schema, fmt, cfg.user_column, cfg.item_column, cfg.timestamp_column,
+                               cfg.weight_column, cfg.rating_column)
         types = {}
-        for role, col in columns.items():
-            word = ROLE_WORD[role]
-            if col not in schema.names:
-                hint = "; is the separator right? (data.separator)" if fmt == "csv" and len(schema.names) == 1 else ""
-                raise DataError(f"{f}: missing {word} column {col!r} (has {schema.names}); "
-                                f"set data.{word}_column{hint}")
-            t = schema.field(col).type
-            if not _id_type_ok(t):
-                raise DataError(f"{f}: column {col!r} has type {t}; ids must be integers or strings "
-                                f"(the {word} column)")
+        for role in ("user_id", "item_id"):
+            t = schema.field(columns[role]).type
             if cfg.id_mapping == "identity" and not pa.types.is_integer(t):
                 key = "num_users" if role == "user_id" else "num_items"
-                raise DataError(f"{f}: column {col!r} has type {t}; data.id_mapping=identity needs integer {word} "
-                                f"ids 0..data.{key}-1 (use data.id_mapping=vocab for other ids)")
+                raise DataError(f"{f}: column {columns[role]!r} has type {t}; data.id_mapping=identity needs integer "
+                                f"{ROLE_WORD[role]} ids 0..data.{key}-1 (use data.id_mapping=vocab for other ids)")
             types[role] = pa.int64() if pa.types.is_integer(t) else pa.string()
-        if cfg.timestamp_column and cfg.timestamp_column in schema.names:
+        if "timestamp" in columns:
             t = schema.field(cfg.timestamp_column).type
             if not (pa.types.is_timestamp(t) or pa.types.is_date(t) or pa.types.is_integer(t)
                     or pa.types.is_floating(t)):
                 raise DataError(f"{f}: timestamp column has type {t}; expected integers, floats or timestamps "
                                 "(set data.timestamp_column=null to ignore it)")
             any_float_time |= pa.types.is_floating(t)
-            columns["timestamp"] = cfg.timestamp_column
-        for role, col in (("weight", cfg.weight_column), ("rating", cfg.rating_column)):
-            if col:
-                if col not in schema.names:
-                    raise DataError(f"{f}: missing {role} column {col!r} (has {schema.names}); set data.{role}_column")
-                t = schema.field(col).type
-                if not (pa.types.is_integer(t) or pa.types.is_floating(t)):
-                    raise DataError(f"{f}: {role} column {col!r} has type {t}; expected numbers")
-                columns[role] = col
         if first is None:
             first = (f, columns, types)
             continue
