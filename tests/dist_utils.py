@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+import queue as queue_module
 import socket
+import time
 import traceback
 
 import torch.multiprocessing as mp
@@ -47,9 +49,18 @@ def run_ranks(fn, world_size: int, *args, timeout: float = 300.0) -> list:
     for p in procs:
         p.start()
     results, errors = {}, []
+    deadline = time.monotonic() + timeout
     try:
-        for _ in range(world_size):
-            rank, value, err = queue.get(timeout=timeout)
+        while len(results) < world_size:
+            try:
+                rank, value, err = queue.get(timeout=1.0)
+            except queue_module.Empty:
+                # A rank killed by a signal never reports: say so now rather than at the timeout.
+                dead = [f"rank {r} died (exit code {p.exitcode})" for r, p in enumerate(procs)
+                        if r not in results and p.exitcode is not None and p.exitcode != 0]
+                if dead or time.monotonic() > deadline:
+                    raise AssertionError("; ".join(dead) or f"no result within {timeout:.0f} s") from None
+                continue
             if err:
                 errors.append(f"rank {rank}:\n{err}")
             results[rank] = value

@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import os
 import pickle
-import re
 import shutil
 import signal
 import subprocess
@@ -45,17 +44,8 @@ def python(*rest: str) -> list:
     return [sys.executable, "-m", "recsys.train", *rest]
 
 
-# A rank dying by a signal (SIGSEGV/SIGABRT) near the end of an epoch happens in about 1 of 24 runs of
-# this 2-rank gloo job; its cause is not found yet (see the closing note of issue 5). Such a job is
-# run once more (it resumes from its checkpoints) and says so; a Python error is never retried.
-_NATIVE_CRASH = re.compile(r"exitcode\s*:\s*-(6|11)\b")
-
-
 def run(cmd, check=True):
     proc = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
-    if proc.returncode != 0 and _NATIVE_CRASH.search(proc.stderr):
-        print(f"native crash of a rank (retrying once): {_NATIVE_CRASH.search(proc.stderr).group(0)}")
-        proc = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
     if check and proc.returncode != 0:
         raise AssertionError(f"{cmd} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
     return proc

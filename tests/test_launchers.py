@@ -60,8 +60,18 @@ def run(args, cwd, env_extra=None, timeout=300):
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", **(env_extra or {})}
     env = {k: v for k, v in env.items() if v is not None}  # None: unset
     proc = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
-    assert proc.returncode == 0, f"{args} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+    assert proc.returncode == 0, (f"{args} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n"
+                                  f"first errors:\n{first_errors(proc.stderr)}\nlast output:\n{proc.stderr[-3000:]}")
     return proc
+
+
+def first_errors(stderr: str, lines: int = 30) -> str:
+    """The first failure in a job's stderr (a rank's traceback or fatal error, torchrun's summary):
+    with two torchrun agents the tail is often the second agent's reaction to the first one's exit."""
+    text = stderr.splitlines()
+    marks = ("Traceback", "Fatal Python error", "exitcode", "Error executing job")
+    start = next((i for i, line in enumerate(text) if any(m in line for m in marks)), None)
+    return "(none found)" if start is None else "\n".join(text[start:start + lines])
 
 
 def make(overrides, hydra_config=False):

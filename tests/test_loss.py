@@ -40,7 +40,9 @@ def loss_and_grads(x, rows: slice, negs: slice, logq: bool):
 def rank_worker(logq: bool):
     import torch.distributed as dist
 
-    dist.init_process_group("gloo")
+    from recsys.parallelize import init_distributed
+
+    init_distributed("cpu")
     rank, world = dist.get_rank(), dist.get_world_size()
     x = inputs(world)
     out = loss_and_grads(x, slice(rank * B, (rank + 1) * B), slice(rank * N, (rank + 1) * N), logq)
