@@ -46,7 +46,6 @@ from typing import Dict, List
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.distributed._functional_collectives as funcol
 import torch.nn as nn
 import torch.nn.functional as F
 
@@ -56,7 +55,7 @@ sys.path.insert(0, str(ROOT))
 from recsys.atomic import write_atomic  # noqa: E402
 from recsys.config import DataConfig  # noqa: E402
 from recsys.data import Batch, Dataset, TrainBatches, prepare, write_json_atomic  # noqa: E402
-from recsys.loss import rank_and_world  # noqa: E402
+from recsys.loss import gather_rows, rank_and_world  # noqa: E402
 from recsys.model import RetrievalTask, TwoTower  # noqa: E402
 from recsys.parallelize import (describe_plan, destroy_distributed, init_distributed, init_rows,  # noqa: E402
                                 init_tables, shard_model)
@@ -92,14 +91,13 @@ def average_sparse_gradients(params: List[torch.Tensor]) -> None:
     for p in params:
         g = p.grad.coalesce()
         rows, values = g.indices()[0], g.values()
-        sizes = funcol.all_gather_tensor(torch.tensor([rows.numel()], device=rows.device), 0,
-                                         dist.group.WORLD).wait().tolist()
+        sizes = gather_rows(torch.tensor([rows.numel()], device=rows.device), differentiable=False).tolist()
         width = max(sizes)
         pad_rows = torch.zeros(width, dtype=rows.dtype, device=rows.device)
         pad_values = torch.zeros(width, values.shape[1], dtype=values.dtype, device=values.device)
         pad_rows[: len(rows)], pad_values[: len(rows)] = rows, values
-        all_rows = funcol.all_gather_tensor(pad_rows, 0, dist.group.WORLD).wait()
-        all_values = funcol.all_gather_tensor(pad_values, 0, dist.group.WORLD).wait()
+        all_rows = gather_rows(pad_rows, differentiable=False)
+        all_values = gather_rows(pad_values, differentiable=False)
         keep = torch.cat([torch.arange(width, device=rows.device) < n for n in sizes])
         p.grad = torch.sparse_coo_tensor(all_rows[keep][None], all_values[keep] / world, p.shape).coalesce()
 

@@ -25,14 +25,19 @@ def rank_and_world() -> tuple[int, int]:
     return 0, 1
 
 
+# torch 2.13 renamed all_gather_tensor(_autograd) to all_gather_single(_autograd); 2.11 has the old names.
+_all_gather = getattr(funcol, "all_gather_single", None) or funcol.all_gather_tensor
+_all_gather_autograd = getattr(funcol, "all_gather_single_autograd", None) or funcol.all_gather_tensor_autograd
+
+
 def gather_rows(x: torch.Tensor, differentiable: bool) -> torch.Tensor:
     """Concatenate `x` of every rank along dim 0 (same shape on every rank)."""
     rank, world = rank_and_world()
     if world == 1:
         return x
     if differentiable:
-        return funcol.all_gather_tensor_autograd(x, gather_dim=0, group=dist.group.WORLD)
-    return funcol.all_gather_tensor(x, gather_dim=0, group=dist.group.WORLD).wait()
+        return _all_gather_autograd(x, gather_dim=0, group=dist.group.WORLD)
+    return _all_gather(x, gather_dim=0, group=dist.group.WORLD).wait()
 
 
 def sampled_softmax_loss(
