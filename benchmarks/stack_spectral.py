@@ -63,7 +63,7 @@ def metrics(user_vecs, item_vecs, train: CSR, test: CSR) -> tuple:
 
 def stacked(run_u, run_i, spec_u, spec_i, weights, train: CSR, test: CSR) -> dict:
     unit = spec_u / spec_u.norm(dim=1, keepdim=True).clamp_min(1e-12)
-    sample = torch.from_numpy(np.random.default_rng(0).choice(run_u.shape[0], 500, replace=False))
+    sample = torch.from_numpy(np.random.default_rng(0).choice(run_u.shape[0], min(500, run_u.shape[0]), replace=False))
     scale = float((run_u[sample] @ run_i.T).std() / (unit[sample] @ spec_i.T).std())
     out = {"run": metrics(run_u, run_i, train, test), "spectral": metrics(spec_u, spec_i, train, test)}
     for w in weights:

@@ -56,7 +56,15 @@ class DistInfo:
     backend: str
 
 
-class SerialGloo(dist.ProcessGroupGloo):
+class _AnyGloo(type(dist.ProcessGroupGloo)):
+    """Every gloo backend is an instance: torch fetches its backends back as the base class, and its
+    own isinstance(..., ProcessGroupGloo) checks see SerialGloo once it replaces that name."""
+
+    def __instancecheck__(cls, obj) -> bool:
+        return isinstance(obj, dist.ProcessGroupGloo)
+
+
+class SerialGloo(dist.ProcessGroupGloo, metaclass=_AnyGloo):
     """ProcessGroupGloo with one worker thread instead of gloo's two.
 
     torch 2.13's gloo corrupts the heap when async collectives of one group run on its two

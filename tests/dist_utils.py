@@ -65,8 +65,9 @@ def run_ranks(fn, world_size: int, *args, timeout: float = 300.0) -> list:
                 errors.append(f"rank {rank}:\n{err}")
             results[rank] = value
     finally:
+        finished = len(results) == world_size  # else the survivors of a dead rank wait in a collective
         for p in procs:
-            p.join(timeout=30)
+            p.join(timeout=30 if finished else 0)
             if p.is_alive():
                 p.kill()
     if errors:
