@@ -14,27 +14,27 @@ Prints a table and writes benchmarks/results/split_shift_<name>.json.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
 import numpy as np
 
-RESULTS = Path(__file__).resolve().parent / "results"
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from recsys.atomic import write_json_atomic  # noqa: E402
+from recsys.readers import read_lightgcn_file  # noqa: E402
+
+RESULTS = ROOT / "benchmarks" / "results"
 
 
 def read_lines(path: Path) -> dict:
-    rows = {}
-    with open(path) as f:
-        for number, line in enumerate(f, 1):
-            parts = line.split()
-            if len(parts) < 2:
-                continue
-            try:
-                rows[int(parts[0])] = np.array(parts[1:], dtype=np.int64)
-            except ValueError as e:
-                sys.exit(f"{path}:{number}: not 'user item item ...' integers ({e})")
-    return rows
+    """{user: its items in line order} of a LightGCN-format file (the project's reader)."""
+    table = read_lightgcn_file(path)
+    users, items = table["user_id"].to_numpy(), table["item_id"].to_numpy()
+    order = np.argsort(users, kind="stable")
+    keys, starts = np.unique(users[order], return_index=True)
+    return dict(zip(keys.tolist(), np.split(items[order], starts[1:])))
 
 
 def shift(train: dict, test: dict, seed: int) -> dict:
@@ -70,10 +70,7 @@ def main() -> None:
         print(f"  {name:<16} {s['mean']:8.1f} {s['se']:6.1f} {s['share_positive']:32.3f}")
     print(f"  difference: z = {result['z']:.1f}")
     RESULTS.mkdir(exist_ok=True)
-    out = RESULTS / f"split_shift_{result['dataset']}.json"
-    tmp = out.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(result, indent=2) + "\n")
-    tmp.replace(out)
+    out = write_json_atomic(result, RESULTS / f"split_shift_{result['dataset']}.json")
     print(f"wrote {out}")
 
 

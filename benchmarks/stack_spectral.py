@@ -29,6 +29,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from recsys.atomic import write_json_atomic, write_text_atomic  # noqa: E402
 from recsys.data import CSR, Dataset  # noqa: E402
 from recsys.evaluate import ranking_metric_sums  # noqa: E402
 from recsys.spectral import spectral_tables  # noqa: E402
@@ -109,11 +110,8 @@ def main() -> None:
                        f"{test['spectral'][0]:.4f} / {test['spectral'][1]:.4f} |", *rows, ""])
     print(table)
     RESULTS.mkdir(exist_ok=True)
-    for suffix, text in ((".json", json.dumps(result, indent=2) + "\n"), (".md", table)):
-        out = RESULTS / f"stack_spectral_{args.run.name}{suffix}"
-        tmp = out.with_name(out.name + ".tmp")
-        tmp.write_text(text)
-        tmp.replace(out)
+    write_json_atomic(result, RESULTS / f"stack_spectral_{args.run.name}.json")
+    write_text_atomic(table, RESULTS / f"stack_spectral_{args.run.name}.md")
     print(f"wrote {RESULTS}/stack_spectral_{args.run.name}.json, .md ({result['seconds']} s)")
 
 
