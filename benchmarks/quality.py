@@ -1,7 +1,7 @@
 """Quality benchmark on a LightGCN-format dataset (the LightGCN protocol: given train/test files,
 full ranking over all items, training items masked, Recall@20 / NDCG@20 over test users).
 
-    python benchmarks/quality.py --data ../shared/data/gowalla [--runs gowalla,gowalla_mf] [--nproc 1]
+    python benchmarks/quality.py --data ../shared/data/gowalla [--runs gowalla,gowalla_spectral] [--nproc 1]
 
 Each run is ``python -m recsys.train +experiment=<run> data.path=<data>`` (the experiment files
 under conf/experiment/, unchanged but for the path): epochs are chosen on a validation holdout
@@ -49,7 +49,8 @@ ANCHORS = {
 }
 
 DESCRIPTIONS = {
-    "gowalla": "spectral two-tower, dim 1024: item d^1/2 V, user = sum of its items' d^-1/2 V (top singular vectors of the normalised interactions), closed form, no epochs",
+    "gowalla": "gowalla_mf stacked with gowalla_spectral: user [u_mf, w c unit(u_spec)], item [i_mf, i_spec], dim 256 + 1024, w chosen on validation (recsys/stack.py)",
+    "gowalla_spectral": "spectral two-tower, dim 1024: item d^1/2 V, user = sum of its items' d^-1/2 V (top singular vectors of the normalised interactions), closed form, no epochs",
     "gowalla_two_tower": "two-tower, dim 256: 0.2 id + 0.8 mean history bag (own table); cosine softmax T=0.1 over in-batch + 2048 uniform negatives, logQ",
     "gowalla_mf": "MF, dim 256 (id embeddings only); same loss, optimiser and selection",
 }
@@ -95,6 +96,7 @@ def table(dataset: str, results: dict) -> str:
              "| model / loss | Recall@20 | NDCG@20 | valid Recall@20 | epochs (selected) | wall time |",
              "|---|---|---|---|---|---|"]
     pop = None
+    stacks = []
     for name, m in results.items():
         t = m["test"]
         v = m.get("valid", {}).get("recall@20")
@@ -102,11 +104,18 @@ def table(dataset: str, results: dict) -> str:
         epochs = f"{m['train']['epochs']} ({sel + 1})" if sel is not None else str(m["train"]["epochs"])
         lines.append(f"| **{name}**: {DESCRIPTIONS.get(name, name)} | **{t['recall@20']:.4f}** | **{t['ndcg@20']:.4f}** "
                      f"| {'' if v is None else f'{v:.4f}'} | {epochs} | {m['command_wall_s'] / 60:.1f} min |")
+        if "stack" in m:
+            stacks.append((name, m["stack"]))
         pop = pop or m.get("popularity")
     if pop:
         lines.append(f"| popularity (same evaluator) | {pop['recall@20']:.4f} | {pop['ndcg@20']:.4f} | | | |")
     for label, r, n in ANCHORS.get(dataset, []):
         lines.append(f"| {label} | {r:.4f} | {n:.4f} | | | |")
+    for name, st in stacks:
+        grid = st.get("valid", {})
+        cells = ", ".join(f"{k} {v['recall@20']:.4f}" for k, v in grid.items())
+        lines += ["", f"{name}: spectral weight w = {st['chosen_weight']} chosen on validation Recall@20 "
+                  f"(w: {cells}; 0.0 = the trained model alone); stacking took {st['seconds'] / 60:.1f} min of the wall time."]
     any_m = next(iter(results.values()))
     lines += ["", f"Machine: {os.cpu_count()} CPU cores, world size {any_m['train']['world_size']}, "
               f"device {any_m['train']['device']}. Wall time is the whole command (data preparation, training, "
@@ -129,15 +138,23 @@ def plot(dataset: str, results: dict, path: Path) -> None:
                 ax.axhline(m["valid"]["recall@20"], color="black", lw=1, label=f"{name} (closed form, valid)")
             continue
         epochs = [h["epoch"] + 1 for h in hist]
+        part = " trained towers" if "stack" in m else ""  # the per-epoch curve is of the towers before stacking
         if all("valid" in h for h in hist):
-            line, = ax.plot(epochs, [h["valid"]["recall@20"] for h in hist], marker="o", ms=3, label=f"{name} (valid)")
+            line, = ax.plot(epochs, [h["valid"]["recall@20"] for h in hist], marker="o", ms=3,
+                            label=f"{name}{part} (valid)")
             color = line.get_color()
         else:
             color = None
         if all("test" in h for h in hist):
-            ax.plot(epochs, [h["test"]["recall@20"] for h in hist], ls="--", color=color, label=f"{name} (test)")
+            ax.plot(epochs, [h["test"]["recall@20"] for h in hist], ls="--", color=color, label=f"{name}{part} (test)")
         if m.get("selected_epoch") is not None:
             ax.axvline(m["selected_epoch"] + 1, color=color, lw=0.8, alpha=0.5)
+            if "stack" in m:  # the tested model: the selected epoch's towers stacked with the spectral closed form
+                x = m["selected_epoch"] + 1
+                ax.plot([x], [m["test"]["recall@20"]], marker="*", ms=12, ls="", color=color,
+                        label=f"{name}: stacked (test)")
+                ax.plot([x], [m["valid"]["recall@20"]], marker="P", ms=9, ls="", color=color,
+                        label=f"{name}: stacked (valid)")
     for label, r, _ in ANCHORS.get(dataset, []):
         if "SimpleX" in label or "LightGCN" in label:
             ax.axhline(r, color="grey", lw=0.8, ls=":")
@@ -156,7 +173,7 @@ def plot(dataset: str, results: dict, path: Path) -> None:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", required=True, help="a LightGCN-format directory (train.txt, test.txt)")
-    p.add_argument("--runs", default="gowalla,gowalla_two_tower,gowalla_mf", help="experiment names (conf/experiment/*.yaml)")
+    p.add_argument("--runs", default="gowalla,gowalla_spectral,gowalla_two_tower,gowalla_mf", help="experiment names (conf/experiment/*.yaml)")
     p.add_argument("--nproc", type=int, default=1, help="ranks per run (torchrun) ")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     p.add_argument("--runs-dir", default=str(ROOT / "outputs" / "bench-quality"))
@@ -172,6 +189,7 @@ def main() -> None:
         results[name] = run(name, str(Path(args.data).resolve()), runs_dir, args.nproc, args.overrides, args.reuse)
     md = table(dataset, results)
     summary = {name: {"test": m["test"], "valid": m.get("valid"), "selected_epoch": m.get("selected_epoch"),
+                      "stack": m.get("stack"),
                       "popularity": m.get("popularity"), "train": m["train"], "command_wall_s": m["command_wall_s"]}
                for name, m in results.items()}
     for suffix, text in ((".md", md), (".json", json.dumps(summary, indent=2) + "\n")):

@@ -72,7 +72,8 @@ _VOLATILE = {
 # directory written before they existed keeps its hash (and resumes).
 _ADDED = {
     "data": ("loader", "stream_min_rows", "row_group_size", "num_workers", "shuffle_buffer"),
-    "model": ("init", "spectral_alpha", "spectral_niter", "spectral_refit", "table_dtype"),
+    "model": ("init", "spectral_alpha", "spectral_niter", "spectral_refit", "table_dtype", "stack_spectral_dim",
+              "stack_spectral_weights"),
     "eval": ("max_users",),
 }
 

@@ -211,13 +211,22 @@ class ModelConfig:
     recsys/spectral.py; needs ``two_tower`` with ``history_weight=1``, ``share_item_table=false``,
     no item history, ``normalize=false``; ``embedding_dim`` singular vectors are kept)."""
     spectral_alpha: float = 0.0
-    """``init=spectral``: weight of the linear filter, context rows scaled by 1 + alpha s^2."""
+    """``init=spectral`` and the stacked closed form: weight of the linear filter, context rows
+    scaled by 1 + alpha s^2."""
     spectral_niter: int = 3
-    """``init=spectral``: power iterations of the randomised SVD."""
+    """``init=spectral`` and the stacked closed form: power iterations of the randomised SVD."""
     spectral_refit: bool = True
     """``init=spectral`` with ``train.epochs=0`` and a validation split: the validation metrics are
     of tables computed from the fit part; the tables evaluated on the test split and exported are
     then recomputed from the whole training split (closed form: no epoch to select)."""
+    stack_spectral_dim: int = 0
+    """After training, concatenate the spectral closed form of this dimension to the trained
+    towers (recsys/stack.py: user = [trained, w * c * unit spectral], item = [trained, spectral];
+    still a dot product); 0: no stacking. Needs the in-memory loader."""
+    stack_spectral_weights: List[float] = field(
+        default_factory=lambda: [0.015625, 0.03125, 0.0625, 0.125, 0.25, 0.5, 1.0, 2.0])
+    """``stack_spectral_dim > 0``: the weights w tried on the validation holdout (w = 0, the
+    trained model alone, is always a candidate); one weight is used as given (no validation needed)."""
     table_dtype: str = "fp32"
     """Storage of the embedding table weights: ``fp32`` or ``fp16`` (half the memory; lookups and
     the fused optimizer update in fp32, the rows are stored rounded)."""
@@ -243,6 +252,11 @@ class ModelConfig:
                    f"model.history_max_len must be 0, got {self.history_max_len}")
             _check(self.spectral_niter >= 0, f"model.spectral_niter must be >= 0, got {self.spectral_niter}")
         _check(self.table_dtype in ("fp32", "fp16"), f"model.table_dtype must be fp32 or fp16, got {self.table_dtype!r}")
+        _check(self.stack_spectral_dim >= 0, f"model.stack_spectral_dim must be >= 0, got {self.stack_spectral_dim}")
+        if self.stack_spectral_dim:
+            weights = list(self.stack_spectral_weights)
+            _check(len(weights) > 0 and all(w > 0 for w in weights),
+                   f"model.stack_spectral_weights must be positive weights (w = 0 is always tried), got {weights}")
 
 
 @dataclass
@@ -503,6 +517,10 @@ class Config:
     def __post_init__(self) -> None:
         _check(self.train.epochs > 0 or self.model.init == "spectral",
                "train.epochs=0 trains nothing: it is for model.init=spectral (the closed-form tables)")
+        if self.model.stack_spectral_dim and len(self.model.stack_spectral_weights) > 1:
+            _check(self.data.valid_fraction > 0,
+                   "model.stack_spectral_weights: several weights are chosen among on the validation holdout: "
+                   "set data.valid_fraction > 0 (or give one weight)")
 
 
 GROUPS = {

@@ -741,7 +741,8 @@ def tower_norms(model, features: Features, num_users: int, num_items: int, devic
 def evaluate_run(path, device: str = "auto", out_name: str = "eval.json") -> Dict:
     """Load a run's newest complete checkpoint (``path``: the run, or one checkpoint directory), with
     the config the checkpoint recorded, and evaluate it as training does at its end (test, and
-    validation and popularity as the run had them) with the evaluation sets of its data source
+    validation and popularity as the run had them; stacked with the spectral closed form when the
+    run was, ``recsys.stack``) with the evaluation sets of its data source
     (``recsys.sources.open_data``: the dataset in memory, or the streamed one).
     Rank 0 writes ``<run_dir>/<out_name>`` atomically. Collective under torchrun; one process otherwise."""
     from pathlib import Path
@@ -756,9 +757,15 @@ def evaluate_run(path, device: str = "auto", out_name: str = "eval.json") -> Dic
     data.setup(cfg, model, rank, world, dev)  # as training: model inputs, masks and test / validation sets
     out: Dict = {"checkpoint": str(run.path), "step": run.meta["step"], "run_hash": run.meta.get("run_hash")}
     options = eval_options(cfg.eval)
+    if cfg.model.stack_spectral_dim:  # as training: the spectral closed form stacked, its weight chosen again
+        from recsys.stack import stack_options, stack_spectral
+
+        model, out["stack"] = stack_spectral(model, data, stack_options(cfg), dev)
+        if "chosen_valid" in out["stack"]:
+            out["valid"] = out["stack"]["chosen_valid"]
     out["test"] = evaluate_model(model, data.full_features, data.num_items, data.train_mask, data.test_csr, cfg.eval.ks,
                                  dev, cfg.eval.user_chunk, users=data.test_users, **options)
-    if data.valid_csr is not None:
+    if data.valid_csr is not None and "valid" not in out:
         ks = sorted(set(cfg.eval.ks) | {cfg.eval.select_k})
         out["valid"] = evaluate_model(model, data.fit_features, data.num_items, data.fit_mask, data.valid_csr, ks, dev,
                                       cfg.eval.user_chunk, users=data.valid_users, **options)

@@ -493,8 +493,8 @@ def main(dcfg: DictConfig) -> None:
 
 def export_checkpoint(run_dir: Path, options: ExportConfig) -> Optional[Dict]:
     """Recompute every vector from the run's newest complete checkpoint (the weights the run tested:
-    its best validated epoch's when it had a validation split) and write the export directory, as
-    training does at its end. Collective under torchrun; returns the manifest on rank 0."""
+    its best validated epoch's when it had a validation split; stacked with the spectral closed form
+    when the run was) and write the export directory, as training does at its end. Collective under torchrun; returns the manifest on rank 0."""
     import warnings
 
     from recsys.checkpoint import load_trained
@@ -507,9 +507,17 @@ def export_checkpoint(run_dir: Path, options: ExportConfig) -> Optional[Dict]:
 
     try:
         run = load_trained(run_dir)
-        data = run.data
-        features = data.features(run.model)  # the whole training split's histories, as training exports
-        path = export_data(run.model, features, data, run_dir / options.dir, run.device,
+        data, model = run.data, run.model
+        if run.cfg.model.stack_spectral_dim:  # as training: stacked with the spectral closed form (recsys.stack)
+            from recsys.loss import rank_and_world
+            from recsys.stack import stack_options, stack_spectral
+
+            data.setup(run.cfg, model, *rank_and_world(), run.device)
+            model, _ = stack_spectral(model, data, stack_options(run.cfg), run.device)
+            features = data.full_features
+        else:
+            features = data.features(model)  # the whole training split's histories, as training exports
+        path = export_data(model, features, data, run_dir / options.dir, run.device,
                            run.meta.get("config_hash") or run.meta["run_hash"], options=options)
     except DataError as e:
         raise ExportError(str(e)) from None

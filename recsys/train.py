@@ -42,6 +42,7 @@ from recsys.parallelize import (describe_plan, destroy_distributed, init_distrib
 from recsys.report import count_quantiles, run_plots, write_summary
 from recsys.sources import StreamedData, data_config, open_data
 from recsys.spectral import init_spectral
+from recsys.stack import stack_options, stack_spectral
 
 logger = logging.getLogger("recsys.train")
 warnings.filterwarnings("ignore", message=".*deprecating ShardedTensor.*")
@@ -117,6 +118,13 @@ def train(cfg: Config, run_dir: Path, config_hash: str = "") -> Dict:
         if cfg.export.enabled and cfg.export.faiss == "ivf" and cfg.export.ivf_nlist > data.num_items:
             raise ConfigError(f"export.ivf_nlist={cfg.export.ivf_nlist} is larger than the number of items "
                               f"({data.num_items})")
+        if cfg.model.stack_spectral_dim:
+            if isinstance(data, StreamedData):
+                raise ConfigError("model.stack_spectral_dim: stacking the spectral closed form needs the training "
+                                  "pairs in memory; use data.loader=memory")
+            if cfg.model.stack_spectral_dim > min(data.num_users, data.num_items):
+                raise ConfigError(f"model.stack_spectral_dim={cfg.model.stack_spectral_dim} is larger than the number of "
+                                  f"users ({data.num_users}) or items ({data.num_items})")
         counts = data.manifest["counts"]
         logger.info("dataset %s: %d users, %d items, %d train / %d test interactions, dropped %s%s",
                     data_dir, counts["num_users"], counts["num_items"], counts["train_interactions"],
@@ -342,6 +350,12 @@ def train(cfg: Config, run_dir: Path, config_hash: str = "") -> Dict:
             logger.info("restored the weights of epoch %d (best valid %s %.4f)", best["epoch"],
                         cfg.eval.select_metric, best["value"])
 
+        # ---- stack: the spectral closed form appended to the trained towers, weighed on validation
+        stack = None
+        if mc.stack_spectral_dim:
+            model_, stack = stack_spectral(model_, data, stack_options(cfg), device,
+                                           history[best["epoch"]]["valid"] if best["weights"] is not None else None)
+
         # ---- evaluate (model and popularity baseline, same evaluator)
         t_eval = time.perf_counter()
         test_metrics = evaluate_model(model_, full_features, data.num_items, train_mask, test_csr,
@@ -352,6 +366,10 @@ def train(cfg: Config, run_dir: Path, config_hash: str = "") -> Dict:
             metrics["selected_epoch"] = best["epoch"]
         elif closed_form_valid is not None:
             metrics["valid"] = closed_form_valid
+        if stack is not None:
+            if "chosen_valid" in stack:  # the tested model's (validation tables from the fit part)
+                metrics["valid"] = stack["chosen_valid"]
+            metrics["stack"] = stack
         if cfg.eval.popularity:
             metrics["popularity"] = evaluate_popularity(data.item_counts(), train_mask, test_csr, cfg.eval.ks,
                                                         device, cfg.eval.user_chunk, users=data.test_users,
@@ -387,7 +405,7 @@ def train(cfg: Config, run_dir: Path, config_hash: str = "") -> Dict:
             norms = tower_norms(model_, full_features, data.num_users, data.num_items, device,
                                 cfg.eval.user_chunk, rank, world)
             if norms is not None:
-                metrics["vectors"] = {"normalized": mc.normalize,
+                metrics["vectors"] = {"normalized": model_.normalize,
                                       **{f"{name}_norm": count_quantiles(n) for name, (_, n) in norms.items()}}
 
         # ---- export
@@ -403,7 +421,7 @@ def train(cfg: Config, run_dir: Path, config_hash: str = "") -> Dict:
             figures = {}
             if cfg.log.plots:
                 figures = run_plots(run_dir, metrics, cfg.eval.ks, data.item_counts(), data.user_counts(), norms,
-                                    mc.normalize)
+                                    model_.normalize)
             path = write_summary(run_dir, metrics, cfg.eval.ks, figures, tb_dir if tb is not None else None)
             logger.info("summary: %s", path)
         return metrics

@@ -86,3 +86,18 @@ def test_run_hash_of_older_configs_is_unchanged():
     assert run_hash(dataclasses.replace(old, data=dataclasses.replace(lightgcn, num_users=0, num_items=0))) == run_hash(old)
     # a new option away from its default does change the hash
     assert run_hash(dataclasses.replace(old, model=ModelConfig(name="two_tower", table_dtype="fp16"))) != run_hash(old)
+
+
+def test_renamed_and_stacked_experiments_keep_their_run_hashes():
+    """`+experiment=gowalla` became `gowalla_spectral` when the stacked model took the name: the same
+    config, so a run directory of the old name still resumes under the new one (hash pinned from
+    such a run); the hashes of gowalla_mf and gowalla_two_tower (pinned from the version before
+    stacking existed) do not see the stacking options at their default."""
+    from recsys.checkpoint import run_hash
+
+    def h(name):
+        return run_hash(OmegaConf.to_object(make([f"+experiment={name}", "data.path=/work/shared/data/gowalla"])))
+
+    assert h("gowalla_spectral") == "2af3eff8058efec2"
+    assert h("gowalla") not in (h("gowalla_mf"), h("gowalla_spectral"))
+    assert (h("gowalla_mf"), h("gowalla_two_tower")) == ("1bf2e42ea7a8e7d6", "d5062fefb17e3e82")

@@ -1,0 +1,189 @@
+"""Stack: the trained towers concatenated with the spectral closed form, weighed on validation.
+
+With ``model.stack_spectral_dim=D`` (> 0) the model that is tested and exported after training is
+
+    user(u) = [ trained_user(u),  w * c * spec_user(u) / |spec_user(u)| ]
+    item(i) = [ trained_item(i),  spec_item(i) ]
+
+so score(u, i) = trained score + w * c * (normalised) spectral score: still a dot product of
+exported vectors (dimension ``embedding_dim + D``). The spectral vectors are those of the
+closed-form two-tower of ``recsys.spectral`` (``spectral_tables``: the top D singular vectors of
+the degree-normalised interactions, ``model.spectral_alpha``), the user's being the sum of the
+context rows of the user's training items. c is one global scale that matches the spread of the
+spectral scores to the trained model's (standard deviations of the scores of 500 sampled users
+against every item), so that the weight w is comparable across datasets and models.
+
+Selection is honest: the trained towers (the best validated epoch's weights, with the fit
+histories) and spectral tables computed from the fit interactions only are scored on the
+validation holdout for every w of ``model.stack_spectral_weights`` and for w = 0 (the trained
+model alone); the best ``eval.select_metric`` wins (ties: the smaller w). The tables tested and
+exported are then recomputed from the whole training split, as ``model.spectral_refit`` does for
+the closed form alone. One weight needs no validation split (it is used as given).
+
+The spectral tables are computed on rank 0 and broadcast; every rank keeps them whole (the
+datasets this is for fit in memory: ``data.loader=memory``).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from typing import Dict, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from recsys.data import Batch
+from recsys.evaluate import all_vectors, eval_options, evaluate_model, item_tower, tower_outputs, user_tower
+from recsys.loss import rank_and_world
+from recsys.spectral import broadcast_tables, spectral_tables
+
+logger = logging.getLogger(__name__)
+
+SCALE_USERS = 500  # users sampled to match the spreads of the two scores
+
+
+class StackedTowers:
+    """A two-tower model (plain or sharded) with fixed spectral vectors appended to its outputs.
+
+    Has the interface the evaluator and the export use (``embedding_dim``, ``normalize``,
+    ``user_vectors(batch)``, ``item_vectors(batch)``): `spec_users` / `spec_items` are full
+    [rows, D] tables indexed by the batch's rows, `scale` multiplies the unit spectral user vectors."""
+
+    def __init__(self, base: nn.Module, spec_users: torch.Tensor, spec_items: torch.Tensor, scale: float) -> None:
+        self.base = base
+        self.spec_users = spec_users / spec_users.norm(dim=1, keepdim=True).clamp_min(1e-12)
+        self.spec_items = spec_items
+        self.scale = float(scale)
+        self.embedding_dim = base.embedding_dim + spec_items.shape[1]
+        self.normalize = False  # the stacked vectors are scored by their dot product
+
+    def user_vectors(self, batch: Batch) -> torch.Tensor:
+        u = self.base.user_vectors(batch)
+        spec = self.spec_users[batch.user_ids.cpu()].to(u.device)
+        return torch.cat([u.float(), self.scale * spec], 1)
+
+    def item_vectors(self, batch: Batch) -> torch.Tensor:
+        i = self.base.item_vectors(batch)
+        return torch.cat([i.float(), self.spec_items[batch.item_ids.cpu()].to(i.device)], 1)
+
+
+def spectral_vectors(users: np.ndarray, items: np.ndarray, num_users: int, num_items: int, dim: int,
+                     alpha: float, niter: int, seed: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(user, item) vectors of the spectral closed form of the (user, item) pairs (repeated pairs
+    counted once): item = the ``item`` table, user = sum of the ``history`` rows of its items."""
+    tables = spectral_tables(users, items, num_users, num_items, dim, alpha, niter, seed)
+    keys = np.unique(users.astype(np.int64) * num_items + items)
+    rows = torch.from_numpy(np.stack([keys // num_items, keys % num_items]))
+    history = torch.sparse_coo_tensor(rows, torch.ones(len(keys)), (num_users, num_items), check_invariants=True).coalesce()
+    return torch.sparse.mm(history, tables["history"]), tables["item"]
+
+
+def _broadcast_vectors(pairs: Optional[Tuple[np.ndarray, np.ndarray]], num_users: int, num_items: int, dim: int,
+                       alpha: float, niter: int, seed: int, device: torch.device) -> Tuple[torch.Tensor, torch.Tensor]:
+    """`spectral_vectors` computed on rank 0 (which alone needs `pairs`), on every rank (CPU)."""
+    tables = None
+    if rank_and_world()[0] == 0:
+        users, items = spectral_vectors(*pairs, num_users, num_items, dim, alpha, niter, seed)
+        tables = {"users": users, "items": items}
+    tables = broadcast_tables(tables, {"users": (num_users, dim), "items": (num_items, dim)}, device=device)
+    return tables["users"], tables["items"]
+
+
+@torch.no_grad()
+def score_scale(base: nn.Module, features, spec_users: torch.Tensor, spec_items: torch.Tensor,
+                device: torch.device, chunk: int, seed: int) -> float:
+    """std(trained scores) / std(unit spectral scores) over SCALE_USERS sampled users x every item.
+    Collective (the trained towers may be sharded); the same value on every rank."""
+    num_users, num_items = spec_users.shape[0], spec_items.shape[0]
+    users = np.sort(np.random.default_rng(seed).choice(num_users, min(SCALE_USERS, num_users), replace=False))
+    items = all_vectors(item_tower(base, features, device), num_items, base.embedding_dim, device, chunk).float()
+    user_vecs = tower_outputs(user_tower(base, features, device), users, -(-len(users) // chunk), chunk,
+                              base.embedding_dim, device).float()
+    unit = spec_users[torch.from_numpy(users)]
+    unit = unit / unit.norm(dim=1, keepdim=True).clamp_min(1e-12)
+    trained = (user_vecs @ items.T).std().item()
+    spectral = (unit.to(device) @ spec_items.to(device).T).std().item()
+    value = torch.tensor([trained / max(spectral, 1e-12)], dtype=torch.float64, device=device)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.broadcast(value, src=0)  # bit-identical on every rank
+    return float(value.item())
+
+
+@dataclass
+class StackOptions:
+    """What `stack_spectral` needs besides the model and the data (from the run's config)."""
+
+    dim: int
+    weights: Sequence[float]
+    alpha: float
+    niter: int
+    seed: int
+    select_metric: str
+    ks: Sequence[int]
+    user_chunk: int
+    eval_kw: Dict[str, int]
+
+
+def stack_spectral(base: nn.Module, data, options: StackOptions, device: torch.device,
+                   base_valid: Optional[Dict[str, float]] = None) -> Tuple[nn.Module, Dict]:
+    """The model to test and export: `base` stacked with the spectral closed form at the weight
+    chosen on the validation holdout (or the one weight given), and what was measured.
+
+    `data`: an in-memory source (``recsys.sources.InMemoryData``) after ``setup``; `base_valid`:
+    the trained model's validation metrics when already known (else evaluated here). Collective.
+    Returns `base` itself when w = 0 wins. ``info["chosen_valid"]``: the validation metrics of
+    the returned model (validation tables from the fit part), when there is a holdout."""
+    t0 = time.perf_counter()
+    ds, n_u, n_i = data.dataset, data.num_users, data.num_items
+    weights = sorted({float(w) for w in options.weights})
+    metric = options.select_metric
+    info: Dict = {"dim": options.dim, "alpha": options.alpha, "weights": weights}
+    rank = rank_and_world()[0]
+
+    def validate(model) -> Dict[str, float]:
+        return evaluate_model(model, data.fit_features, n_i, data.fit_mask, data.valid_csr, options.ks, device,
+                              options.user_chunk, users=data.valid_users, **options.eval_kw)
+
+    chosen = weights[0]
+    if data.valid_csr is not None:
+        logger.info("stacking the spectral closed form (dim %d): weights %s on the validation holdout (spectral "
+                    "tables from the %d fit interactions)", options.dim, weights, data.num_fit)
+        spec_u, spec_i = _broadcast_vectors(ds.fit_pairs() if rank == 0 else None, n_u, n_i, options.dim,
+                                            options.alpha, options.niter, options.seed, device)
+        scale = score_scale(base, data.fit_features, spec_u, spec_i, device, options.user_chunk, options.seed)
+        grid = {}
+        if len(weights) > 1:  # the trained model alone is a candidate
+            grid["0.0"] = base_valid if base_valid is not None else validate(base)
+            logger.info("  w 0 (trained model alone): valid %s %.4f", metric, grid["0.0"][metric])
+            chosen = 0.0
+        for w in weights:
+            grid[str(w)] = validate(StackedTowers(base, spec_u, spec_i, w * scale))
+            logger.info("  w %s: valid %s %.4f", w, metric, grid[str(w)][metric])
+            if len(weights) > 1 and grid[str(w)][metric] > grid[str(chosen)][metric]:  # ties: the smaller w
+                chosen = w
+        del spec_u, spec_i
+        info.update(valid_scale=scale, valid=grid, chosen_valid=grid[str(chosen)],
+                    valid_seconds=round(time.perf_counter() - t0, 3))
+    info["chosen_weight"] = chosen
+    if chosen == 0.0:
+        logger.info("stacking: the trained model alone is best on validation; it is tested and exported as it is")
+        info["seconds"] = round(time.perf_counter() - t0, 3)
+        return base, info
+    logger.info("stacking: w %s chosen; spectral tables from all %d training interactions", chosen, len(ds.train_users))
+    pairs = (ds.train_users, ds.train_items) if rank == 0 else None
+    spec_u, spec_i = _broadcast_vectors(pairs, n_u, n_i, options.dim, options.alpha, options.niter, options.seed, device)
+    scale = score_scale(base, data.full_features, spec_u, spec_i, device, options.user_chunk, options.seed)
+    info.update(test_scale=scale, seconds=round(time.perf_counter() - t0, 3))
+    return StackedTowers(base, spec_u, spec_i, chosen * scale), info
+
+
+def stack_options(cfg) -> StackOptions:
+    """The `StackOptions` of a run's typed ``recsys.config.Config``."""
+    return StackOptions(dim=cfg.model.stack_spectral_dim, weights=list(cfg.model.stack_spectral_weights),
+                        alpha=cfg.model.spectral_alpha, niter=cfg.model.spectral_niter, seed=cfg.seed,
+                        select_metric=cfg.eval.select_metric, ks=sorted(set(cfg.eval.ks) | {cfg.eval.select_k}),
+                        user_chunk=cfg.eval.user_chunk, eval_kw=eval_options(cfg.eval))
