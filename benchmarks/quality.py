@@ -65,10 +65,32 @@ def _log_span_s(log: Path) -> float:
     return (stamps[-1] - stamps[0]).total_seconds()
 
 
+def experiment_hash(overrides: list[str]) -> str:
+    """The run hash (``recsys.checkpoint.run_hash``) of ``recsys.train`` with these overrides."""
+    sys.path.insert(0, str(ROOT))
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    from recsys.checkpoint import run_hash
+    from recsys.config import register_configs, register_resolvers
+
+    register_configs()
+    register_resolvers()
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        return run_hash(OmegaConf.to_object(compose("config", overrides=overrides)))
+
+
 def run(name: str, data: str, out_dir: Path, nproc: int, extra: list[str], reuse: bool = False) -> dict:
     run_dir = out_dir / name
+    metrics = None
     if reuse and (run_dir / "metrics.json").exists():
         metrics = json.loads((run_dir / "metrics.json").read_text())
+        want = experiment_hash([f"+experiment={name}", f"data.path={data}", *extra])
+        if metrics.get("run_hash", want) != want:  # (runs older than the hash in metrics.json are taken as they are)
+            print(f"not reusing {run_dir}: its run hash {metrics['run_hash']} is not +experiment={name}'s {want}",
+                  flush=True)
+            metrics = None
+    if metrics is not None:
         wall_file = run_dir / "command_wall_s.json"
         metrics["command_wall_s"] = (json.loads(wall_file.read_text())["command_wall_s"] if wall_file.exists()
                                      else round(_log_span_s(run_dir / "train.log"), 1))

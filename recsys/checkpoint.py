@@ -112,6 +112,8 @@ def run_hash(cfg: Config) -> str:
         else:
             for key in keys:
                 tree.get(group, {}).pop(key, None)
+    if not cfg.model.stack_spectral_dim:  # no stacking: its weights do nothing
+        tree["model"].pop("stack_spectral_weights", None)
     defaults = Config()
     for group, keys in _ADDED.items():
         for key in keys:

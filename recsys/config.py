@@ -226,7 +226,8 @@ class ModelConfig:
     stack_spectral_weights: List[float] = field(
         default_factory=lambda: [0.015625, 0.03125, 0.0625, 0.125, 0.25, 0.5, 1.0, 2.0])
     """``stack_spectral_dim > 0``: the weights w tried on the validation holdout (w = 0, the
-    trained model alone, is always a candidate); one weight is used as given (no validation needed)."""
+    trained model alone, is always a candidate; when the best is the largest or smallest, the grid
+    goes on by factors of 2 while that improves); one weight is used as given (no validation needed)."""
     table_dtype: str = "fp32"
     """Storage of the embedding table weights: ``fp32`` or ``fp16`` (half the memory; lookups and
     the fused optimizer update in fp32, the rows are stored rounded)."""
@@ -255,8 +256,12 @@ class ModelConfig:
         _check(self.stack_spectral_dim >= 0, f"model.stack_spectral_dim must be >= 0, got {self.stack_spectral_dim}")
         if self.stack_spectral_dim:
             weights = list(self.stack_spectral_weights)
-            _check(len(weights) > 0 and all(w > 0 for w in weights),
+            _check(len(weights) > 0, "model.stack_spectral_weights: give at least one weight")
+            _check(all(w > 0 for w in weights),
                    f"model.stack_spectral_weights must be positive weights (w = 0 is always tried), got {weights}")
+            _check(self.init != "spectral", "model.stack_spectral_dim stacks the spectral closed form onto trained "
+                   "towers; with model.init=spectral the model is that closed form already")
+            _check(self.spectral_niter >= 0, f"model.spectral_niter must be >= 0, got {self.spectral_niter}")
 
 
 @dataclass
@@ -517,7 +522,7 @@ class Config:
     def __post_init__(self) -> None:
         _check(self.train.epochs > 0 or self.model.init == "spectral",
                "train.epochs=0 trains nothing: it is for model.init=spectral (the closed-form tables)")
-        if self.model.stack_spectral_dim and len(self.model.stack_spectral_weights) > 1:
+        if self.model.stack_spectral_dim and len(set(self.model.stack_spectral_weights)) > 1:
             _check(self.data.valid_fraction > 0,
                    "model.stack_spectral_weights: several weights are chosen among on the validation holdout: "
                    "set data.valid_fraction > 0 (or give one weight)")

@@ -320,9 +320,17 @@ def write_summary(run_dir: Path, metrics: Mapping, ks: Sequence[int], figures: M
               f"| | {header} |", "|---" * (2 * len(ks) + 1) + "|", _metric_row("model", metrics["test"], ks)]
     if "popularity" in metrics:
         lines.append(_metric_row("popularity baseline", metrics["popularity"], ks))
+    stack = metrics.get("stack")
     if "valid" in metrics:
-        lines.append(_metric_row(f"model, validation (epoch {metrics.get('selected_epoch')})", metrics["valid"], ks))
+        what = "stacked model" if stack and stack.get("chosen_weight") else "model"
+        lines.append(_metric_row(f"{what}, validation (epoch {metrics.get('selected_epoch')})", metrics["valid"], ks))
     lines.append("")
+    if stack:
+        grid = ", ".join(f"{w} {m.get('recall@20', float('nan')):.4f}" for w, m in stack.get("valid", {}).items())
+        lines += [f"Stacked with the spectral closed form (dim {stack['dim']}, recsys/stack.py): weight "
+                  f"w = {stack['chosen_weight']}" + (f", chosen on validation recall@20 ({grid}; 0.0: the trained "
+                                                       "towers alone)" if grid else " (given)")
+                  + f"; {stack['seconds']:.1f} s.", ""]
     if t:
         lines += [
             "## Training", "",

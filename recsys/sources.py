@@ -66,6 +66,9 @@ def history_bags_reason(cfg: Config) -> Optional[str]:
         return (f"model={cfg.model.name} with history bags (model.history_weight={history}, "
                 f"model.item_history_weight={item_history}) needs each user's training items, held by the "
                 "memory loader only")
+    if cfg.model.stack_spectral_dim:
+        return (f"model.stack_spectral_dim={cfg.model.stack_spectral_dim} (stacking the spectral closed form) "
+                "needs the training pairs in memory, held by the memory loader only")
     return None
 
 

@@ -16,7 +16,9 @@ against every item), so that the weight w is comparable across datasets and mode
 Selection is honest: the trained towers (the best validated epoch's weights, with the fit
 histories) and spectral tables computed from the fit interactions only are scored on the
 validation holdout for every w of ``model.stack_spectral_weights`` and for w = 0 (the trained
-model alone); the best ``eval.select_metric`` wins (ties: the smaller w). The tables tested and
+model alone); the best ``eval.select_metric`` wins (ties: the smaller w). When the best is the
+largest (smallest) weight of the grid, w is doubled (halved) while that improves, at most
+EXTEND_STEPS times, so that the grid need not be tuned to a dataset. The tables tested and
 exported are then recomputed from the whole training split, as ``model.spectral_refit`` does for
 the closed form alone. One weight needs no validation split (it is used as given).
 
@@ -44,18 +46,20 @@ from recsys.spectral import broadcast_tables, spectral_tables
 logger = logging.getLogger(__name__)
 
 SCALE_USERS = 500  # users sampled to match the spreads of the two scores
+EXTEND_STEPS = 4  # factors of 2 tried beyond an edge of the weight grid when the best is there
 
 
 class StackedTowers:
     """A two-tower model (plain or sharded) with fixed spectral vectors appended to its outputs.
 
     Has the interface the evaluator and the export use (``embedding_dim``, ``normalize``,
-    ``user_vectors(batch)``, ``item_vectors(batch)``): `spec_users` / `spec_items` are full
-    [rows, D] tables indexed by the batch's rows, `scale` multiplies the unit spectral user vectors."""
+    ``user_vectors(batch)``, ``item_vectors(batch)``): `unit_users` (spectral user vectors of norm
+    1, or 0) and `spec_items` are full [rows, D] tables indexed by the batch's rows, `scale`
+    multiplies the user part."""
 
-    def __init__(self, base: nn.Module, spec_users: torch.Tensor, spec_items: torch.Tensor, scale: float) -> None:
+    def __init__(self, base: nn.Module, unit_users: torch.Tensor, spec_items: torch.Tensor, scale: float) -> None:
         self.base = base
-        self.spec_users = spec_users / spec_users.norm(dim=1, keepdim=True).clamp_min(1e-12)
+        self.spec_users = unit_users
         self.spec_items = spec_items
         self.scale = float(scale)
         self.embedding_dim = base.embedding_dim + spec_items.shape[1]
@@ -74,12 +78,14 @@ class StackedTowers:
 def spectral_vectors(users: np.ndarray, items: np.ndarray, num_users: int, num_items: int, dim: int,
                      alpha: float, niter: int, seed: int) -> Tuple[torch.Tensor, torch.Tensor]:
     """(user, item) vectors of the spectral closed form of the (user, item) pairs (repeated pairs
-    counted once): item = the ``item`` table, user = sum of the ``history`` rows of its items."""
+    counted once): item = the ``item`` table, user = sum of the ``history`` rows of its items,
+    scaled to norm 1 (users without pairs: 0)."""
     tables = spectral_tables(users, items, num_users, num_items, dim, alpha, niter, seed)
     keys = np.unique(users.astype(np.int64) * num_items + items)
     rows = torch.from_numpy(np.stack([keys // num_items, keys % num_items]))
     history = torch.sparse_coo_tensor(rows, torch.ones(len(keys)), (num_users, num_items), check_invariants=True).coalesce()
-    return torch.sparse.mm(history, tables["history"]), tables["item"]
+    users = torch.sparse.mm(history, tables["history"])
+    return users / users.norm(dim=1, keepdim=True).clamp_min(1e-12), tables["item"]
 
 
 def _broadcast_vectors(pairs: Optional[Tuple[np.ndarray, np.ndarray]], num_users: int, num_items: int, dim: int,
@@ -94,17 +100,16 @@ def _broadcast_vectors(pairs: Optional[Tuple[np.ndarray, np.ndarray]], num_users
 
 
 @torch.no_grad()
-def score_scale(base: nn.Module, features, spec_users: torch.Tensor, spec_items: torch.Tensor,
+def score_scale(base: nn.Module, features, unit_users: torch.Tensor, spec_items: torch.Tensor,
                 device: torch.device, chunk: int, seed: int) -> float:
     """std(trained scores) / std(unit spectral scores) over SCALE_USERS sampled users x every item.
     Collective (the trained towers may be sharded); the same value on every rank."""
-    num_users, num_items = spec_users.shape[0], spec_items.shape[0]
+    num_users, num_items = unit_users.shape[0], spec_items.shape[0]
     users = np.sort(np.random.default_rng(seed).choice(num_users, min(SCALE_USERS, num_users), replace=False))
     items = all_vectors(item_tower(base, features, device), num_items, base.embedding_dim, device, chunk).float()
     user_vecs = tower_outputs(user_tower(base, features, device), users, -(-len(users) // chunk), chunk,
                               base.embedding_dim, device).float()
-    unit = spec_users[torch.from_numpy(users)]
-    unit = unit / unit.norm(dim=1, keepdim=True).clamp_min(1e-12)
+    unit = unit_users[torch.from_numpy(users)]
     trained = (user_vecs @ items.T).std().item()
     spectral = (unit.to(device) @ spec_items.to(device).T).std().item()
     value = torch.tensor([trained / max(spectral, 1e-12)], dtype=torch.float64, device=device)
@@ -160,10 +165,22 @@ def stack_spectral(base: nn.Module, data, options: StackOptions, device: torch.d
             grid["0.0"] = base_valid if base_valid is not None else validate(base)
             logger.info("  w 0 (trained model alone): valid %s %.4f", metric, grid["0.0"][metric])
             chosen = 0.0
-        for w in weights:
+
+        def better(w: float) -> bool:
+            """Validate weight w; whether it beats the chosen one (ties keep the smaller weight)."""
             grid[str(w)] = validate(StackedTowers(base, spec_u, spec_i, w * scale))
             logger.info("  w %s: valid %s %.4f", w, metric, grid[str(w)][metric])
-            if len(weights) > 1 and grid[str(w)][metric] > grid[str(chosen)][metric]:  # ties: the smaller w
+            return grid[str(w)][metric] > grid[str(chosen)][metric]
+
+        for w in weights:
+            if better(w) and len(weights) > 1:
+                chosen = w
+        if len(weights) > 1 and chosen in (weights[0], weights[-1]):  # the best at an edge of the grid:
+            factor = 2.0 if chosen == weights[-1] else 0.5              # go on while it improves
+            for _ in range(EXTEND_STEPS):
+                w = chosen * factor
+                if not better(w):
+                    break
                 chosen = w
         del spec_u, spec_i
         info.update(valid_scale=scale, valid=grid, chosen_valid=grid[str(chosen)],

@@ -118,13 +118,13 @@ def train(cfg: Config, run_dir: Path, config_hash: str = "") -> Dict:
         if cfg.export.enabled and cfg.export.faiss == "ivf" and cfg.export.ivf_nlist > data.num_items:
             raise ConfigError(f"export.ivf_nlist={cfg.export.ivf_nlist} is larger than the number of items "
                               f"({data.num_items})")
-        if cfg.model.stack_spectral_dim:
-            if isinstance(data, StreamedData):
-                raise ConfigError("model.stack_spectral_dim: stacking the spectral closed form needs the training "
-                                  "pairs in memory; use data.loader=memory")
-            if cfg.model.stack_spectral_dim > min(data.num_users, data.num_items):
-                raise ConfigError(f"model.stack_spectral_dim={cfg.model.stack_spectral_dim} is larger than the number of "
-                                  f"users ({data.num_users}) or items ({data.num_items})")
+        if cfg.model.stack_spectral_dim > min(data.num_users, data.num_items):
+            raise ConfigError(f"model.stack_spectral_dim={cfg.model.stack_spectral_dim} is larger than the number of "
+                              f"users ({data.num_users}) or items ({data.num_items})")
+        if cfg.model.stack_spectral_dim and len(set(cfg.model.stack_spectral_weights)) > 1 and not data.has_valid:
+            raise ConfigError(f"model.stack_spectral_weights: data.valid_fraction={cfg.data.valid_fraction} left no "
+                              "validation interaction (users with few items keep them all) to choose the weight on; "
+                              "raise it or give one weight")
         counts = data.manifest["counts"]
         logger.info("dataset %s: %d users, %d items, %d train / %d test interactions, dropped %s%s",
                     data_dir, counts["num_users"], counts["num_items"], counts["train_interactions"],
@@ -351,7 +351,7 @@ def train(cfg: Config, run_dir: Path, config_hash: str = "") -> Dict:
                         cfg.eval.select_metric, best["value"])
 
         # ---- stack: the spectral closed form appended to the trained towers, weighed on validation
-        stack = None
+        stack, base_model = None, model_
         if mc.stack_spectral_dim:
             model_, stack = stack_spectral(model_, data, stack_options(cfg), device,
                                            history[best["epoch"]]["valid"] if best["weights"] is not None else None)
@@ -402,10 +402,11 @@ def train(cfg: Config, run_dir: Path, config_hash: str = "") -> Dict:
             tb.flush()
         norms = None
         if cfg.log.plots:  # collective: every rank computes its share
-            norms = tower_norms(model_, full_features, data.num_users, data.num_items, device,
+            towers = base_model  # the trained towers' norms (what was learnt), stacked or not
+            norms = tower_norms(towers, full_features, data.num_users, data.num_items, device,
                                 cfg.eval.user_chunk, rank, world)
             if norms is not None:
-                metrics["vectors"] = {"normalized": model_.normalize,
+                metrics["vectors"] = {"normalized": towers.normalize,
                                       **{f"{name}_norm": count_quantiles(n) for name, (_, n) in norms.items()}}
 
         # ---- export
@@ -421,7 +422,7 @@ def train(cfg: Config, run_dir: Path, config_hash: str = "") -> Dict:
             figures = {}
             if cfg.log.plots:
                 figures = run_plots(run_dir, metrics, cfg.eval.ks, data.item_counts(), data.user_counts(), norms,
-                                    model_.normalize)
+                                    metrics["vectors"]["normalized"] if norms is not None else model_.normalize)
             path = write_summary(run_dir, metrics, cfg.eval.ks, figures, tb_dir if tb is not None else None)
             logger.info("summary: %s", path)
         return metrics

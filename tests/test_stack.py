@@ -1,7 +1,8 @@
 """Stacking the spectral closed form after training (recsys/stack.py), through the real entry point:
 the exported vectors are the concatenation, the figures training reports are those of the exported
-vectors (numpy brute force), validation used tables of the fit part only, the weight is the best
-on validation, evaluate / export from the checkpoint stack the same way; one process and 2 ranks."""
+vectors (numpy brute force), validation used tables of the fit part only and the scale matches the score spreads, the weight is
+the best on validation (the selection rule on its own with stubbed evaluations), evaluate / export
+from the checkpoint stack the same way; MF and a history two-tower, one process and 2 ranks."""
 
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ from tests.dist_utils import free_port
 from tests.test_evaluate import brute_force
 from tests.test_train import run, tiny
 
+ROOT = Path(__file__).resolve().parents[1]
 DIM, SPEC = 16, 8
 KS = (10, 20, 50)
 
@@ -47,32 +49,38 @@ def lists(users: np.ndarray, items: np.ndarray, num_users: int) -> list:
     return out
 
 
-def check_stacked(run_dir: Path) -> dict:
+def check_stacked(run_dir: Path, history: bool = False) -> dict:
+    """The invariants of a stacked run of the tiny config (`history`: a two-tower with history bags,
+    whose validation-time user vectors the exported ones do not give)."""
     metrics = json.loads((run_dir / "metrics.json").read_text())
     stack = metrics["stack"]
     data = Dataset.load(Path(metrics["data"]["path"]))
     n_u, n_i = data.num_users, data.num_items
     w = stack["chosen_weight"]
     assert w > 0, "the tiny problem's spectral part helps: a weight > 0 is chosen"
-    # the weight: the best validation recall@20 among w = 0 (the trained model alone) and the grid, ties to the smaller
+    # the weight: the best validation recall@20 among w = 0 (the trained model alone) and the grid
+    # (extended by factors of 2 at its edges, see test_weight_selection), ties to the smaller
     grid = stack["valid"]
-    assert list(grid) == ["0.0"] + [str(x) for x in stack["weights"]]
+    given = [str(x) for x in stack["weights"]]
+    assert list(grid)[: len(given) + 1] == ["0.0"] + given
     best = max(grid, key=lambda key: (grid[key]["recall@20"], -float(key)))
-    assert float(best) == w
-    assert grid["0.0"] == metrics["train"]["history"][metrics["selected_epoch"]]["valid"]
-    assert metrics["valid"] == grid[str(w)]
+    assert float(best) == w and metrics["valid"] == grid[str(w)]
 
     user_ids, users = read_vectors(run_dir / "export" / "users.parquet")
     item_ids, items = read_vectors(run_dir / "export" / "items.parquet")
     assert users.shape == (n_u, DIM + SPEC) and items.shape == (n_i, DIM + SPEC)
     manifest = json.loads((run_dir / "export" / "manifest.json").read_text())
     assert manifest["dimension"] == DIM + SPEC and manifest["score"] == "dot"
-    # the trained MF part keeps its cosine vectors; the spectral part is the closed form of all training pairs
+    # the trained part keeps its cosine vectors; the spectral part is the closed form of all training pairs
     np.testing.assert_allclose(np.linalg.norm(users[:, :DIM], axis=1), 1.0, atol=1e-5)
     np.testing.assert_allclose(np.linalg.norm(items[:, :DIM], axis=1), 1.0, atol=1e-5)
     unit_u, spec_i = spectral_reference(data.train_users, data.train_items, n_u, n_i)
     np.testing.assert_allclose(items[:, DIM:], spec_i, atol=1e-5)
     np.testing.assert_allclose(users[:, DIM:], w * stack["test_scale"] * unit_u, atol=1e-5)
+    # c matches the spreads of the two scores (over 500 sampled users: all of them here)
+    assert n_u == 500
+    c = np.std(users[:, :DIM] @ items[:, :DIM].T, ddof=1) / np.std(unit_u @ spec_i.T, ddof=1)
+    assert stack["test_scale"] == pytest.approx(c, rel=1e-4)
 
     # the test figures are those of the exported vectors' dot products
     train = lists(data.train_users, data.train_items, n_u)
@@ -80,9 +88,13 @@ def check_stacked(run_dir: Path) -> dict:
     want = brute_force(users @ items.T, train, test, KS)
     for key, value in want.items():
         assert metrics["test"][key] == pytest.approx(value, abs=1e-6), key
+    if history:
+        return metrics
     # validation: the same trained vectors (MF: no history) with spectral tables of the fit part only
     fit_u, fit_i = data.fit_pairs()
     unit_fit, spec_fit = spectral_reference(fit_u, fit_i, n_u, n_i)
+    c = np.std(users[:, :DIM] @ items[:, :DIM].T, ddof=1) / np.std(unit_fit @ spec_fit.T, ddof=1)
+    assert stack["valid_scale"] == pytest.approx(c, rel=1e-4)
     valid_users = np.hstack([users[:, :DIM], w * stack["valid_scale"] * unit_fit])
     valid_items = np.hstack([items[:, :DIM], spec_fit])
     want = brute_force(valid_users @ valid_items.T, lists(fit_u, fit_i, n_u),
@@ -93,31 +105,37 @@ def check_stacked(run_dir: Path) -> dict:
 
 
 @pytest.fixture(scope="module")
-def one_process(tmp_path_factory):
+def runs(tmp_path_factory):
+    """One-process stacked runs: MF, and a two-tower with history bags (in the item table)."""
     tmp = tmp_path_factory.mktemp("stack")
-    run_dir = tmp / "one"
-    run([sys.executable, "-m", "recsys.train", *stacked_args(tmp, run_dir)], tmp)
-    return tmp, run_dir
+    run([sys.executable, "-m", "recsys.train", *stacked_args(tmp, tmp / "mf")], tmp)
+    run([sys.executable, "-m", "recsys.train", *stacked_args(tmp, tmp / "history", "model=two_tower",
+                                                              f"model.embedding_dim={DIM}")], tmp)
+    return tmp
 
 
-def test_stacked_export_is_the_concatenation_and_is_what_was_evaluated(one_process):
-    _, run_dir = one_process
-    metrics = check_stacked(run_dir)
-    assert metrics["test"]["recall@20"] > metrics["stack"]["valid"]["0.0"]["recall@20"] - 0.2  # sanity: same scale
+def test_stacked_export_is_the_concatenation_and_is_what_was_evaluated(runs):
+    check_stacked(runs / "mf")
+    check_stacked(runs / "history", history=True)
 
 
-def test_evaluate_and_export_from_the_checkpoint_stack_the_same_way(one_process):
-    tmp, run_dir = one_process
+def test_evaluate_and_export_from_the_checkpoint_stack_the_same_way(runs):
+    run_dir = runs / "history"
     out = subprocess.run([sys.executable, "-m", "recsys.evaluate", str(run_dir)], capture_output=True, text=True,
-                         timeout=300, cwd=Path(__file__).resolve().parents[1])
+                         timeout=300, cwd=ROOT)
     assert out.returncode == 0, out.stderr
     ev, want = json.loads((run_dir / "eval.json").read_text()), json.loads((run_dir / "metrics.json").read_text())
     assert ev["stack"]["chosen_weight"] == want["stack"]["chosen_weight"]
     for part in ("test", "valid"):
         for key, value in want[part].items():
             assert ev[part][key] == pytest.approx(value, abs=1e-9), (part, key)
+    # the trained towers alone, validated by the stage here (fit histories, fit mask) as the training
+    # loop validated its selected epoch
+    epoch = want["train"]["history"][want["selected_epoch"]]["valid"]
+    for key, value in epoch.items():
+        assert ev["stack"]["valid"]["0.0"][key] == pytest.approx(value, abs=1e-9), key
     out = subprocess.run([sys.executable, "-m", "recsys.export", f"export.run_dir={run_dir}", "export.dir=again"],
-                         capture_output=True, text=True, timeout=300, cwd=Path(__file__).resolve().parents[1])
+                         capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert out.returncode == 0, out.stderr
     for name in ("users", "items"):
         ids, vecs = read_vectors(run_dir / "again" / f"{name}.parquet")
@@ -134,6 +152,59 @@ def test_two_ranks_stack_the_same_way(tmp_path):
     assert metrics["train"]["world_size"] == 2
 
 
+class _Towers:
+    embedding_dim, normalize = 2, False
+
+
+@pytest.mark.parametrize("weights,curve,chosen,tried", [
+    # an interior best: the grid as given
+    ([0.25, 0.5, 1.0, 2.0], lambda w: -abs(w - 0.5), 0.5, [0.25, 0.5, 1.0, 2.0]),
+    # ties everywhere: w = 0, the trained towers alone, returned as they are
+    ([0.25, 0.5, 1.0], lambda w: 0.0, 0.0, [0.25, 0.5, 1.0]),
+    # the best at the top: doubled while it improves (up to 8; 16 loses)
+    ([0.25, 0.5, 1.0], lambda w: -abs(np.log2(w) - 3) if w else -9.0, 8.0, [0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0]),
+    # still improving: 4 doublings at most
+    ([0.5, 1.0], lambda w: w, 16.0, [0.5, 1.0, 2.0, 4.0, 8.0, 16.0]),
+    # the best at the bottom (and better than 0): halved while it improves
+    ([0.25, 0.5, 1.0], lambda w: 1 - abs(w - 0.1) if w else 0.0, 0.125, [0.25, 0.5, 1.0, 0.125, 0.0625]),
+    # one weight: used as given (still validated)
+    ([0.5], lambda w: -w, 0.5, [0.5]),
+])
+def test_weight_selection(monkeypatch, weights, curve, chosen, tried):
+    import torch
+
+    import recsys.stack as stack
+
+    monkeypatch.setattr(stack, "_broadcast_vectors", lambda *a, **k: (torch.zeros(4, 3), torch.zeros(5, 3)))
+    monkeypatch.setattr(stack, "score_scale", lambda *a, **k: 10.0)
+    seen = []
+
+    def fake_evaluate(model, *args, **kwargs):
+        w = model.scale / 10.0 if isinstance(model, stack.StackedTowers) else 0.0
+        seen.append(w)
+        return {"recall@20": float(curve(w))}
+
+    monkeypatch.setattr(stack, "evaluate_model", fake_evaluate)
+
+    class Data:
+        num_users, num_items, num_fit = 4, 5, 7
+        fit_features = full_features = fit_mask = valid_users = None
+        valid_csr = object()
+        dataset = type("Pairs", (), {"fit_pairs": lambda self: None, "train_users": np.zeros(7), "train_items": None})()
+
+    options = stack.StackOptions(dim=3, weights=weights, alpha=0.0, niter=1, seed=0, select_metric="recall@20",
+                                 ks=[20], user_chunk=8, eval_kw={})
+    base = _Towers()
+    model, info = stack.stack_spectral(base, Data(), options, torch.device("cpu"))
+    assert info["chosen_weight"] == chosen
+    assert seen == ([0.0] if len(weights) > 1 else []) + tried
+    if chosen == 0.0:
+        assert model is base and "test_scale" not in info
+    else:
+        assert isinstance(model, stack.StackedTowers) and model.scale == chosen * 10.0 and model.embedding_dim == 5
+        assert info["chosen_valid"] == {"recall@20": float(curve(chosen))}
+
+
 def test_one_weight_is_used_as_given(tmp_path):
     run_dir = tmp_path / "given"
     run([sys.executable, "-m", "recsys.train", *stacked_args(tmp_path, run_dir, "model.stack_spectral_weights=[0.01]",
@@ -146,7 +217,9 @@ def test_one_weight_is_used_as_given(tmp_path):
 @pytest.mark.parametrize("extra,message", [
     (["data.valid_fraction=0"], "several weights are chosen among on the validation holdout"),
     (["model.stack_spectral_weights=[0.5,-1]"], "model.stack_spectral_weights must be positive"),
-    (["data.loader=stream"], "stacking the spectral closed form needs the training pairs in memory"),
+    (["data.loader=stream"], "(stacking the spectral closed form) needs the training pairs in memory"),
+    (["model.stack_spectral_weights=[]"], "model.stack_spectral_weights: give at least one weight"),
+    (["data.valid_fraction=0.01"], "left no validation interaction"),
     ([f"model.stack_spectral_dim=600"], "model.stack_spectral_dim=600 is larger than the number of users (500)"),
 ])
 def test_bad_stacking_options_are_refused(tmp_path, extra, message):
