@@ -494,7 +494,8 @@ def main(dcfg: DictConfig) -> None:
 def export_checkpoint(run_dir: Path, options: ExportConfig) -> Optional[Dict]:
     """Recompute every vector from the run's newest complete checkpoint (the weights the run tested:
     its best validated epoch's when it had a validation split; stacked with the spectral closed form
-    when the run was) and write the export directory, as training does at its end. Collective under torchrun; returns the manifest on rank 0."""
+    when the run was) and write the export directory, as training does at its end. Collective under
+    torchrun; returns the manifest on rank 0."""
     import warnings
 
     from recsys.checkpoint import load_trained

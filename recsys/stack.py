@@ -83,7 +83,8 @@ def spectral_vectors(users: np.ndarray, items: np.ndarray, num_users: int, num_i
     tables = spectral_tables(users, items, num_users, num_items, dim, alpha, niter, seed)
     keys = np.unique(users.astype(np.int64) * num_items + items)
     rows = torch.from_numpy(np.stack([keys // num_items, keys % num_items]))
-    history = torch.sparse_coo_tensor(rows, torch.ones(len(keys)), (num_users, num_items), check_invariants=True).coalesce()
+    history = torch.sparse_coo_tensor(rows, torch.ones(len(keys)), (num_users, num_items),
+                                      check_invariants=True).coalesce()
     users = torch.sparse.mm(history, tables["history"])
     return users / users.norm(dim=1, keepdim=True).clamp_min(1e-12), tables["item"]
 
@@ -192,7 +193,8 @@ def stack_spectral(base: nn.Module, data, options: StackOptions, device: torch.d
         return base, info
     logger.info("stacking: w %s chosen; spectral tables from all %d training interactions", chosen, len(ds.train_users))
     pairs = (ds.train_users, ds.train_items) if rank == 0 else None
-    spec_u, spec_i = _broadcast_vectors(pairs, n_u, n_i, options.dim, options.alpha, options.niter, options.seed, device)
+    spec_u, spec_i = _broadcast_vectors(pairs, n_u, n_i, options.dim, options.alpha, options.niter, options.seed,
+                                        device)
     scale = score_scale(base, data.full_features, spec_u, spec_i, device, options.user_chunk, options.seed)
     info.update(test_scale=scale, seconds=round(time.perf_counter() - t0, 3))
     return StackedTowers(base, spec_u, spec_i, chosen * scale), info

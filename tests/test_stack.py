@@ -1,8 +1,9 @@
 """Stacking the spectral closed form after training (recsys/stack.py), through the real entry point:
 the exported vectors are the concatenation, the figures training reports are those of the exported
-vectors (numpy brute force), validation used tables of the fit part only and the scale matches the score spreads, the weight is
-the best on validation (the selection rule on its own with stubbed evaluations), evaluate / export
-from the checkpoint stack the same way; MF and a history two-tower, one process and 2 ranks."""
+vectors (numpy brute force), validation used tables of the fit part only and the scale matches the
+score spreads, the weight is the best on validation (the selection rule on its own with stubbed
+evaluations), evaluate / export from the checkpoint stack the same way; MF and a history two-tower,
+one process and 2 ranks."""
 
 from __future__ import annotations
 
