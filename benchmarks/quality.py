@@ -23,6 +23,9 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from recsys.atomic import write_atomic, write_json_atomic, write_text_atomic  # noqa: E402
 
 # Published Recall@20 / NDCG@20 on the LightGCN splits (same protocol): LightGCN (He et al. 2020),
 # SimpleX (Mao et al. 2021), UltraGCN (Mao et al. 2021), MF-CCL (SimpleX paper), tuned MF-BPR
@@ -67,7 +70,6 @@ def _log_span_s(log: Path) -> float:
 
 def experiment_hash(overrides: list[str]) -> str:
     """The run hash (``recsys.checkpoint.run_hash``) of ``recsys.train`` with these overrides."""
-    sys.path.insert(0, str(ROOT))
     from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
 
@@ -109,7 +111,7 @@ def run(name: str, data: str, out_dir: Path, nproc: int, extra: list[str], reuse
     wall = time.perf_counter() - t0
     metrics = json.loads((run_dir / "metrics.json").read_text())
     metrics["command_wall_s"] = round(wall, 1)
-    (run_dir / "command_wall_s.json").write_text(json.dumps({"command_wall_s": metrics["command_wall_s"]}) + "\n")
+    write_text_atomic(json.dumps({"command_wall_s": metrics["command_wall_s"]}) + "\n", run_dir / "command_wall_s.json")
     return metrics
 
 
@@ -187,9 +189,7 @@ def plot(dataset: str, results: dict, path: Path) -> None:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=120)
-    os.replace(tmp, path)
+    write_atomic(path, lambda tmp: fig.savefig(tmp, dpi=120))
 
 
 def main() -> None:
@@ -214,11 +214,8 @@ def main() -> None:
                       "stack": m.get("stack"),
                       "popularity": m.get("popularity"), "train": m["train"], "command_wall_s": m["command_wall_s"]}
                for name, m in results.items()}
-    for suffix, text in ((".md", md), (".json", json.dumps(summary, indent=2) + "\n")):
-        path = out / f"quality_{dataset}{suffix}"
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text(text)
-        os.replace(tmp, path)
+    write_text_atomic(md, out / f"quality_{dataset}.md")
+    write_json_atomic(summary, out / f"quality_{dataset}.json")
     plot(dataset, results, out / f"quality_{dataset}.png")
     print(md)
     print(f"written: {out}/quality_{dataset}.md, .json, .png")

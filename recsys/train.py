@@ -402,11 +402,11 @@ def train(cfg: Config, run_dir: Path, config_hash: str = "") -> Dict:
             tb.flush()
         norms = None
         if cfg.log.plots:  # collective: every rank computes its share
-            towers = base_model  # the trained towers' norms (what was learnt), stacked or not
-            norms = tower_norms(towers, full_features, data.num_users, data.num_items, device,
+            # the trained towers' norms (what was learnt), stacked or not
+            norms = tower_norms(base_model, full_features, data.num_users, data.num_items, device,
                                 cfg.eval.user_chunk, rank, world)
             if norms is not None:
-                metrics["vectors"] = {"normalized": towers.normalize,
+                metrics["vectors"] = {"normalized": base_model.normalize,
                                       **{f"{name}_norm": count_quantiles(n) for name, (_, n) in norms.items()}}
 
         # ---- export
@@ -422,7 +422,7 @@ def train(cfg: Config, run_dir: Path, config_hash: str = "") -> Dict:
             figures = {}
             if cfg.log.plots:
                 figures = run_plots(run_dir, metrics, cfg.eval.ks, data.item_counts(), data.user_counts(), norms,
-                                    metrics["vectors"]["normalized"] if norms is not None else model_.normalize)
+                                    base_model.normalize)
             path = write_summary(run_dir, metrics, cfg.eval.ks, figures, tb_dir if tb is not None else None)
             logger.info("summary: %s", path)
         return metrics
