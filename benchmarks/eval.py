@@ -10,7 +10,7 @@ each user's planted near its own items (`planted_vectors`) so that the metrics a
 and 1. Compared side by side in one process, each run in turn (the machine is shared: medians of
 --runs):
 
-- ours: ``recsys.evaluate.ranking_metric_sums`` (blocks of users x items, top K by group maxima,
+- ours: ``recsys.evaluation.ranking.ranking_metric_sums`` (blocks of users x items, top K by group maxima,
   worker threads, torch's default number of threads);
 - numpy: per chunk of 1024 users, scores = U @ V.T (float32), training items set to -inf,
   ``np.argpartition`` for the top K, then sorted (score descending, lower item first), relevance
@@ -41,8 +41,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from recsys.atomic import write_json_atomic, write_text_atomic  # noqa: E402
-from recsys.data import CSR  # noqa: E402
-from recsys import evaluate as E  # noqa: E402
+from recsys.data import eval_sets  # noqa: E402
+from recsys.data.dataset import CSR  # noqa: E402
+from recsys.evaluation import ranking as E  # noqa: E402
 
 KS = [10, 20, 50]
 GOWALLA = {"num_users": 29858, "num_items": 40981, "train": 810128, "test": 217242}
@@ -54,7 +55,7 @@ GOWALLA = {"num_users": 29858, "num_items": 40981, "train": 810128, "test": 2172
 def load_pairs(data: Path, seed: int) -> Dict:
     """Train and test (user, item) pairs: the Gowalla files when present, else random ones."""
     if (data / "train.txt").is_file() and (data / "test.txt").is_file():
-        from recsys.readers import read_lightgcn_file
+        from recsys.data.readers import read_lightgcn_file
 
         train, test = read_lightgcn_file(data / "train.txt"), read_lightgcn_file(data / "test.txt")
         tu, ti = train["user_id"].to_numpy(), train["item_id"].to_numpy()
@@ -177,7 +178,7 @@ def profile_ours(user_vecs: torch.Tensor, item_vecs: torch.Tensor, users: np.nda
                  ks: Sequence[int]) -> Dict[str, float]:
     """CPU seconds per phase of ranking_metric_sums's block loop (one thread, same blocks)."""
     num_items, kmax = item_vecs.shape[0], max(ks)
-    train_sets, test_sets = E.as_item_sets(train, num_items), E.as_item_sets(test, num_items)
+    train_sets, test_sets = eval_sets.as_item_sets(train, num_items), eval_sets.as_item_sets(test, num_items)
     rows, width = E.block_shape(num_items, 1024)
     groups, padded = E._plan(width, kmax)
     buffer = torch.empty(padded * rows)
@@ -305,7 +306,7 @@ def table(s: Dict) -> str:
         "| implementation | wall s (median) | CPU s (median) | recall@20 | ndcg@20 | max abs diff vs ours |",
         "| --- | ---: | ---: | ---: | ---: | ---: |",
     ]
-    names = {"ours": "ours (recsys.evaluate)", "numpy": "numpy (argpartition, -inf mask)",
+    names = {"ours": "ours (recsys.evaluation)", "numpy": "numpy (argpartition, -inf mask)",
              "previous": "previous evaluator (torch.topk per 1024 users)"}
     for name, m in s["median"].items():
         r = s["metrics"][name]

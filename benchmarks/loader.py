@@ -7,7 +7,7 @@ The data: the default synthetic config (20,000 users x 5,000 items) with
 ``data.num_interactions=N``, prepared for streaming (``data.loader=stream``, row groups of
 ``data.row_group_size``; prepared once under --root and reused).
 
-- Loader alone: ``recsys.loader.StreamBatches`` for epoch 0 of one rank, the default train
+- Loader alone: ``recsys.data.loader.StreamBatches`` for epoch 0 of one rank, the default train
   config's batch (1024 interactions + 256 uniform negatives), the default shuffle buffer, each
   batch built into the model's input (a ``Batch`` of KeyedJaggedTensors) as the trainer receives
   it, for 1 and 2 loader workers (and 0: read in the training process, for reference); time from
@@ -43,7 +43,7 @@ TARGET = 5.0
 
 def prepared(root: str, interactions: int) -> Path:
     from recsys.config import DataConfig
-    from recsys.data import prepare
+    from recsys.data.prepare import prepare
 
     t0 = time.perf_counter()
     path = prepare(DataConfig(num_interactions=interactions, loader="stream", root=root), progress=False)
@@ -54,13 +54,14 @@ def prepared(root: str, interactions: int) -> Path:
 def loader_rate(path: Path, workers: int, steps: int) -> dict:
     """Interactions/s of StreamBatches alone (the default train/loss/data configs)."""
     from recsys.config import DataConfig, LossConfig, TrainConfig
-    from recsys.loader import Pieces, StreamBatches
+    from recsys.data.batches import BatchOptions
+    from recsys.data.loader import Pieces, StreamBatches
 
     data, loss, train = DataConfig(), LossConfig(), TrainConfig()
     num_items = json.loads((path / "manifest.json").read_text())["counts"]["num_items"]
     t0 = time.perf_counter()
-    batches = StreamBatches(Pieces.read(path), num_items, train.batch_size, loss.num_negatives, 0, 1, 0, 0,
-                            num_workers=workers, shuffle_buffer=data.shuffle_buffer, max_batches=steps)
+    options = BatchOptions(train.batch_size, loss.num_negatives, 0, 0, 1, workers, data.shuffle_buffer)
+    batches = StreamBatches(Pieces.read(path), num_items, options, 0, max_batches=steps)
     first, n = None, 0
     for batch in batches:
         n += 1

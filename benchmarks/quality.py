@@ -69,12 +69,12 @@ def _log_span_s(log: Path) -> float:
 
 
 def experiment_hash(overrides: list[str]) -> str:
-    """The run hash (``recsys.checkpoint.run_hash``) of ``recsys.train`` with these overrides."""
+    """The run hash (``recsys.training.checkpoint.run_hash``) of ``recsys.train`` with these overrides."""
     from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
 
-    from recsys.checkpoint import run_hash
     from recsys.config import register_configs, register_resolvers
+    from recsys.training.checkpoint import run_hash
 
     register_configs()
     register_resolvers()

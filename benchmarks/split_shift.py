@@ -23,7 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from recsys.atomic import write_json_atomic  # noqa: E402
-from recsys.readers import read_lightgcn_file  # noqa: E402
+from recsys.data.readers import read_lightgcn_file  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 

@@ -8,7 +8,7 @@ the same model and loss, side by side in one run.
 Both train matrix factorisation (user and item id tables, cosine scores) with the project's loss,
 ``RetrievalTask`` over ``recsys.loss.sampled_softmax_loss`` (in-batch positives of every rank +
 uniform negatives, logQ correction, accidental hits masked), on the same pre-built batches
-(``recsys.data.TrainBatches`` over the demo's synthetic dataset), same global batch, same
+(``recsys.data.batches.TrainBatches`` over the demo's synthetic dataset), same global batch, same
 negatives, same initial weights:
 
 - **ours**: the training path of ``recsys.train``: tables built on meta, planned by TorchRec's
@@ -52,10 +52,14 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from recsys.atomic import write_atomic  # noqa: E402
+from recsys.atomic import write_atomic, write_json_atomic  # noqa: E402
 from recsys.config import DataConfig  # noqa: E402
-from recsys.data import Batch, Dataset, TrainBatches, prepare, write_json_atomic  # noqa: E402
-from recsys.loss import gather_rows, rank_and_world  # noqa: E402
+from recsys.data.batches import BatchOptions, TrainBatches  # noqa: E402
+from recsys.data.dataset import Dataset  # noqa: E402
+from recsys.data.features import Batch  # noqa: E402
+from recsys.data.prepare import prepare  # noqa: E402
+from recsys.distributed import rank_and_world  # noqa: E402
+from recsys.loss import gather_rows  # noqa: E402
 from recsys.model import RetrievalTask, TwoTower  # noqa: E402
 from recsys.parallelize import (describe_plan, destroy_distributed, init_distributed, init_rows,  # noqa: E402
                                 init_tables, shard_model)
@@ -192,8 +196,8 @@ def main() -> None:
         counts = dataset.item_counts(include_valid=False)
         log_prob = torch.from_numpy(np.log(np.maximum(counts, 1) / counts.sum())).float().to(device)
         num_batches = 64
-        batches = list(TrainBatches(users, items, dataset.num_items, args.batch_size, args.num_negatives, rank, world,
-                                    0, 0, max_batches=num_batches))
+        options = BatchOptions(args.batch_size, args.num_negatives, 0, rank, world)
+        batches = list(TrainBatches(users, items, dataset.num_items, options, 0, max_batches=num_batches))
         if len(batches) < num_batches:
             raise SystemExit(f"error: only {len(batches)} batches of {args.batch_size} in the dataset")
         if device.type == "cuda":  # page-locked: the host-to-device copies of both run asynchronously

@@ -1,6 +1,6 @@
 """Atomic writes: every file the project writes goes to a temporary name beside its final path, is
 flushed to disk and renamed, so a reader (or a run interrupted at any point) sees the old file or
-the new one, never a torn one. Torch-free, so light entry points (recsys.export) import it cheaply.
+the new one, never a torn one.
 """
 
 from __future__ import annotations
@@ -8,6 +8,8 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+
+import pyarrow.parquet as pq
 
 
 def fsync_path(path: Path) -> None:
@@ -56,6 +58,4 @@ def write_json_atomic(obj: object, path: Path) -> Path:
 
 
 def write_parquet_atomic(table, path: Path) -> Path:
-    import pyarrow.parquet as pq
-
     return write_atomic(path, lambda tmp: pq.write_table(table, tmp))

@@ -2,33 +2,24 @@
 
 The YAML files under ``conf/<group>/`` extend these schemas (``defaults: [base_<group>]``), so a
 misspelt key or a value of the wrong type fails when the config is composed, before any work.
-Library code receives these dataclasses (or plain arguments), never a DictConfig.
+Library code receives these dataclasses (or plain arguments), never a DictConfig. The checks
+that need the world size or the data (``check_world_size``, ``check_data``) and the list of options
+that a configuration does not use (``ignored_options``) are here too: one place for each.
 """
 
 from __future__ import annotations
 
 import os
-import sys
 import time
 from dataclasses import dataclass, field
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import OmegaConf
 
+from recsys.errors import ConfigError
 
-class ConfigError(ValueError):
-    """A configuration value that cannot work, found before any work starts."""
-
-
-def typed_config(node):
-    """An entry point's composed config (or one group of it) as its dataclass; a value refused by a
-    check exits with code 2 and the message, before any work."""
-    try:
-        return OmegaConf.to_object(node)
-    except Exception as e:  # __post_init__ checks raise through OmegaConf
-        print(f"error: invalid configuration: {e.__cause__ or e}", file=sys.stderr)
-        sys.exit(2)
+__all__ = ["ConfigError"]  # raised by the checks below; defined with the other user errors in recsys.errors
 
 
 def _check(condition: bool, message: str) -> None:
@@ -232,6 +223,12 @@ class ModelConfig:
     """Storage of the embedding table weights: ``fp32`` or ``fp16`` (half the memory; lookups and
     the fused optimizer update in fp32, the rows are stored rounded)."""
 
+    @property
+    def history_weights(self) -> Tuple[float, float]:
+        """(history_weight, item_history_weight) of the model built: the configured ones for
+        ``two_tower``, 0 for ``mf`` (id embeddings only, whatever the weights say)."""
+        return (self.history_weight, self.item_history_weight) if self.name == "two_tower" else (0.0, 0.0)
+
     def __post_init__(self) -> None:
         _check(self.name in ("mf", "two_tower"), f"model.name must be mf or two_tower, got {self.name!r}")
         _check(self.embedding_dim > 0, f"model.embedding_dim must be positive, got {self.embedding_dim}")
@@ -381,7 +378,7 @@ class EvalConfig:
     max_users: int = 100_000
     """Evaluate a random sample of at most this many of the users that have test items (0: all of
     them; the LightGCN benchmarks have fewer than 100,000, so all are evaluated). The sample's
-    seed is fixed (``recsys.evaluate.EVAL_SAMPLE_SEED``), not ``seed``: runs that differ in their
+    seed is fixed (``recsys.data.eval_sets.EVAL_SAMPLE_SEED``), not ``seed``: runs that differ in their
     training seed are evaluated on the same users."""
     item_chunk: int = 0
     """Items per score block (0: all items when 64 users x all items fit in ``score_budget_mb``,
@@ -391,10 +388,19 @@ class EvalConfig:
     Besides the blocks, every rank holds all item vectors (items x dim), its users' vectors and the
     evaluated users' item sets."""
 
+    run_dir: Optional[str] = None
+    """``python -m recsys.evaluate``: the training run (or one checkpoint directory of it) to
+    evaluate (required there; training ignores it)."""
+
     @property
     def select_k(self) -> int:
         """The K of ``select_metric``."""
         return int(self.select_metric.partition("@")[2])
+
+    @property
+    def valid_ks(self) -> List[int]:
+        """The Ks of the validation metrics: ``ks`` and the K of ``select_metric``."""
+        return sorted(set(self.ks) | {self.select_k})
 
     def __post_init__(self) -> None:
         _check(len(self.ks) > 0 and all(k > 0 for k in self.ks), f"eval.ks must be positive integers, got {self.ks}")
@@ -526,6 +532,134 @@ class Config:
             _check(self.data.valid_fraction > 0,
                    "model.stack_spectral_weights: several weights are chosen among on the validation holdout: "
                    "set data.valid_fraction > 0 (or give one weight)")
+
+
+# ---------------------------------------------------------------------------------------------
+# Checks that need the world size or the data, and options a configuration does not use
+# ---------------------------------------------------------------------------------------------
+
+
+def memory_reason(cfg: Config) -> Optional[str]:
+    """Why the model of `cfg` needs the dataset in memory (None when it can stream): its user tower
+    pools each user's training items, or its item tower each item's users (history bags, built
+    from the whole dataset), or the spectral closed form is stacked (the training pairs). An
+    ``mf`` model has no bag, whatever ``model.history_weight`` says."""
+    history, item_history = cfg.model.history_weights
+    if history > 0 or item_history > 0:
+        return (f"model={cfg.model.name} with history bags (model.history_weight={history}, "
+                f"model.item_history_weight={item_history}) needs each user's training items, held by the "
+                "memory loader only")
+    if cfg.model.stack_spectral_dim:
+        return (f"model.stack_spectral_dim={cfg.model.stack_spectral_dim} (stacking the spectral closed form) "
+                "needs the training pairs in memory, held by the memory loader only")
+    return None
+
+
+def check_world_size(cfg: Config, world: int, name: Optional[str] = None) -> None:
+    """The global batch and the uniform negatives are split evenly over `world` ranks (`name`: how
+    the message calls the world size)."""
+    name = name or f"the world size {world}"
+    _check(cfg.train.batch_size % world == 0, f"train.batch_size={cfg.train.batch_size} is not divisible by {name}")
+    _check(cfg.loss.num_negatives % world == 0,
+           f"loss.num_negatives={cfg.loss.num_negatives} is not divisible by {name}")
+
+
+def check_data(cfg: Config, num_users: int, num_items: int, num_fit: Optional[int] = None,
+               has_valid: Optional[bool] = None) -> None:
+    """What the data's sizes must allow: K within the catalogue, an IVF index with fewer cells than
+    items, a stacked closed form narrower than the tables, a batch no larger than the training
+    interactions, a validation holdout to choose stacking weights on (the last two when `num_fit` /
+    `has_valid` are known)."""
+    kmax = max([*cfg.eval.ks, cfg.eval.select_k])
+    _check(kmax <= num_items, f"eval.ks / eval.select_metric: K={kmax} is larger than the number of items ({num_items})")
+    if cfg.export.enabled and cfg.export.faiss == "ivf":
+        _check(cfg.export.ivf_nlist <= num_items,
+               f"export.ivf_nlist={cfg.export.ivf_nlist} is larger than the number of items ({num_items})")
+    _check(cfg.model.stack_spectral_dim <= min(num_users, num_items),
+           f"model.stack_spectral_dim={cfg.model.stack_spectral_dim} is larger than the number of users ({num_users}) "
+           f"or items ({num_items})")
+    if has_valid is not None and cfg.model.stack_spectral_dim and len(set(cfg.model.stack_spectral_weights)) > 1:
+        _check(has_valid, f"model.stack_spectral_weights: data.valid_fraction={cfg.data.valid_fraction} left no "
+               "validation interaction (users with few items keep them all) to choose the weight on; raise it or "
+               "give one weight")
+    if num_fit is not None:
+        _check(num_fit >= cfg.train.batch_size,
+               f"train.batch_size={cfg.train.batch_size} is larger than the {num_fit} training interactions")
+
+
+def ignored_options(cfg: Config, loader: str, has_valid: Optional[bool] = None) -> List[str]:
+    """One line per option set away from its default that this configuration does not use, naming
+    the option and why (``recsys.train`` logs each once): `loader` is ``data.loader`` resolved;
+    `has_valid` whether the prepared data have a validation holdout (None: unknown)."""
+    out: List[str] = []
+    defaults = Config()
+
+    def unused(group: str, names, why: str) -> None:
+        for name in names:
+            value = getattr(getattr(cfg, group), name)
+            if value != getattr(getattr(defaults, group), name):
+                shown = str(value).lower() if isinstance(value, bool) else value
+                out.append(f"{group}.{name}={shown} does nothing: {why}")
+
+    m, loss = cfg.model, cfg.loss
+    bag_options = ("history_pooling", "history_max_len", "share_item_table", "projection", "history_dropout",
+                   "history_exclude_target")
+    if m.name == "mf":
+        unused("model", ("history_weight", *bag_options, "item_history_weight", "item_history_max_len"),
+               "model=mf has no history bag (model=two_tower has)")
+    else:
+        if m.history_weight == 0:
+            unused("model", bag_options, "model.history_weight=0 (no history bag)")
+        if m.item_history_weight == 0:
+            unused("model", ("item_history_max_len",), "model.item_history_weight=0 (no item history bag)")
+    if m.init != "spectral" and not m.stack_spectral_dim:
+        unused("model", ("spectral_alpha", "spectral_niter"),
+               "neither model.init=spectral nor model.stack_spectral_dim uses the spectral closed form")
+    holdout = has_valid if has_valid is not None else cfg.data.valid_fraction > 0
+    if not (m.init == "spectral" and cfg.train.epochs == 0 and holdout):
+        unused("model", ("spectral_refit",), "only model.init=spectral with train.epochs=0 and a validation holdout "
+                                              "refits the closed form")
+    if not m.stack_spectral_dim:
+        unused("model", ("stack_spectral_weights",), "model.stack_spectral_dim=0 (no stacking)")
+    if loss.name == "bpr":
+        for name, value in (("logq_correction", loss.logq_correction),
+                            ("mask_accidental_hits", loss.mask_accidental_hits), ("margin", loss.margin)):
+            if value:  # loss=bpr sets them off; the sampled softmax's defaults do nothing here
+                shown = str(value).lower() if isinstance(value, bool) else value
+                out.append(f"loss.{name}={shown} does nothing: loss=bpr scores each positive against one "
+                           "uniform negative (no softmax over candidates)")
+    if cfg.optim.name == "sgd":
+        unused("optim", ("eps",), "optim.name=sgd has no eps")
+    if not (m.name == "two_tower" and m.history_weight > 0 and m.projection):
+        unused("optim", ("dense_lr",), "the model has no dense parameter (only model.projection=true adds one)")
+    d = cfg.data
+    if loader == "memory":
+        unused("data", ("num_workers", "shuffle_buffer", "row_group_size"),
+               "the dataset is read in memory (they are options of data.loader=stream)")
+    if d.loader != "auto":
+        unused("data", ("stream_min_rows",), f"data.loader={d.loader} is not chosen by size")
+    if d.name != "csv":
+        unused("data", ("separator",), f"data={d.name} is not CSV")
+    if d.test_path and d.split != "given":
+        out.append(f"data.test_path={d.test_path} does nothing: data.split={d.split} makes the test split itself")
+    if d.name != "synthetic":
+        unused("data", ("num_interactions", "latent_dim", "popularity_exponent", "affinity"),
+               f"data={d.name} reads files (they shape the synthetic data)")
+    if d.weight_column:
+        out.append(f"data.weight_column={d.weight_column} does nothing yet: the column is kept in the prepared "
+                   "data, but the loss counts every interaction once")
+    if has_valid is False and cfg.train.patience:
+        out.append(f"train.patience={cfg.train.patience} does nothing: no validation split (data.valid_fraction)")
+    e = cfg.export
+    if not e.enabled:
+        unused("export", ("npy", "faiss"), "export.enabled=false (python -m recsys.export adds them later)")
+    elif e.faiss != "ivf":
+        unused("export", ("ivf_nlist", "ivf_nprobe"), f"export.faiss={e.faiss} is not an IVF index")
+    if e.enabled and e.faiss != "hnsw":
+        unused("export", ("hnsw_m", "hnsw_ef_construction", "hnsw_ef_search"), f"export.faiss={e.faiss} is not HNSW")
+    if e.enabled and e.faiss == "none":
+        unused("export", ("ann_k", "ann_sample_users", "ann_seed"), "export.faiss=none measures no index")
+    return out
 
 
 GROUPS = {

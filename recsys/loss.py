@@ -17,13 +17,7 @@ import torch.distributed as dist
 import torch.distributed._functional_collectives as funcol
 import torch.nn.functional as F
 
-
-def rank_and_world() -> tuple[int, int]:
-    """(rank, world size) of the default group; (0, 1) without one."""
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
+from recsys.distributed import rank_and_world
 
 # torch 2.13 renamed all_gather_tensor(_autograd) to all_gather_single(_autograd); 2.11 has the old names.
 _all_gather = getattr(funcol, "all_gather_single", None) or funcol.all_gather_tensor

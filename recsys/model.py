@@ -7,7 +7,7 @@ dot product of the two vectors (of L2-normalised vectors when ``normalize``).
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, List, Optional, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 import torch.fx
@@ -17,11 +17,9 @@ from torchrec.modules.embedding_configs import DataType, EmbeddingBagConfig, Poo
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from torchrec.sparse.jagged_tensor import KeyedTensor
 
-from recsys.data import HISTORY_FEATURE, ITEM_FEATURE, ITEM_HISTORY_FEATURE, USER_FEATURE, Batch
+from recsys.config import LossConfig, ModelConfig
+from recsys.data.features import HISTORY_FEATURE, ITEM_FEATURE, ITEM_HISTORY_FEATURE, USER_FEATURE, Batch, FeatureSpec
 from recsys.loss import bpr_loss, sampled_softmax_loss
-
-if TYPE_CHECKING:
-    from recsys.config import Config, ModelConfig
 
 # The train pipeline traces forward() to find the sharded modules; the loss (collectives
 # inside) is recorded as one call rather than traced through.
@@ -177,23 +175,26 @@ class RetrievalTask(nn.Module):
         return loss, (loss.detach(),)
 
 
-def history_weights(mc: ModelConfig) -> Tuple[float, float]:
-    """(history_weight, item_history_weight) of the model built from `mc`: those of the config for
-    ``two_tower``, 0 for ``mf`` (id embeddings only, whatever the config's weights say)."""
-    return (mc.history_weight, mc.item_history_weight) if mc.name == "two_tower" else (0.0, 0.0)
+def feature_spec(mc: ModelConfig, seed: int) -> FeatureSpec:
+    """The bags the model of `mc` pools (``mf``: none, whatever the config's weights say), for the
+    data source to build its inputs (`seed`: of the item-history sample)."""
+    history_weight, item_history_weight = mc.history_weights
+    return FeatureSpec(history=history_weight > 0, history_max_len=mc.history_max_len,
+                       share_item_table=mc.share_item_table, history_dropout=mc.history_dropout,
+                       history_exclude_target=mc.history_exclude_target, item_history=item_history_weight > 0,
+                       item_history_max_len=mc.item_history_max_len, seed=seed)
 
 
-def build_task(cfg: Config, num_users: int, num_items: int,
+def build_task(mc: ModelConfig, loss: LossConfig, num_users: int, num_items: int,
                item_log_prob: Optional[torch.Tensor] = None) -> RetrievalTask:
-    """The model (tables on the meta device) wrapped with its loss: what gets sharded and trained.
-    The dry run (recsys.plan) builds the same module."""
-    mc = cfg.model
-    history_weight, item_history_weight = history_weights(mc)
+    """The model of `mc` (tables on the meta device) wrapped with the loss of `loss`: what gets
+    sharded and trained. The dry run (recsys.plan) builds the same module."""
+    history_weight, item_history_weight = mc.history_weights
     model = TwoTower(num_users, num_items, mc.embedding_dim, mc.normalize,
                      history_weight=history_weight,
                      history_pooling=mc.history_pooling, share_item_table=mc.share_item_table,
                      projection=mc.projection,
                      item_history_weight=item_history_weight,
                      table_dtype=mc.table_dtype)
-    return RetrievalTask(model, cfg.loss.name, cfg.loss.temperature, cfg.loss.mask_accidental_hits, item_log_prob,
-                         cfg.loss.margin, cfg.loss.l2)
+    return RetrievalTask(model, loss.name, loss.temperature, loss.mask_accidental_hits, item_log_prob,
+                         loss.margin, loss.l2)

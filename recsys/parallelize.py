@@ -14,6 +14,7 @@ from typing import Dict, List, Optional
 
 import torch
 import torch.distributed as dist
+import torch.distributed.distributed_c10d as c10d
 import torch.nn as nn
 from torch.distributed._shard.sharded_tensor import ShardedTensor
 from torch.distributed.tensor import DTensor
@@ -29,22 +30,10 @@ from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizerWrapper
 from torchrec.optim.optimizers import in_backward_optimizer_filter
 from torchrec.optim.rowwise_adagrad import RowWiseAdagrad
 
-from recsys.loss import rank_and_world
+from recsys.distributed import rank_and_world
+from recsys.logs import quiet_libraries
 
 logger = logging.getLogger(__name__)
-
-
-class _DropMessages(logging.Filter):
-    def __init__(self, *fragments: str) -> None:
-        super().__init__()
-        self.fragments = fragments
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not any(f in record.getMessage() for f in self.fragments)
-
-
-# Topology() is the constructor every TorchRec release has (TopologyFactory is recent): mute its nag.
-logging.getLogger("torchrec.distributed.planner.types").addFilter(_DropMessages("TopologyFactory"))
 
 
 @dataclass
@@ -89,8 +78,6 @@ class SerialGloo(dist.ProcessGroupGloo, metaclass=_AnyGloo):
 
 def use_serial_gloo() -> None:
     """Every gloo group made from now on (the default one, TorchRec's node groups) is a SerialGloo."""
-    import torch.distributed.distributed_c10d as c10d
-
     c10d.ProcessGroupGloo = SerialGloo
 
 
@@ -117,6 +104,7 @@ def init_distributed(device: str = "auto", timeout_minutes: Optional[float] = No
             dist.init_process_group(backend=backend, device_id=dev if use_cuda else None, timeout=timeout)
         else:
             dist.init_process_group(backend=backend, store=dist.HashStore(), rank=0, world_size=1)
+    quiet_libraries(dist.get_rank())
     return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, dev, backend)
 
 
@@ -485,7 +473,7 @@ def local_table_bytes(model: nn.Module) -> int:
     return sum(storages.values())
 
 
-def _local_tensors(model: nn.Module) -> List[torch.Tensor]:
+def local_tensors(model: nn.Module) -> List[torch.Tensor]:
     """This rank's storage of every state-dict entry (local shards of sharded tables)."""
     out: List[torch.Tensor] = []
     for _, value in sorted(model.state_dict().items()):
@@ -501,13 +489,13 @@ def _local_tensors(model: nn.Module) -> List[torch.Tensor]:
 @torch.no_grad()
 def snapshot_weights(model: nn.Module) -> List[torch.Tensor]:
     """A local copy of this rank's weights (the best epoch so far); no communication."""
-    return [t.detach().clone() for t in _local_tensors(model)]
+    return [t.detach().clone() for t in local_tensors(model)]
 
 
 @torch.no_grad()
 def restore_weights(model: nn.Module, snapshot: List[torch.Tensor]) -> None:
     """Write a `snapshot_weights` copy back in place (same model, same sharding)."""
-    tensors = _local_tensors(model)
+    tensors = local_tensors(model)
     if len(tensors) != len(snapshot):
         raise ValueError("restore_weights: the snapshot does not match the model")
     for t, s in zip(tensors, snapshot):

@@ -18,32 +18,29 @@ from __future__ import annotations
 
 import json
 import logging
-import sys
-import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import List, Optional, Tuple
 
 import hydra
 import torch.nn as nn
-from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
-from torchrec.distributed.planner.types import PlannerError
 from torchrec.distributed.planner.stats import EmbeddingStats
+from torchrec.distributed.planner.types import PlannerError
 
-from recsys.config import Config, ConfigError, register_configs, register_resolvers, typed_config
-from recsys.data import DataError, prepare, write_json_atomic
+from recsys import cli
+from recsys.atomic import write_json_atomic
+from recsys.config import Config, check_data, check_world_size
+from recsys.data.prepare import data_config, prepare
+from recsys.errors import PlanError
 from recsys.model import RetrievalTask
 from recsys.model import build_task as train_module
 from recsys.parallelize import (GIB, PlanRecorder, RankMemory, TablePlacement, describe_plan, embedding_modules,
                                 format_bytes, fuse_table_optimizer, plan_sharding)
-from recsys.sources import data_config
+
+__all__ = ["PlanError", "dry_run", "run"]
 
 logger = logging.getLogger("recsys.plan")
-warnings.filterwarnings("ignore", message=".*deprecating ShardedTensor.*")
-
-class PlanError(ValueError):
-    """The planner cannot place the tables on the given ranks."""
 
 
 @dataclass
@@ -77,7 +74,7 @@ class DryRun:
 def build_task(cfg: Config, num_users: int, num_items: int) -> RetrievalTask:
     """The training module of ``recsys.train`` with its tables on the meta device and the table
     optimizer fused into the backward (so the planner sees the fused kernels and their state)."""
-    task = train_module(cfg, num_users, num_items)
+    task = train_module(cfg.model, cfg.loss, num_users, num_items)
     fuse_table_optimizer(task, cfg.optim.name, cfg.optim.lr, cfg.optim.eps)
     return task
 
@@ -151,14 +148,9 @@ def run(cfg: Config, run_dir: Optional[Path] = None) -> DryRun:
     """The dry run of `cfg`: the same checks and model as ``recsys.train``, planned for ``cfg.plan``."""
     p = cfg.plan
     world = p.world_size
-    if cfg.train.batch_size % world:
-        raise ConfigError(f"train.batch_size={cfg.train.batch_size} is not divisible by plan.world_size={world}")
-    if cfg.loss.num_negatives % world:
-        raise ConfigError(f"loss.num_negatives={cfg.loss.num_negatives} is not divisible by plan.world_size={world}")
+    check_world_size(cfg, world, f"plan.world_size={world}")
     num_users, num_items, source = table_sizes(cfg)
-    kmax = max([*cfg.eval.ks, cfg.eval.select_k])
-    if kmax > num_items:
-        raise ConfigError(f"eval.ks / eval.select_metric: K={kmax} is larger than the number of items ({num_items})")
+    check_data(cfg, num_users, num_items)
     logger.info("planning %s with %d users and %d items (from %s)", cfg.model.name, num_users, num_items, source)
     task = build_task(cfg, num_users, num_items)
     result = dry_run(task, world, p.device, cfg.train.sharding_types, cfg.train.batch_size // world,
@@ -166,27 +158,21 @@ def run(cfg: Config, run_dir: Optional[Path] = None) -> DryRun:
                      hbm_cap=None if p.hbm_gib is None else int(p.hbm_gib * GIB),
                      ddr_cap=None if p.ddr_gib is None else int(p.ddr_gib * GIB), verbose=p.verbose)
     if run_dir is not None:
+        Path(run_dir).mkdir(parents=True, exist_ok=True)
         write_json_atomic({**asdict(result), "num_users": num_users, "num_items": num_items, "source": source,
                            "total_hbm_bytes": result.total_hbm, "total_ddr_bytes": result.total_ddr},
                           Path(run_dir) / "plan.json")
     return result
 
 
-register_configs()
-register_resolvers()
-
-
-@hydra.main(version_base="1.3", config_path="../conf", config_name="config")
+@hydra.main(version_base="1.3", config_path=cli.CONFIG_DIR, config_name="config")
 def main(dcfg: DictConfig) -> None:
-    cfg: Config = typed_config(dcfg)
+    cfg = cli.start(dcfg)
     if cfg.plan.verbose:
         logging.getLogger("torchrec.distributed.planner.stats").setLevel(logging.INFO)
-    run_dir = Path(HydraConfig.get().runtime.output_dir)
-    try:
+    run_dir = cli.run_dir()
+    with cli.command_errors():
         result = run(cfg, run_dir)
-    except (ConfigError, DataError, PlanError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
     print(format_report(result), f"\nplan: {run_dir / 'plan.json'}", sep="", flush=True)
 
 

@@ -1,9 +1,10 @@
 """Reports a person reads: dataset statistics, PNG plots and a run's ``summary.md``.
 
-Shared by ``recsys.prepare`` (the dataset report and its popularity plot) and ``recsys.train``
-(plots and ``summary.md`` in the run directory). Everything here takes plain typed arguments
-(arrays, dicts, paths) and writes files atomically; plots use matplotlib's Agg canvas through
-``matplotlib.figure.Figure`` (no pyplot state, no display needed).
+Shared by ``recsys.prepare`` (the dataset report and its popularity plot), ``recsys.train``
+(plots, ``summary.md`` in the run directory, the console table) and ``recsys.evaluate`` (the
+table). Everything here takes plain typed arguments (arrays, dicts, paths) and writes files
+atomically; plots use matplotlib's Agg canvas through ``matplotlib.figure.Figure`` (no pyplot
+state, no display needed).
 """
 
 from __future__ import annotations
@@ -17,8 +18,7 @@ from typing import Dict, Mapping, Optional, Sequence
 import numpy as np
 
 from recsys.atomic import write_atomic, write_text_atomic
-
-from recsys.data import Dataset
+from recsys.data.dataset import Dataset
 
 logger = logging.getLogger(__name__)
 
@@ -278,6 +278,16 @@ def plot_norms(user_norms: np.ndarray, item_norms: np.ndarray, path: Path, norma
 # ---------------------------------------------------------------------------------------------
 # summary.md of a run
 # ---------------------------------------------------------------------------------------------
+
+
+def metrics_table(rows: Sequence[tuple], ks: Sequence[int]) -> str:
+    """The console table of ``recsys.train`` and ``recsys.evaluate``: one line per (name, metrics),
+    recall@K and ndcg@K for each K."""
+    header = "".join(f"{f'{m}@{k}':>12}" for k in ks for m in ("recall", "ndcg"))
+    lines = [f"{'':<12}{header}"]
+    for name, m in rows:
+        lines.append(f"{name:<12}" + "".join(f"{m[f'{k_m}@{k}']:>12.4f}" for k in ks for k_m in ("recall", "ndcg")))
+    return "\n".join(lines)
 
 
 def _metric_row(name: str, m: Mapping[str, float], ks: Sequence[int]) -> str:

@@ -38,9 +38,13 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from recsys.data import Batch
-from recsys.evaluate import all_vectors, eval_options, evaluate_model, item_tower, tower_outputs, user_tower
-from recsys.loss import rank_and_world
+from recsys.config import EvalConfig
+from recsys.data.eval_sets import EvalSets
+from recsys.data.features import Batch
+from recsys.data.source import DataSource
+from recsys.distributed import rank_and_world
+from recsys.evaluation.metrics import evaluate_model
+from recsys.evaluation.vectors import all_vectors, item_tower, tower_outputs, user_tower
 from recsys.spectral import broadcast_tables, spectral_tables
 
 logger = logging.getLogger(__name__)
@@ -79,14 +83,16 @@ def spectral_vectors(users: np.ndarray, items: np.ndarray, num_users: int, num_i
                      alpha: float, niter: int, seed: int) -> Tuple[torch.Tensor, torch.Tensor]:
     """(user, item) vectors of the spectral closed form of the (user, item) pairs (repeated pairs
     counted once): item = the ``item`` table, user = sum of the ``history`` rows of its items,
-    scaled to norm 1 (users without pairs: 0)."""
-    tables = spectral_tables(users, items, num_users, num_items, dim, alpha, niter, seed)
+    scaled to norm 1 (users without pairs: 0). Computed in float64 and rounded to float32 once, at
+    the end, so that a recomputation gives the same vectors (``recsys.spectral``'s docstring)."""
+    tables = spectral_tables(users, items, num_users, num_items, dim, alpha, niter, seed, dtype=torch.float64)
     keys = np.unique(users.astype(np.int64) * num_items + items)
     rows = torch.from_numpy(np.stack([keys // num_items, keys % num_items]))
-    history = torch.sparse_coo_tensor(rows, torch.ones(len(keys)), (num_users, num_items),
+    history = torch.sparse_coo_tensor(rows, torch.ones(len(keys), dtype=torch.float64), (num_users, num_items),
                                       check_invariants=True).coalesce()
     users = torch.sparse.mm(history, tables["history"])
-    return users / users.norm(dim=1, keepdim=True).clamp_min(1e-12), tables["item"]
+    users = users / users.norm(dim=1, keepdim=True).clamp_min(1e-12)
+    return users.float(), tables["item"].float()
 
 
 def _broadcast_vectors(pairs: Optional[Tuple[np.ndarray, np.ndarray]], num_users: int, num_items: int, dim: int,
@@ -103,16 +109,17 @@ def _broadcast_vectors(pairs: Optional[Tuple[np.ndarray, np.ndarray]], num_users
 @torch.no_grad()
 def score_scale(base: nn.Module, features, unit_users: torch.Tensor, spec_items: torch.Tensor,
                 device: torch.device, chunk: int, seed: int) -> float:
-    """std(trained scores) / std(unit spectral scores) over SCALE_USERS sampled users x every item.
-    Collective (the trained towers may be sharded); the same value on every rank."""
+    """std(trained scores) / std(unit spectral scores) over SCALE_USERS sampled users x every item,
+    in float64 (a float32 sum over all the scores would depend on the summation order). Collective
+    (the trained towers may be sharded); the same value on every rank."""
     num_users, num_items = unit_users.shape[0], spec_items.shape[0]
     users = np.sort(np.random.default_rng(seed).choice(num_users, min(SCALE_USERS, num_users), replace=False))
-    items = all_vectors(item_tower(base, features, device), num_items, base.embedding_dim, device, chunk).float()
+    items = all_vectors(item_tower(base, features, device), num_items, base.embedding_dim, device, chunk).double()
     user_vecs = tower_outputs(user_tower(base, features, device), users, -(-len(users) // chunk), chunk,
-                              base.embedding_dim, device).float()
-    unit = unit_users[torch.from_numpy(users)]
+                              base.embedding_dim, device).double()
+    unit = unit_users[torch.from_numpy(users)].double()
     trained = (user_vecs @ items.T).std().item()
-    spectral = (unit.to(device) @ spec_items.to(device).T).std().item()
+    spectral = (unit.to(device) @ spec_items.to(device).double().T).std().item()
     value = torch.tensor([trained / max(spectral, 1e-12)], dtype=torch.float64, device=device)
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.broadcast(value, src=0)  # bit-identical on every rank
@@ -121,46 +128,45 @@ def score_scale(base: nn.Module, features, unit_users: torch.Tensor, spec_items:
 
 @dataclass
 class StackOptions:
-    """What `stack_spectral` needs besides the model and the data (from the run's config)."""
+    """What `stack_spectral` needs besides the model and the data (``model.stack_spectral_*``,
+    ``model.spectral_alpha`` / ``spectral_niter``, the run's seed and its evaluation options)."""
 
     dim: int
     weights: Sequence[float]
     alpha: float
     niter: int
     seed: int
-    select_metric: str
-    ks: Sequence[int]
-    user_chunk: int
-    eval_kw: Dict[str, int]
+    eval: EvalConfig
+    """The selection metric (``select_metric``), its Ks (``valid_ks``) and the block sizes."""
 
 
-def stack_spectral(base: nn.Module, data, options: StackOptions, device: torch.device,
+def stack_spectral(base: nn.Module, data: DataSource, sets: EvalSets, options: StackOptions, device: torch.device,
                    base_valid: Optional[Dict[str, float]] = None) -> Tuple[nn.Module, Dict]:
     """The model to test and export: `base` stacked with the spectral closed form at the weight
     chosen on the validation holdout (or the one weight given), and what was measured.
 
-    `data`: an in-memory source (``recsys.sources.InMemoryData``) after ``setup``; `base_valid`:
+    `data`: an in-memory source (its training pairs); `sets`: its evaluation splits (the
+    validation one chooses, the test one's model inputs are those of the refit); `base_valid`:
     the trained model's validation metrics when already known (else evaluated here). Collective.
     Returns `base` itself when w = 0 wins. ``info["chosen_valid"]``: the validation metrics of
     the returned model (validation tables from the fit part), when there is a holdout."""
     t0 = time.perf_counter()
-    ds, n_u, n_i = data.dataset, data.num_users, data.num_items
+    n_u, n_i = data.num_users, data.num_items
     weights = sorted({float(w) for w in options.weights})
-    metric = options.select_metric
+    metric, chunk = options.eval.select_metric, options.eval.user_chunk
     info: Dict = {"dim": options.dim, "alpha": options.alpha, "weights": weights}
     rank = rank_and_world()[0]
 
     def validate(model) -> Dict[str, float]:
-        return evaluate_model(model, data.fit_features, n_i, data.fit_mask, data.valid_csr, options.ks, device,
-                              options.user_chunk, users=data.valid_users, **options.eval_kw)
+        return evaluate_model(model, sets.valid, options.eval.valid_ks, device, options.eval)
 
     chosen = weights[0]
-    if data.valid_csr is not None:
+    if sets.valid is not None:
         logger.info("stacking the spectral closed form (dim %d): weights %s on the validation holdout (spectral "
                     "tables from the %d fit interactions)", options.dim, weights, data.num_fit)
-        spec_u, spec_i = _broadcast_vectors(ds.fit_pairs() if rank == 0 else None, n_u, n_i, options.dim,
-                                            options.alpha, options.niter, options.seed, device)
-        scale = score_scale(base, data.fit_features, spec_u, spec_i, device, options.user_chunk, options.seed)
+        spec_u, spec_i = _broadcast_vectors(data.pairs(include_valid=False) if rank == 0 else None, n_u, n_i,
+                                            options.dim, options.alpha, options.niter, options.seed, device)
+        scale = score_scale(base, sets.valid.features, spec_u, spec_i, device, chunk, options.seed)
         grid = {}
         if len(weights) > 1:  # the trained model alone is a candidate
             grid["0.0"] = base_valid if base_valid is not None else validate(base)
@@ -191,18 +197,11 @@ def stack_spectral(base: nn.Module, data, options: StackOptions, device: torch.d
         logger.info("stacking: the trained model alone is best on validation; it is tested and exported as it is")
         info["seconds"] = round(time.perf_counter() - t0, 3)
         return base, info
-    logger.info("stacking: w %s chosen; spectral tables from all %d training interactions", chosen, len(ds.train_users))
-    pairs = (ds.train_users, ds.train_items) if rank == 0 else None
+    pairs = data.pairs() if rank == 0 else None
+    logger.info("stacking: w %s chosen; spectral tables from all %d training interactions", chosen,
+                data.manifest["counts"]["train_interactions"])
     spec_u, spec_i = _broadcast_vectors(pairs, n_u, n_i, options.dim, options.alpha, options.niter, options.seed,
                                         device)
-    scale = score_scale(base, data.full_features, spec_u, spec_i, device, options.user_chunk, options.seed)
+    scale = score_scale(base, sets.test.features, spec_u, spec_i, device, chunk, options.seed)
     info.update(test_scale=scale, seconds=round(time.perf_counter() - t0, 3))
     return StackedTowers(base, spec_u, spec_i, chosen * scale), info
-
-
-def stack_options(cfg) -> StackOptions:
-    """The `StackOptions` of a run's typed ``recsys.config.Config``."""
-    return StackOptions(dim=cfg.model.stack_spectral_dim, weights=list(cfg.model.stack_spectral_weights),
-                        alpha=cfg.model.spectral_alpha, niter=cfg.model.spectral_niter, seed=cfg.seed,
-                        select_metric=cfg.eval.select_metric, ks=sorted(set(cfg.eval.ks) | {cfg.eval.select_k}),
-                        user_chunk=cfg.eval.user_chunk, eval_kw=eval_options(cfg.eval))

@@ -9,7 +9,6 @@ traceback, and that neither ``data.root`` nor the run directory holds partial ou
 from __future__ import annotations
 
 import json
-import os
 import socket
 import subprocess
 import sys
@@ -20,9 +19,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from recsys.config import ConfigError, DataConfig
-from recsys.data import DataError, Dataset, prepare
-from tests.dist_utils import free_port
+from recsys.config import DataConfig
+from recsys.data.dataset import Dataset
+from recsys.data.prepare import prepare
+from recsys.errors import ConfigError, DataError
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -284,14 +284,8 @@ def test_bad_data_policies_are_refused(kw, match):
 # ---- the real entry point: exit 2, one paragraph, no traceback, no partial output ------------------
 
 
-def cli(args, tmp_path, torchrun=False):
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
-    head = [sys.executable, "-m", "recsys.train"]
-    if torchrun:
-        head = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                str(free_port()), "-m", "recsys.train"]
-    return subprocess.run([*head, *args, f"data.root={tmp_path / 'data'}", f"hydra.run.dir={tmp_path / 'run'}",
-                           "train.progress=false"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+def run_args(tmp_path) -> list:
+    return [f"data.root={tmp_path / 'data'}", f"hydra.run.dir={tmp_path / 'run'}", "train.progress=false"]
 
 
 RUN_OUTPUTS = ("metrics.json", "export", "summary.md", "tensorboard", "checkpoints", "metrics.png", "loss.png")
@@ -319,12 +313,12 @@ def dimension_zero(tmp_path):
 
 
 @pytest.mark.parametrize("case", [corrupt_file, null_ids, k_too_large, dimension_zero])
-def test_cli_exits_2_with_one_paragraph_and_no_output(tmp_path, case):
+def test_cli_exits_2_with_one_line_and_no_output(tmp_path, command, case):
     args, match = case(tmp_path)
-    proc = cli(args, tmp_path)
-    assert proc.returncode == 2, proc.stderr[-3000:]
-    err = proc.stderr.strip()
-    assert "Traceback" not in proc.stderr and len(err.splitlines()) == 1, err
+    code, _, stderr = command("train", *args, *run_args(tmp_path))
+    assert code == 2, stderr[-3000:]
+    err = stderr.strip()
+    assert "Traceback" not in stderr and len(err.splitlines()) == 1, err
     assert err.startswith("error: ")
     import re
 
@@ -341,17 +335,18 @@ def test_cli_exits_2_with_one_paragraph_and_no_output(tmp_path, case):
     assert not list(run.glob("*.png")) and not list(run.glob(".*tmp*"))
 
 
-def test_cli_unknown_key_is_refused_by_hydra(tmp_path):
-    proc = cli(["+experiment=tiny", "model.embeding_dim=8"], tmp_path)
-    assert proc.returncode != 0 and "Traceback" not in proc.stderr
-    assert "Key 'embeding_dim' not in 'ModelConfig'" in proc.stderr
+def test_cli_unknown_key_is_refused_by_hydra(tmp_path, command):
+    code, _, stderr = command("train", "+experiment=tiny", "model.embeding_dim=8", *run_args(tmp_path))
+    assert code != 0 and "Traceback" not in stderr
+    assert "Key 'embeding_dim' not in 'ModelConfig'" in stderr
     assert not (tmp_path / "data").exists() and not (tmp_path / "run").exists()
 
 
-def test_cli_batch_not_divisible_by_world_size(tmp_path):
+def test_cli_batch_not_divisible_by_world_size(tmp_path, cli):
     # The ranks exit 2 with the one-line error (torchrun may stop the second rank once the first
     # has exited); torchrun then reports the failed ranks, with its own launcher traceback, and exits 1.
-    proc = cli(["+experiment=tiny", "train.batch_size=255"], tmp_path, torchrun=True)
+    proc = cli(["python", "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "recsys.train",
+                "+experiment=tiny", "train.batch_size=255", *run_args(tmp_path)])
     assert proc.returncode != 0
     # (the two ranks' lines may interleave on the shared stderr)
     assert "error: train.batch_size=255 is not divisible by the world size 2" in proc.stderr, proc.stderr[-3000:]
@@ -366,7 +361,7 @@ def test_cli_batch_not_divisible_by_world_size(tmp_path):
 
 
 def test_interrupted_prepare_leaves_no_dataset_and_its_leftovers_are_not_reused(tmp_path, monkeypatch):
-    import recsys.data as data
+    import recsys.data.prepare as data
 
     path = good_log(tmp_path / "log.parquet")
     cfg = DataConfig(name="parquet", root=str(tmp_path / "prepared"), path=str(path))

@@ -8,80 +8,29 @@ import json
 import os
 import pickle
 import shutil
-import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from recsys.checkpoint import MARKER, latest_checkpoint, list_checkpoints, read_meta
-from recsys.export import read_vectors
-from tests.dist_utils import free_port
+from recsys.config import ExportConfig
+from recsys.errors import CheckpointError
+from recsys.evaluate import evaluate_run
+from recsys.export import export_checkpoint
+from recsys.exporter import read_vectors
+from recsys.training.checkpoint import MARKER, latest_checkpoint, list_checkpoints, read_meta
 
-ROOT = Path(__file__).resolve().parents[1]
-ENV = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
 KILL_STEP = 150  # the test kills the job once this step's checkpoint is complete
 
 
-def args(tmp_root: Path, run_dir: Path, *extra: str) -> list:
+def args(root: Path, *extra: str) -> list:
     """A two-tower model with every kind of state: dense Adam (projection), per-rank RNG draws
     (history dropout), a validation split with best-epoch selection; ~115 steps per epoch."""
-    return ["+experiment=tiny", f"data.root={tmp_root / 'data'}", f"hydra.run.dir={run_dir}", "data.valid_fraction=0.1",
-            "model=two_tower", "model.embedding_dim=16", "model.projection=true", "model.history_dropout=0.1",
-            "train.batch_size=64", "loss.num_negatives=16", "train.epochs=3", "train.patience=5",
-            "train.checkpoint_every_steps=10", "train.progress=false", "log.plots=false", *extra]
-
-
-def torchrun(*rest: str) -> list:
-    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
-            "-m", "recsys.train", *rest]
-
-
-def python(*rest: str) -> list:
-    return [sys.executable, "-m", "recsys.train", *rest]
-
-
-def run(cmd, check=True):
-    proc = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"{cmd} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
-    return proc
-
-
-def descendants(pid: int) -> list:
-    """Every process below `pid` (torchrun starts each rank in a session of its own)."""
-    children = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
-    out, todo = [], [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            out.append(child)
-            todo.append(child)
-    return out
-
-
-def kill_job(proc: subprocess.Popen) -> None:
-    """SIGKILL torchrun and its ranks, as a scheduler's pre-emption does."""
-    pids = [proc.pid, *descendants(proc.pid)]
-    for pid in pids:
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-    proc.wait()
-    for pid in pids[1:]:  # no rank goes on writing after the kill
-        deadline = time.time() + 10
-        while Path(f"/proc/{pid}").exists() and "Z" not in Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1][:3]:
-            assert time.time() < deadline, f"process {pid} survived SIGKILL"
-            time.sleep(0.01)
+    return ["+experiment=tiny", f"data.root={root / 'data'}", "data.valid_fraction=0.1", "model=two_tower",
+            "model.embedding_dim=16", "model.projection=true", "model.history_dropout=0.1", "train.batch_size=64",
+            "loss.num_negatives=16", "train.epochs=3", "train.patience=5", "train.checkpoint_every_steps=10",
+            "train.progress=false", "log.plots=false", *extra]
 
 
 def metrics(run_dir: Path) -> dict:
@@ -89,24 +38,27 @@ def metrics(run_dir: Path) -> dict:
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory):
+def reference(tmp_path_factory, two_ranks, train_here):
     """The uninterrupted 2-rank run, keeping every checkpoint."""
     root = tmp_path_factory.mktemp("ckpt")
     run_dir = root / "reference"
-    run(torchrun(*args(root, run_dir, "train.keep_checkpoints=100")))
+    two_ranks(train_here, args(root, "train.keep_checkpoints=100"), str(run_dir))
     return root, run_dir
 
 
-def test_sigkill_and_resume_gives_the_same_figures(reference):
+def test_sigkill_and_resume_gives_the_same_figures(reference, two_ranks, train_here, start_ranks):
     root, ref = reference
     run_dir = root / "killed"
-    cmd = torchrun(*args(root, run_dir, "train.keep_checkpoints=3"))
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    overrides = args(root, "train.keep_checkpoints=3")
+    job = start_ranks(train_here, 2, overrides, str(run_dir))  # processes of their own, to be killed
     marker = run_dir / "checkpoints" / f"step_{KILL_STEP:09d}" / MARKER
     deadline = time.time() + 300
-    while not marker.exists() and proc.poll() is None and time.time() < deadline:
+    while not marker.exists() and job.alive() and time.time() < deadline:
         time.sleep(0.01)
-    kill_job(proc)  # torchrun and both ranks, wherever they are
+    pids = [p.pid for p in job.procs]
+    job.kill()  # SIGKILL to both ranks, wherever they are, as a scheduler's pre-emption does
+    assert not any(Path(f"/proc/{pid}").exists() and "Z" not in Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1][:3]
+                   for pid in pids), "a rank survived SIGKILL"
     assert marker.exists(), "the job ended before the test could kill it"
     assert not (run_dir / "metrics.json").exists()
     killed_at = read_meta(latest_checkpoint(run_dir))["step"]
@@ -123,10 +75,9 @@ def test_sigkill_and_resume_gives_the_same_figures(reference):
     shard.write_bytes(shard.read_bytes()[:100])
     assert latest_checkpoint(run_dir) == newest
 
-    out = run(cmd)  # resume=auto
-    assert f"resumed from {newest}" in out.stderr + out.stdout
+    two_ranks(train_here, overrides, str(run_dir))  # train.resume=auto
     got, want = metrics(run_dir), metrics(ref)
-    assert got["checkpoint"]["resumed"]["step"] == killed_at
+    assert got["checkpoint"]["resumed"]["step"] == killed_at and got["checkpoint"]["resumed"]["from"] == str(newest)
     # Same world size on CPU: bitwise the same figures, losses and validation curve.
     assert got["test"] == want["test"]
     assert got["valid"] == want["valid"] and got["selected_epoch"] == want["selected_epoch"]
@@ -143,13 +94,13 @@ def test_sigkill_and_resume_gives_the_same_figures(reference):
     assert not any(p.name.startswith(".tmp-") for p in (run_dir / "checkpoints").iterdir())
 
 
-def test_two_ranks_checkpoint_resumes_on_one_rank(reference):
+def test_two_ranks_checkpoint_resumes_on_one_rank(reference, two_ranks, train_here):
     root, ref = reference
     run_dir = root / "resharded"
     src = ref / "checkpoints" / "step_000000200"
     assert read_meta(src)["world_size"] == 2
     shutil.copytree(src, run_dir / "checkpoints" / src.name)
-    run(python(*args(root, run_dir)))
+    train_here(args(root), run_dir)
     got, want = metrics(run_dir), metrics(ref)
     assert got["checkpoint"]["resumed"] == {**got["checkpoint"]["resumed"], "step": 200, "world_size": 2}
     assert got["train"]["world_size"] == 1 and got["train"]["steps"] == want["train"]["steps"]
@@ -166,7 +117,7 @@ def test_two_ranks_checkpoint_resumes_on_one_rank(reference):
     src = run_dir / "checkpoints" / "step_000000350"
     assert read_meta(src)["world_size"] == 1
     shutil.copytree(src, again / "checkpoints" / src.name)
-    run(torchrun(*args(root, again)))
+    two_ranks(train_here, args(root), str(again))
     back = metrics(again)
     assert back["checkpoint"]["resumed"]["world_size"] == 1 and back["train"]["world_size"] == 2
     assert back["train"]["history"][:2] == got["train"]["history"][:2]
@@ -174,36 +125,36 @@ def test_two_ranks_checkpoint_resumes_on_one_rank(reference):
         assert back["test"][key] == pytest.approx(got["test"][key], abs=0.01)
 
 
-def test_other_runs_and_incompatible_checkpoints_are_refused(reference):
+def test_other_runs_and_incompatible_checkpoints_are_refused(reference, train_here):
     root, ref = reference
     # a different config pointed at the reference run's directory: refused before any work
-    other = run(python(*args(root, ref, "model.embedding_dim=8")), check=False)
-    assert other.returncode == 2 and "already holds a different run" in other.stderr
-    assert "Traceback" not in other.stderr and len(other.stderr.strip().splitlines()) == 1
+    with pytest.raises(CheckpointError, match="already holds a different run") as refused:
+        train_here(args(root, "model.embedding_dim=8"), ref)
+    assert "\n" not in str(refused.value)
     # resuming from a checkpoint whose tables do not match
     new_dir = root / "incompatible"
-    bad = run(python(*args(root, new_dir, "model.embedding_dim=8", f"train.resume={ref}")), check=False)
-    assert bad.returncode == 2 and "do not match" in bad.stderr and "Traceback" not in bad.stderr
+    with pytest.raises(CheckpointError, match="do not match"):
+        train_here(args(root, "model.embedding_dim=8", f"train.resume={ref}"), new_dir)
     # a different model name with the same tables
-    bad = run(python(*args(root, new_dir, "model=mf", "model.embedding_dim=16", f"train.resume={ref}")), check=False)
-    assert bad.returncode == 2 and "model.name=two_tower there" in bad.stderr
+    with pytest.raises(CheckpointError, match="model.name=two_tower there"):
+        train_here(args(root, "model=mf", "model.embedding_dim=16", f"train.resume={ref}"), new_dir)
     # train.overwrite=true replaces the other run
     over = root / "overwritten"
     shutil.copytree(ref / "checkpoints" / "step_000000010", over / "checkpoints" / "step_000000010")
-    run(python(*args(root, over, "model.embedding_dim=8", "train.max_steps=3", "train.overwrite=true",
-                     "train.checkpoint_every_minutes=0.000001", "train.log_every_steps=1", "train.keep_checkpoints=2")))
+    train_here(args(root, "model.embedding_dim=8", "train.max_steps=3", "train.overwrite=true",
+                    "train.checkpoint_every_minutes=0.000001", "train.log_every_steps=1", "train.keep_checkpoints=2"),
+               over)
     assert metrics(over)["train"]["steps"] == 3 and metrics(over)["checkpoint"]["resumed"] is None
     # the wall-clock trigger (looked at every train.log_every_steps) fired after every step; the newest two are kept
     assert metrics(over)["checkpoint"]["written"] == 4  # steps 1, 2, 3 and the end of training (step 3 again)
     assert [p.name for p in list_checkpoints(over)] == ["step_000000003", "step_000000002"]
 
 
-def test_evaluate_and_export_from_the_checkpoint(reference):
+def test_evaluate_and_export_from_the_checkpoint(reference, in_process):
     root, ref = reference
-    out = subprocess.run([sys.executable, "-m", "recsys.evaluate", str(ref)], cwd=ROOT, env=ENV, capture_output=True,
-                         text=True, timeout=300)
-    assert out.returncode == 0, out.stderr
-    ev, want = json.loads((ref / "eval.json").read_text()), metrics(ref)
+    ev = in_process(evaluate_run, ref)
+    assert ev == {**json.loads((ref / "eval.json").read_text()), "path": str(ref / "eval.json")}
+    want = metrics(ref)
     # one process evaluates what two ranks did: the same metrics up to float summation order
     assert ev["step"] == want["train"]["steps"] and ev["test"]["users"] == want["test"]["users"]
     for part in ("test", "valid", "popularity"):
@@ -212,19 +163,15 @@ def test_evaluate_and_export_from_the_checkpoint(reference):
     exported = root / "exported"
     shutil.copytree(ref / "checkpoints" / f"step_{want['train']['steps']:09d}",
                     exported / "checkpoints" / f"step_{want['train']['steps']:09d}")
-    out = subprocess.run([sys.executable, "-m", "recsys.export", f"export.run_dir={exported}", "export.npy=true"],
-                         cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0, out.stderr
-    assert "from the checkpoint" in out.stdout
+    in_process(export_checkpoint, exported, ExportConfig(npy=True))
     for name in ("items", "users"):
         ids, vecs = read_vectors(exported / "export" / f"{name}.parquet")
         ref_ids, ref_vecs = read_vectors(ref / "export" / f"{name}.parquet")
         assert ids == ref_ids
         np.testing.assert_allclose(vecs, ref_vecs, atol=1e-6)
         assert np.array_equal(np.load(exported / "export" / f"{name}.npy"), vecs)
-    missing = subprocess.run([sys.executable, "-m", "recsys.evaluate", str(root / "nothing")], cwd=ROOT, env=ENV,
-                             capture_output=True, text=True, timeout=120)
-    assert missing.returncode == 2 and "no complete checkpoint" in missing.stderr
+    with pytest.raises(CheckpointError, match="no complete checkpoint"):
+        in_process(evaluate_run, root / "nothing")
 
 
 def test_latest_checkpoint_skips_torn_directories(tmp_path):
@@ -249,7 +196,7 @@ def test_latest_checkpoint_skips_torn_directories(tmp_path):
 
 
 def test_checkpoint_index_may_not_unpickle_other_objects(tmp_path):
-    from recsys.checkpoint import SafeFileSystemReader
+    from recsys.training.checkpoint import SafeFileSystemReader
 
     (tmp_path / ".metadata").write_bytes(pickle.dumps(os.system))
     with pytest.raises(pickle.UnpicklingError, match="refusing to load"):
@@ -259,7 +206,7 @@ def test_checkpoint_index_may_not_unpickle_other_objects(tmp_path):
 def test_a_checkpoint_replaced_halfway_is_kept(tmp_path):
     """Killed between the two renames that replace a step's checkpoint (the end-of-training one of a
     step that already has one): only `.old-step_N` is left, and it is restored, not removed."""
-    from recsys.checkpoint import checkpoint_root, remove_stale_temporaries
+    from recsys.training.checkpoint import checkpoint_root, remove_stale_temporaries
 
     root = checkpoint_root(tmp_path)
     (root / ".old-step_000000005").mkdir(parents=True)
@@ -276,32 +223,31 @@ def test_a_checkpoint_replaced_halfway_is_kept(tmp_path):
 # ---- one-process runs: evaluation of a memory or streamed run, table storage type, run hash --------
 
 
-def small_args(tmp_root: Path, run_dir: Path, loader: str, *extra: str) -> list:
+def small_args(tmp_root: Path, loader: str, *extra: str) -> list:
     """A few steps with a validation split and sampled evaluation users (eval.max_users): a streamed
     mf run (tiny row groups), or a two-tower run with history bags read in memory."""
     model = ["model=mf"] if loader == "stream" else ["model=two_tower", "model.projection=true"]
-    return ["+experiment=tiny", f"data.root={tmp_root / 'data'}", f"hydra.run.dir={run_dir}", f"data.loader={loader}",
+    return ["+experiment=tiny", f"data.root={tmp_root / 'data'}", f"data.loader={loader}",
             "data.row_group_size=500", "data.valid_fraction=0.1", *model, "model.embedding_dim=8",
             "train.max_steps=12", "train.epochs=1", "eval.max_users=150", "train.progress=false", "log.plots=false",
             "export.enabled=false", *extra]
 
 
 @pytest.fixture(scope="module")
-def small_runs(tmp_path_factory):
+def small_runs(tmp_path_factory, train_here):
     root = tmp_path_factory.mktemp("small")
     for loader in ("memory", "stream"):
-        run(python(*small_args(root, root / loader, loader)))
+        train_here(small_args(root, loader), root / loader)
     return root
 
 
 @pytest.mark.parametrize("loader", ["memory", "stream"])
-def test_evaluate_a_memory_or_streamed_run(small_runs, loader):
+def test_evaluate_a_memory_or_streamed_run(small_runs, loader, in_process):
     run_dir = small_runs / loader
     want = metrics(run_dir)
     assert want["data"]["loader"] == loader and want["test"]["users"] == 150 and want["valid"]["users"] <= 150
-    out = run([sys.executable, "-m", "recsys.evaluate", str(run_dir)])
-    assert "150 test users" in out.stdout
-    ev = json.loads((run_dir / "eval.json").read_text())
+    ev = in_process(evaluate_run, run_dir)
+    assert ev["test"]["users"] == ev["eval_users"] == 150
     assert ev["step"] == want["train"]["steps"] == 12
     for part in ("test", "valid", "popularity"):
         assert ev[part].keys() == want[part].keys()
@@ -309,17 +255,16 @@ def test_evaluate_a_memory_or_streamed_run(small_runs, loader):
             assert ev[part][key] == pytest.approx(value, abs=1e-9), (part, key)
 
 
-def test_resume_with_another_table_dtype_is_refused(small_runs):
+def test_resume_with_another_table_dtype_is_refused(small_runs, train_here):
     src = small_runs / "stream"
     assert read_meta(latest_checkpoint(src))["model"]["tables"]["user"][2] == "fp32"
-    bad = run(python(*small_args(small_runs, small_runs / "fp16", "stream", "model.table_dtype=fp16",
-                                 f"train.resume={src}")), check=False)
-    assert bad.returncode == 2 and "Traceback" not in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
-    assert "model.table_dtype=fp32, this config's as model.table_dtype=fp16" in bad.stderr
+    with pytest.raises(CheckpointError, match="model.table_dtype=fp32, this config's as model.table_dtype=fp16"):
+        train_here(small_args(small_runs, "stream", "model.table_dtype=fp16", f"train.resume={src}"),
+                   small_runs / "fp16")
 
 
 def test_tables_of_older_checkpoints_are_fp32():
-    from recsys.checkpoint import CheckpointError, check_compatible
+    from recsys.training.checkpoint import CheckpointError, check_compatible
 
     old = {"model": {"name": "mf", "tables": {"item": [200, 16], "user": [500, 16]}}}  # no storage type recorded
     check_compatible(old, "mf", {"item": [200, 16, "fp32"], "user": [500, 16, "fp32"]}, Path("old"))
@@ -332,8 +277,8 @@ def test_tables_of_older_checkpoints_are_fp32():
 def test_run_hash_ignores_streaming_options_of_memory_runs():
     import dataclasses
 
-    from recsys.checkpoint import run_hash
     from recsys.config import Config, DataConfig, ModelConfig
+    from recsys.training.checkpoint import run_hash
 
     def h(model: str = "mf", **data) -> str:
         return run_hash(Config(data=DataConfig(**data), model=ModelConfig(name=model)))

@@ -10,8 +10,11 @@ import pyarrow.parquet as pq
 import pytest
 
 from recsys.config import DataConfig
-from recsys.data import DataError, Dataset, TrainBatches, prepare
-from recsys.export import read_vectors, write_export
+from recsys.data.batches import BatchOptions, TrainBatches
+from recsys.data.dataset import Dataset
+from recsys.data.prepare import prepare
+from recsys.errors import DataError
+from recsys.exporter import read_vectors, write_export
 
 
 def write(tmp_path, name, **cols):
@@ -127,7 +130,7 @@ def test_batches_same_count_on_every_rank_and_independent_of_world_size():
     users, items = rng.integers(0, 50, 1003), rng.integers(0, 40, 1003)
 
     def steps(world):
-        per_rank = [list(TrainBatches(users, items, 40, 100, 8, r, world, seed=1, epoch=2)) for r in range(world)]
+        per_rank = [list(TrainBatches(users, items, 40, BatchOptions(100, 8, 1, r, world), epoch=2)) for r in range(world)]
         assert len({len(p) for p in per_rank}) == 1 and len(per_rank[0]) == 10
         return [(np.concatenate([p[s].user_ids for p in per_rank]), np.concatenate([p[s].item_ids[:100 // world] for p in per_rank]),
                  np.concatenate([p[s].item_ids[100 // world:] for p in per_rank])) for s in range(10)]
@@ -141,7 +144,8 @@ def test_batches_same_count_on_every_rank_and_independent_of_world_size():
 
 
 def test_history_features_bags_dropout_and_target_exclusion():
-    from recsys.data import CSR, HISTORY_FEATURE, ITEM_FEATURE, Features
+    from recsys.data.dataset import CSR
+    from recsys.data.features import HISTORY_FEATURE, ITEM_FEATURE, Features
 
     history = CSR(np.array([0, 3, 3, 7]), np.array([5, 6, 7, 1, 2, 3, 4]))  # user 1 has no history
     users, positives, negatives = np.array([2, 0, 1]), np.array([3, 9, 8]), np.array([11, 12])

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from recsys.data import CSR, Features
+from recsys.data.dataset import CSR
+from recsys.data.features import Features
 from recsys.model import RetrievalTask, TwoTower
-from tests.dist_utils import run_ranks
 
 NUM_USERS, NUM_ITEMS, DIM = 60, 40, 8
 BATCH, NEGS = 32, 8
@@ -81,8 +81,9 @@ def sharded_step(sharding_type: str, variant: str):
 
 
 def reference_step(variant: str):
-    from recsys.parallelize import init_tables
     from torchrec.optim.rowwise_adagrad import RowWiseAdagrad
+
+    from recsys.parallelize import init_tables
 
     model = TwoTower(NUM_USERS, NUM_ITEMS, DIM, normalize=True, device=torch.device("cpu"), **VARIANTS[variant])
     init_tables(model, STD, SEED)
@@ -114,9 +115,9 @@ def reference_step(variant: str):
     (2, "column_wise", "history_table_projection"),
     (2, "row_wise", "both_histories"),
 ])
-def test_sharded_step_matches_unsharded(world_size, sharding_type, variant):
+def test_sharded_step_matches_unsharded(ranks, world_size, sharding_type, variant):
     ref = reference_step(variant)
-    out = run_ranks(sharded_step, world_size, sharding_type, variant)[0]
+    out = ranks(world_size, sharded_step, sharding_type, variant)[0]
     assert out["types"] == [sharding_type]
     assert sorted(out["before"]) == sorted(ref["before"])
     for name in ref["before"]:

@@ -6,27 +6,12 @@ import numpy as np
 import pytest
 import torch
 
-from recsys.data import CSR
-from recsys.evaluate import evaluate_popularity, ranking_metric_sums, reduce_means
-
-
-def brute_force(scores: np.ndarray, train: list, test: list, ks) -> dict:
-    """Per-user loops in numpy: mask train items, full argsort, LightGCN-protocol metrics."""
-    out = {f"{m}@{k}": [] for k in ks for m in ("recall", "ndcg")}
-    for u in range(scores.shape[0]):
-        if not test[u]:
-            continue
-        s = scores[u].astype(np.float64).copy()
-        s[list(train[u])] = -np.inf
-        ranking = np.argsort(-s, kind="stable")
-        for k in ks:
-            top = ranking[:k]
-            hits = [1.0 if i in test[u] else 0.0 for i in top]
-            out[f"recall@{k}"].append(sum(hits) / len(test[u]))
-            dcg = sum(h / np.log2(r + 2) for r, h in enumerate(hits))
-            idcg = sum(1 / np.log2(r + 2) for r in range(min(k, len(test[u]))))
-            out[f"ndcg@{k}"].append(dcg / idcg)
-    return {k: float(np.mean(v)) for k, v in out.items()}
+from recsys.config import EvalConfig
+from recsys.data.dataset import CSR
+from recsys.data.eval_sets import EvalSplit
+from recsys.data.features import Features
+from recsys.evaluation.metrics import evaluate_popularity
+from recsys.evaluation.ranking import ranking_metric_sums, reduce_means
 
 
 def random_split(num_users, num_items, rng):
@@ -46,7 +31,7 @@ def to_csr(lists, num_users):
 
 
 @pytest.mark.parametrize("chunk", [7, 1024])
-def test_metrics_match_brute_force(chunk):
+def test_metrics_match_brute_force(brute_force, chunk):
     rng = np.random.default_rng(0)
     num_users, num_items, dim, ks = 120, 90, 6, [1, 5, 20, 50]
     user_vecs = rng.standard_normal((num_users, dim)).astype(np.float32)
@@ -73,7 +58,7 @@ def test_training_items_are_masked():
     assert sums["recall@1"] == 1.0 and sums["ndcg@1"] == 1.0
 
 
-def test_popularity_baseline_matches_brute_force():
+def test_popularity_baseline_matches_brute_force(brute_force):
     rng = np.random.default_rng(1)
     num_users, num_items = 50, 40
     train, test = random_split(num_users, num_items, rng)
@@ -82,7 +67,9 @@ def test_popularity_baseline_matches_brute_force():
         counts[list(s)] += 1
     counts += rng.random(num_items) * 0.1  # no ties: the ranking is unique
     expected = brute_force(np.tile(counts, (num_users, 1)), train, test, [5, 10])
-    got = evaluate_popularity(counts, to_csr(train, num_users), to_csr(test, num_users), [5, 10], torch.device("cpu"))
+    test_csr = to_csr(test, num_users)
+    split = EvalSplit(np.flatnonzero(test_csr.counts()), num_items, Features(), to_csr(train, num_users), test_csr)
+    got = evaluate_popularity(counts, split, [5, 10], torch.device("cpu"), EvalConfig())
     for key, value in expected.items():
         assert got[key] == pytest.approx(value, abs=1e-6), key
 
@@ -101,8 +88,9 @@ import json  # noqa: E402
 import pyarrow as pa  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
 
-from recsys.evaluate import (BitmapSets, CSRSets, block_shape, eval_users, load_eval_sets,  # noqa: E402
-                             local_share, sample_eval_users)
+from recsys.data.eval_sets import BitmapSets, CSRSets, eval_users, load_eval_sets, sample_eval_users
+from recsys.distributed import local_share
+from recsys.evaluation.ranking import block_shape
 
 
 def _problem(seed, num_users, num_items, dim, integer=False, heavy_users=0):
@@ -138,7 +126,7 @@ def _sums(user_vecs, item_vecs, users, train, test, ks, **kwargs):
 
 
 @pytest.mark.parametrize("integer", [False, True, "three_values"])
-def test_blocks_of_users_and_items_match_brute_force(integer):
+def test_blocks_of_users_and_items_match_brute_force(brute_force, integer):
     # 2,000 items and K <= 20: the multi-level (group maxima) path; integer vectors: ties, broken
     # by the lower item row (three values: hundreds of groups tie on their maximum, so keeping
     # only K of them would lose low rows); the first 5 users have fewer unmasked items than K.
@@ -156,7 +144,7 @@ def test_blocks_of_users_and_items_match_brute_force(integer):
 
 
 @pytest.mark.parametrize("k_from_end", [0, 1, 5])
-def test_k_close_to_the_number_of_items(k_from_end):
+def test_k_close_to_the_number_of_items(brute_force, k_from_end):
     num_users, num_items = 30, 40
     user_vecs, item_vecs, train, test = _problem(4, num_users, num_items, 3, integer=True, heavy_users=3)
     ks = [num_items - k_from_end, 3]
@@ -247,17 +235,21 @@ def test_sample_of_evaluated_users_is_seeded_and_sorted():
     counts = np.zeros(3000, dtype=np.int64)
     counts[users] = 2
     assert np.array_equal(eval_users(counts, 100), a)
-    # evaluate_popularity samples the same users: max_users=k evaluates k of them
+    # the evaluator scores the split's users: a sample of 10 counts 10
     rng = np.random.default_rng(2)
     train, test = random_split(60, 30, rng)
-    got = evaluate_popularity(np.arange(30.0), to_csr(train, 60), to_csr(test, 60), [5], torch.device("cpu"),
-                              max_users=10)
-    assert got["users"] == 10
+    test_csr = to_csr(test, 60)
+    split = EvalSplit(eval_users(test_csr.counts(), 10), 30, Features(), to_csr(train, 60), test_csr)
+    assert evaluate_popularity(np.arange(30.0), split, [5], torch.device("cpu"), EvalConfig())["users"] == 10
 
 
-def test_local_shares_cover_the_users_once():
+@pytest.mark.parametrize("world", [1, 2, 3, 7, 20])
+def test_local_shares_cover_the_users_once(world):
     users = np.arange(0, 100, 7)
-    assert np.array_equal(local_share(users)[0], users) and local_share(users)[1] == len(users)
+    shares = [local_share(users, rank, world) for rank in range(world)]
+    assert np.array_equal(np.concatenate([s for s, _ in shares]), users)  # in order, each user once
+    sizes = [len(s) for s, _ in shares]
+    assert max(sizes) - min(sizes) <= 1 and all(m == max(sizes) for _, m in shares)
 
 
 # ---- eval sets read from a streaming prepared dataset ---------------------------------------
@@ -319,7 +311,7 @@ def test_streamed_eval_sets_equal_the_in_memory_sets(tmp_path, num_items):
 
 
 def test_streamed_eval_sets_refuse_bad_input(tmp_path):
-    from recsys.readers import DataError
+    from recsys.errors import DataError
 
     u, i = np.array([0, 1, 2]), np.array([0, 1, 9])
     _write_prepared(tmp_path, u, i, np.zeros(3, bool), u, np.array([0, 1, 2]), 3, 5)
@@ -344,7 +336,7 @@ def test_memory_of_streamed_sets_does_not_grow_with_interactions(tmp_path):
     assert sizes[0] == sizes[1] <= 20 * 7
 
 
-def test_all_scores_equal_rank_by_item_row():
+def test_all_scores_equal_rank_by_item_row(brute_force):
     # An all-zero model: every score ties; the top K are the K lowest unmasked item rows.
     num_users, num_items, ks = 20, 3000, [10, 50]
     _, _, train, test = _problem(8, num_users, num_items, 1)

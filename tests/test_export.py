@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import subprocess
-import sys
+import shutil
 from pathlib import Path
 
 import faiss
@@ -15,10 +13,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from recsys.config import ConfigError, ExportConfig
-from recsys.export import ExportError, export_run, read_vectors, write_export
+from recsys.config import ExportConfig
+from recsys.errors import ConfigError, ExportError
+from recsys.exporter import export_run, read_vectors, write_export
 
-ROOT = Path(__file__).resolve().parents[1]
 NUM_USERS, NUM_ITEMS, DIM, K = 300, 2000, 16, 20
 
 
@@ -123,14 +121,6 @@ def test_npy_and_ids_read_back_to_parquet(tmp_path, string_ids):
             assert all(isinstance(i, int) for i in id_list.tolist())
 
 
-def test_training_writes_the_same_artefacts(tmp_path):
-    # write_export with options is what export_model calls on rank 0 at the end of training
-    export = make_export(tmp_path, True, True, ExportConfig(npy=True, faiss="hnsw", ann_k=K, ann_sample_users=50))
-    manifest = check_files(export)
-    assert {"items.npy", "users_ids.npy", "items.faiss"} <= set(manifest["files"])
-    assert manifest["faiss"]["recall"]["value"] > 0.9 and manifest["faiss"]["recall"]["users"] == 50
-
-
 def test_rerun_replaces_artefacts_and_keeps_parquet(tmp_path):
     export = make_export(tmp_path, True, False)
     before = {n: sha256(export / n) for n in ("items.parquet", "users.parquet")}
@@ -157,38 +147,11 @@ def test_bad_exports_are_refused(tmp_path):
         ExportConfig(faiss="annoy")
 
 
-def test_cli_from_a_run_directory(tmp_path):
-    run_dir = tmp_path / "run"
-    make_export(run_dir, True, True)
-    cwd = tmp_path / "cwd"
-    cwd.mkdir()
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "recsys.export", f"export.run_dir={run_dir}", "export.faiss=hnsw",
-           "export.npy=true", f"export.ann_k={K}", "export.ann_sample_users=100"]
-    out = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=120)
-    assert out.returncode == 0, out.stderr
-    assert f"recall@{K}" in out.stdout and "queries/s" in out.stdout
-    assert list(cwd.iterdir()) == []  # no Hydra output directory or log file of its own
-    manifest = check_files(run_dir / "export")
-    assert manifest["faiss"]["type"] == "hnsw" and manifest["faiss"]["recall"]["value"] > 0.9
-    assert faiss.read_index(str(run_dir / "export" / "items.faiss")).ntotal == NUM_ITEMS
-
-    missing = subprocess.run([sys.executable, "-m", "recsys.export", f"export.run_dir={tmp_path / 'nope'}",
-                              "export.faiss=flat"], cwd=cwd, env=env, capture_output=True, text=True, timeout=120)
-    assert missing.returncode == 2
-    assert missing.stderr.strip().splitlines() == [f"error: export.run_dir={tmp_path / 'nope'}: no such directory"]
-    assert not (tmp_path / "nope").exists()
-
-
-def test_train_applies_the_export_options(tmp_path):
-    run_dir = tmp_path / "run"
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    out = subprocess.run([sys.executable, "-m", "recsys.train", "+experiment=tiny", f"data.root={tmp_path / 'data'}",
-                          f"hydra.run.dir={run_dir}", "train.progress=false", "train.max_steps=5", "eval.popularity=false",
-                          "export.faiss=ivf", "export.npy=true", "export.ann_k=10"],
-                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0, out.stderr[-3000:]
-    export = run_dir / "export"
+def test_train_applies_the_export_options_and_exports_what_the_command_would(tiny_run, tmp_path):
+    """The shared tiny run exported with export.npy=true export.faiss=ivf export.ann_k=10: its files,
+    its index's measured recall (in metrics.json too), and the same .npy files as the ones the export
+    command (recsys.exporter.export_run) writes from the run's Parquet vectors."""
+    export = tiny_run / "export"
     manifest = check_files(export)
     users = pq.read_table(export / "users.parquet")
     assert manifest["faiss"]["recall"]["users"] == min(1000, users.num_rows) and manifest["faiss"]["recall"]["k"] == 10
@@ -196,5 +159,13 @@ def test_train_applies_the_export_options(tmp_path):
     item_ids, item_vecs = read_vectors(export / "items.parquet")
     assert np.load(export / "items_ids.npy").tolist() == item_ids
     assert faiss.read_index(str(export / "items.faiss")).ntotal == len(item_ids)
-    metrics = json.loads((run_dir / "metrics.json").read_text())  # the ANN figures are in metrics.json too
+    metrics = json.loads((tiny_run / "metrics.json").read_text())  # the ANN figures are in metrics.json too
     assert metrics["export"]["faiss"] == manifest["faiss"]
+
+    again = tmp_path / "export"
+    shutil.copytree(export, again)
+    rebuilt = export_run(again, ExportConfig(npy=True, faiss="ivf", ann_k=10))
+    for name in ("users.npy", "items.npy", "users_ids.npy", "items_ids.npy", "users.parquet", "items.parquet"):
+        assert rebuilt["files"][name] == manifest["files"][name], name  # byte for byte (sha256)
+    for key in ("type", "factory", "params", "ntotal", "dimension", "labels"):
+        assert rebuilt["faiss"][key] == manifest["faiss"][key], key

@@ -4,16 +4,13 @@ the checkpoint (``export.source=checkpoint``); the collision rate is in metrics.
 export manifest.
 
 The reference is independent of the export code: the table weights read straight from the
-checkpoint's DCP files (``dcp_to_torch_save``), the rows from ``recsys.stream.hash_rows``, the ids
+checkpoint's DCP files (``dcp_to_torch_save``), the rows from ``recsys.data.hashing.hash_rows``, the ids
 from the source log, the collision rate by a Python set."""
 
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -23,12 +20,12 @@ import pytest
 import torch
 from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
-from recsys.checkpoint import latest_checkpoint
-from recsys.export import read_vectors
-from recsys.stream import hash_rows
+from recsys.config import ExportConfig
+from recsys.data.hashing import hash_rows
+from recsys.export import export_checkpoint
+from recsys.exporter import read_vectors
+from recsys.training.checkpoint import latest_checkpoint
 
-ROOT = Path(__file__).resolve().parents[1]
-ENV = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
 NUM_USERS, NUM_ITEMS = 64, 60  # table rows: fewer than the distinct ids, so rows are shared
 
 
@@ -45,19 +42,12 @@ def write_log(path: Path) -> pa.Table:
     return table
 
 
-def train_args(tmp_path: Path, log: Path, loader: str, run_dir: Path) -> list:
-    return [sys.executable, "-m", "recsys.train", "+experiment=tiny", "data=parquet", f"data.path={log}",
-            f"data.root={tmp_path / 'data'}", f"hydra.run.dir={run_dir}", f"data.loader={loader}",
-            "data.row_group_size=500", "data.id_mapping=hash", f"data.num_users={NUM_USERS}",
+def train_args(tmp_path: Path, log: Path, loader: str) -> list:
+    return ["+experiment=tiny", "data=parquet", f"data.path={log}", f"data.root={tmp_path / 'data'}",
+            f"data.loader={loader}", "data.row_group_size=500", "data.id_mapping=hash", f"data.num_users={NUM_USERS}",
             f"data.num_items={NUM_ITEMS}", "model=mf", "model.embedding_dim=8", "model.normalize=false",
             "train.max_steps=8", "train.batch_size=128", "loss.num_negatives=16", "train.progress=false",
             "log.plots=false", "export.npy=true"]
-
-
-def run(cmd) -> subprocess.CompletedProcess:
-    proc = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, f"{cmd} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}"
-    return proc
 
 
 def checkpoint_tables(run_dir: Path, tmp_path: Path) -> dict:
@@ -70,11 +60,10 @@ def checkpoint_tables(run_dir: Path, tmp_path: Path) -> dict:
 
 
 @pytest.mark.parametrize("loader", ["memory", "stream"])
-def test_hash_mode_exports_every_raw_id_with_its_rows_vector(tmp_path, loader):
+def test_hash_mode_exports_every_raw_id_with_its_rows_vector(tmp_path, train_here, in_process, loader):
     log = write_log(tmp_path / "log.parquet")
     run_dir = tmp_path / "run"
-    run(train_args(tmp_path, tmp_path / "log.parquet", loader, run_dir))
-    metrics = json.loads((run_dir / "metrics.json").read_text())
+    metrics = train_here(train_args(tmp_path, tmp_path / "log.parquet", loader), run_dir)
     assert metrics["data"]["loader"] == loader
     prepared = json.loads((Path(metrics["data"]["path"]) / "manifest.json").read_text())
     seed = prepared["config"]["seed"]
@@ -102,8 +91,7 @@ def test_hash_mode_exports_every_raw_id_with_its_rows_vector(tmp_path, loader):
     again = tmp_path / "again"
     ckpt = latest_checkpoint(run_dir)
     shutil.copytree(ckpt, again / "checkpoints" / ckpt.name)
-    out = run([sys.executable, "-m", "recsys.export", f"export.run_dir={again}", "export.source=checkpoint"])
-    assert "from the checkpoint" in out.stdout
+    in_process(export_checkpoint, again, ExportConfig(npy=True))
     for name in ("users", "items"):
         ids, vecs = read_vectors(again / "export" / f"{name}.parquet")
         ref_ids, ref_vecs = read_vectors(run_dir / "export" / f"{name}.parquet")

@@ -17,13 +17,10 @@ from pathlib import Path
 
 import pytest
 import yaml
-from hydra import compose, initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
 from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
 
-from recsys.config import Config, register_configs, register_resolvers
-from tests.dist_utils import free_port
+from recsys.config import Config
 
 ROOT = Path(__file__).resolve().parents[1]
 JOBS = ROOT / "jobs"
@@ -31,10 +28,6 @@ CONF = ROOT / "conf"
 SLURM_LAUNCHER = "hydra_plugins.hydra_submitit_launcher.submitit_launcher.SlurmLauncher"
 # A seconds-long run: tiny synthetic data, one epoch, no popularity baseline, no export.
 TINY = ["+experiment=tiny", "train.epochs=1", "train.progress=false", "eval.popularity=false", "export.enabled=false"]
-
-register_configs()
-register_resolvers()
-
 
 def shell_scripts():
     scripts = [p for p in sorted(JOBS.rglob("*")) if p.is_file() and p.read_bytes()[:2] == b"#!"]
@@ -72,12 +65,6 @@ def first_errors(stderr: str, lines: int = 30) -> str:
     marks = ("Traceback", "Fatal Python error", "exitcode", "Error executing job")
     start = next((i for i, line in enumerate(text) if any(m in line for m in marks)), None)
     return "(none found)" if start is None else "\n".join(text[start:start + lines])
-
-
-def make(overrides, hydra_config=False):
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        return compose("config", overrides=list(overrides), return_hydra_config=hydra_config)
 
 
 def check_metrics(path: Path, world_size: int) -> dict:
@@ -205,10 +192,10 @@ def test_slurm_sbatch_is_srun_torchrun_with_c10d_rendezvous():
         assert nccl in text
 
 
-def test_slurm_sbatch_trains_on_two_nodes(tmp_path, fake_slurm):
+def test_slurm_sbatch_trains_on_two_nodes(tmp_path, fake_slurm, port):
     # Two torchrun agents (the "nodes", one rank each) meet at a c10d rendezvous on localhost.
     env = {**fake_slurm, "SLURM_JOB_ID": "4242", "SLURM_JOB_NUM_NODES": "2", "SLURM_JOB_NODELIST": "node[1-2]",
-           "GPUS_PER_NODE": "1", "RDZV_PORT": str(free_port()), "RECSYS_ROOT": str(ROOT), "PYTHON_BIN": sys.executable,
+           "GPUS_PER_NODE": "1", "RDZV_PORT": str(port), "RECSYS_ROOT": str(ROOT), "PYTHON_BIN": sys.executable,
            "RECSYS_RUN_ID": None}
     run(["bash", str(JOBS / "slurm.sbatch"), *TINY, f"data.root={tmp_path / 'data'}"], cwd=tmp_path, env_extra=env)
     runs = list((tmp_path / "outputs").glob("slurm-4242/metrics.json"))
@@ -218,7 +205,7 @@ def test_slurm_sbatch_trains_on_two_nodes(tmp_path, fake_slurm):
     assert srun[srun.index("--nnodes") + 1] == "2" and srun[srun.index("--rdzv_id") + 1] == "4242"
 
 
-def test_slurm_sweep_launcher_config_composes():
+def test_slurm_sweep_launcher_config_composes(make):
     cfg = make(["hydra/launcher=slurm", "hydra.launcher.partition=gpu"], hydra_config=True)
     launcher = cfg.hydra.launcher
     assert launcher._target_ == SLURM_LAUNCHER
@@ -236,11 +223,26 @@ def test_slurm_sweep_launcher_config_composes():
         make(["hydra/launcher=slurm", "hydra.launcher.gpus_per_node=two"], hydra_config=True)
 
 
-def test_local_sweep_example_defines_its_grid():
+def test_local_sweep_example_defines_a_grid_of_valid_runs(make):
+    """The sweep's grid, parsed as Hydra's basic sweeper parses it: every point composes into a
+    typed config that has the point's values (a misspelt key or a bad value fails here)."""
+    from itertools import product
+
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
     cfg = make(["+experiment=sweep_local"], hydra_config=True)
-    params = OmegaConf.to_container(cfg.hydra.sweeper.params)
-    assert params == {"model.embedding_dim": "32,64", "optim.lr": "0.1,0.3"}
     assert cfg.hydra.launcher._target_.endswith("BasicLauncher")
+    params = OmegaConf.to_container(cfg.hydra.sweeper.params)
+    parsed = OverridesParser.create().parse_overrides([f"{k}={v}" for k, v in params.items()])
+    axes = [[(o.key_or_group, v) for v in o.sweep_iterator()] for o in parsed]
+    points = list(product(*axes))
+    assert len(points) == 4
+    for point in points:
+        typed = OmegaConf.to_object(make(["+experiment=sweep_local", *[f"{k}={v}" for k, v in point]]))
+        assert isinstance(typed, Config)
+        for key, value in point:
+            group, name = key.split(".")
+            assert getattr(getattr(typed, group), name) == value
 
 
 @pytest.mark.slow
@@ -266,7 +268,7 @@ def test_slurm_sweep_submits_a_job_array_that_trains(tmp_path, fake_slurm):
 # ---- Kubernetes
 
 
-def test_pytorchjob_runs_the_entry_point_on_master_and_workers():
+def test_pytorchjob_runs_the_entry_point_on_master_and_workers(make):
     docs = list(yaml.safe_load_all((JOBS / "k8s" / "pytorchjob.yaml").read_text()))
     assert len(docs) == 1
     job = docs[0]

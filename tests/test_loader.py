@@ -14,8 +14,8 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 
-from recsys.loader import Pieces, ShuffleBuffer, StreamBatches, piece_order, step_negatives
-from tests.dist_utils import run_ranks
+from recsys.data.batches import BatchOptions
+from recsys.data.loader import Pieces, ShuffleBuffer, StreamBatches, piece_order, step_negatives
 
 NUM_ITEMS = 1 << 40  # items are the global row numbers (a row's identity), negatives are huge numbers
 VALID_EVERY = 7  # rows whose number is a multiple of 7 are validation rows (not trained on)
@@ -55,8 +55,8 @@ def fit_rows_of(pieces: Pieces) -> np.ndarray:
 def epoch(pieces: Pieces, rank: int = 0, world: int = 2, batch: int = 64, negatives: int = 8, seed: int = 0,
           ep: int = 0, workers: int = 0, buffer: int = 150, **kw) -> list:
     """[(users, positives, negatives)] of one rank's epoch."""
-    sb = StreamBatches(pieces, NUM_ITEMS, batch, negatives, rank, world, seed, ep, num_workers=workers,
-                       shuffle_buffer=buffer, chunk=3, **kw)
+    sb = StreamBatches(pieces, NUM_ITEMS, BatchOptions(batch, negatives, seed, rank, world, workers, buffer), ep,
+                       chunk=3, **kw)
     out = [(b.user_ids.numpy(), b.item_ids.numpy()[: batch // world], b.item_ids.numpy()[batch // world:]) for b in sb]
     assert len(out) == len(sb)
     for b in out:
@@ -84,7 +84,7 @@ def test_ranks_get_equal_disjoint_shares_of_uneven_files(uneven, workers):
         everything = np.concatenate(used)
         assert len(np.unique(everything)) == len(everything) == steps * batch  # disjoint, each row at most once
         assert np.isin(everything, fit).all()  # only fit rows: no validation row, nothing invented
-        sb = StreamBatches(uneven, NUM_ITEMS, batch, 6, 0, world, 0, 0, num_workers=workers)
+        sb = StreamBatches(uneven, NUM_ITEMS, BatchOptions(batch, 6, 0, 0, world, workers), 0)
         assert sb.unused == len(fit) - steps * batch == len(np.setdiff1d(fit, everything)) < batch
 
 
@@ -137,7 +137,7 @@ def test_a_dataset_prepared_for_streaming_is_shared_out_exactly(tmp_path):
     """recsys.data.prepare's streaming layout (several part files, a validation column): both ranks'
     (user, item) pairs against the prepared files read whole."""
     from recsys.config import DataConfig
-    from recsys.data import prepare
+    from recsys.data.prepare import prepare
 
     rng = np.random.default_rng(1)
     pairs = rng.choice(200 * 150, size=6000, replace=False)  # distinct pairs: a pair names its row
@@ -149,7 +149,7 @@ def test_a_dataset_prepared_for_streaming_is_shared_out_exactly(tmp_path):
     fit_keys = np.sort(fit["user"].to_numpy() * 150 + fit["item"].to_numpy())
     pieces = Pieces.read(path)
     assert len(set(pieces.files)) > 1 and pieces.total_fit == len(fit_keys)
-    shares = [StreamBatches(pieces, 150, 64, 8, r, 2, 3, 1, num_workers=1, shuffle_buffer=500) for r in (0, 1)]
+    shares = [StreamBatches(pieces, 150, BatchOptions(64, 8, 3, r, 2, 1, 500), 1) for r in (0, 1)]
     keys = np.concatenate([(b.user_ids.numpy() * 150 + b.item_ids.numpy()[:32]) for sb in shares for b in sb])
     assert len(shares[0]) == len(shares[1]) == len(fit_keys) // 64
     assert len(np.unique(keys)) == len(keys) == len(fit_keys) // 64 * 64 and np.isin(keys, fit_keys).all()
@@ -194,10 +194,10 @@ def train_ranks(root: str, run_dir: str, train_kw: dict):
     return train(tiny_stream_config(Path(root), **train_kw), Path(run_dir))
 
 
-def test_two_ranks_train_on_a_streamed_dataset_and_resume(tmp_path):
+def test_two_ranks_train_on_a_streamed_dataset_and_resume(tmp_path, two_ranks):
     run_dir = tmp_path / "run"
     kw = {"checkpoint_every_steps": 20, "keep_checkpoints": 100}
-    m0, m1 = run_ranks(train_ranks, 2, str(tmp_path / "data"), str(run_dir), kw)
+    m0, m1 = two_ranks(train_ranks, str(tmp_path / "data"), str(run_dir), kw)
     written = json.loads((run_dir / "metrics.json").read_text())
     data = Path(written["data"]["path"])
     manifest = json.loads((data / "manifest.json").read_text())
@@ -219,7 +219,7 @@ def test_two_ranks_train_on_a_streamed_dataset_and_resume(tmp_path):
         if s > middle:
             shutil.rmtree(resumed / "checkpoints" / s)
     (resumed / "metrics.json").unlink()
-    r0, _ = run_ranks(train_ranks, 2, str(tmp_path / "data"), str(resumed), kw)
+    r0, _ = two_ranks(train_ranks, str(tmp_path / "data"), str(resumed), kw)
     assert r0["checkpoint"]["resumed"]["step"] == int(middle.split("_")[1])
     assert r0["test"] == m0["test"]
     assert [h["loss"] for h in r0["train"]["history"]] == pytest.approx([h["loss"] for h in m0["train"]["history"]],
@@ -227,9 +227,14 @@ def test_two_ranks_train_on_a_streamed_dataset_and_resume(tmp_path):
 
 
 def test_history_models_are_refused_with_the_streaming_loader(tmp_path):
-    from recsys.config import ConfigError, ModelConfig
-    from recsys.data import prepare
-    from recsys.sources import StreamedData, data_config
+    from recsys.config import ModelConfig, memory_reason
+    from recsys.data.prepare import loader_config, prepare
+    from recsys.data.source import open_source
+    from recsys.errors import ConfigError
+    from recsys.model import feature_spec
+
+    def data_config(cfg):
+        return loader_config(cfg.data, memory_reason(cfg))
 
     cfg = tiny_stream_config(tmp_path)
     cfg.model = ModelConfig(name="two_tower", embedding_dim=8)
@@ -246,4 +251,4 @@ def test_history_models_are_refused_with_the_streaming_loader(tmp_path):
     path = prepare(data_config(cfg))
     cfg.model = ModelConfig(name="two_tower", embedding_dim=8)
     with pytest.raises(ConfigError, match="prepared for streaming: model=two_tower with history bags"):
-        StreamedData(cfg, path, json.loads((path / "manifest.json").read_text()))
+        open_source(path, feature_spec(cfg.model, 0), memory_reason(cfg))

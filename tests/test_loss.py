@@ -9,7 +9,6 @@ import pytest
 import torch
 
 from recsys.loss import sampled_softmax_loss
-from tests.dist_utils import run_ranks
 
 B, N, D, NUM_ITEMS, TEMP = 12, 6, 5, 9, 0.5
 
@@ -52,12 +51,12 @@ def rank_worker(logq: bool):
 
 
 @pytest.mark.parametrize("logq", [False, True])
-def test_two_ranks_match_global_batch(logq):
+def test_two_ranks_match_global_batch(two_ranks, logq):
     world = 2
     x = inputs(world)
     ref_loss, ref_u, ref_items = loss_and_grads(x, slice(None), slice(None), logq)
     ref_pos, ref_neg = ref_items[: world * B], ref_items[world * B:]
-    results = run_ranks(rank_worker, world, logq)
+    results = two_ranks(rank_worker, logq)
     # The mean of the ranks' losses is the global-batch loss.
     assert np.mean([r[0] for r in results]) == pytest.approx(ref_loss, rel=1e-6)
     for rank, (_, g_u, g_items) in enumerate(results):

@@ -1,35 +1,30 @@
-"""The dry run (python -m recsys.plan): a CUDA cluster planned in one CPU process, checked against
-table sizes computed here."""
+"""The dry run (recsys.plan): a CUDA cluster planned in one CPU process, checked against table sizes
+computed here."""
 
 from __future__ import annotations
 
 import json
-import os
 import re
-import subprocess
-import sys
-from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
-from hydra import compose, initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
-from omegaconf import OmegaConf
 
-from recsys.config import ConfigError, register_configs, register_resolvers
+from recsys.errors import ConfigError, PlanError
+from recsys.plan import format_report, run
 
-ROOT = Path(__file__).resolve().parents[1]
 GIB = 1024**3
-register_configs()
-register_resolvers()
 
 
-def plan_cli(tmp_path, *overrides, check=True):
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
-    args = [sys.executable, "-m", "recsys.plan", f"hydra.run.dir={tmp_path / 'run'}", *overrides]
-    proc = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"{args} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
-    return proc
+@pytest.fixture
+def plan(tmp_path, config):
+    """The dry run of `overrides` into tmp_path/run, as ``python -m recsys.plan`` runs it; its
+    printout as ``stdout``."""
+
+    def dry(*overrides):
+        result = run(config(overrides), tmp_path / "run")
+        return SimpleNamespace(stdout=format_report(result), result=result)
+
+    return dry
 
 
 def reference_bytes(tables):
@@ -59,10 +54,10 @@ def check_tiling(table):
 
 
 @pytest.mark.parametrize("world_size,sharding", [(2, None), (8, "row_wise")])
-def test_cuda_cluster_planned_on_a_cpu_machine(tmp_path, world_size, sharding):
+def test_cuda_cluster_planned_on_a_cpu_machine(tmp_path, plan, world_size, sharding):
     users, items, dim = 1_000_000, 200_000, 32
     extra = [f"train.sharding_types=[{sharding}]"] if sharding else []
-    proc = plan_cli(tmp_path, f"plan.world_size={world_size}", "plan.device=cuda", f"plan.num_users={users}",
+    proc = plan(f"plan.world_size={world_size}", "plan.device=cuda", f"plan.num_users={users}",
                     f"plan.num_items={items}", f"model.embedding_dim={dim}", *extra)
     assert not (tmp_path / "data").exists()  # sizes given: no data prepared
 
@@ -103,8 +98,8 @@ def test_cuda_cluster_planned_on_a_cpu_machine(tmp_path, world_size, sharding):
         assert sum(1 for r in ranks if r["hbm_bytes"]) >= 1
 
 
-def test_sizes_from_the_prepared_dataset(tmp_path):
-    proc = plan_cli(tmp_path, "plan.world_size=2", "plan.device=cuda", "+experiment=tiny", "model=two_tower",
+def test_sizes_from_the_prepared_dataset(tmp_path, plan):
+    proc = plan("plan.world_size=2", "plan.device=cuda", "+experiment=tiny", "model=two_tower",
                     "model.share_item_table=false", f"data.root={tmp_path / 'data'}")
     manifest = json.loads(next((tmp_path / "data").glob("*/manifest.json")).read_text())["counts"]
     result = json.loads((tmp_path / "run" / "plan.json").read_text())
@@ -115,24 +110,18 @@ def test_sizes_from_the_prepared_dataset(tmp_path):
     total = sum(r["hbm_bytes"] + r["ddr_bytes"] for r in result["ranks"])
     assert total >= reference_bytes([(n, 16) for n in rows.values()])
     # A second dry run reuses the prepared dataset.
-    plan_cli(tmp_path, "plan.world_size=2", "+experiment=tiny", f"data.root={tmp_path / 'data'}")
+    plan("plan.world_size=2", "+experiment=tiny", f"data.root={tmp_path / 'data'}")
     assert len(list((tmp_path / "data").glob("*/manifest.json"))) == 1
 
 
-def test_tables_that_do_not_fit_exit_2_with_one_line(tmp_path):
-    proc = plan_cli(tmp_path, "plan.world_size=8", "plan.device=cuda", "plan.num_users=1000000",
-                    "plan.num_items=200000", "plan.hbm_gib=0.01", "plan.ddr_gib=0.01", check=False)
-    assert proc.returncode == 2
-    lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: ") and "insufficient storage" in lines[0]
-    assert "on 8 cuda rank(s)" in lines[0] and "plan.world_size" in lines[0]
-    assert "Traceback" not in proc.stderr and not (tmp_path / "run" / "plan.json").exists()
-
-
-def make(overrides):
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        return OmegaConf.to_object(compose("config", overrides=list(overrides)))
+def test_tables_that_do_not_fit_are_refused_in_one_line(tmp_path, plan):
+    with pytest.raises(PlanError) as refused:
+        plan("plan.world_size=8", "plan.device=cuda", "plan.num_users=1000000", "plan.num_items=200000",
+             "plan.hbm_gib=0.01", "plan.ddr_gib=0.01")
+    line = str(refused.value)
+    assert "\n" not in line and "insufficient storage" in line
+    assert "on 8 cuda rank(s)" in line and "plan.world_size" in line
+    assert not (tmp_path / "run" / "plan.json").exists()
 
 
 @pytest.mark.parametrize("overrides,message", [
@@ -141,19 +130,17 @@ def make(overrides):
     (["plan.num_users=10"], "go together"),
     (["plan.hbm_gib=0"], "plan.hbm_gib"),
 ])
-def test_bad_plan_config_is_refused(overrides, message):
+def test_bad_plan_config_is_refused(config, overrides, message):
     with pytest.raises(Exception) as err:
-        make(overrides)
+        config(overrides)
     cause = err.value.__cause__ or err.value
     assert isinstance(cause, ConfigError) and message in str(cause)
 
 
-def test_train_checks_apply_and_cpu_tables_go_to_host_memory(tmp_path):
-    from recsys.plan import run
-
+def test_train_checks_apply_and_cpu_tables_go_to_host_memory(config):
     with pytest.raises(ConfigError, match="not divisible by plan.world_size=3"):
-        run(make(["plan.world_size=3", "plan.num_users=100", "plan.num_items=100"]))
-    result = run(make(["plan.world_size=4", "plan.device=cpu", "plan.num_users=100000", "plan.num_items=5000",
+        run(config(["plan.world_size=3", "plan.num_users=100", "plan.num_items=100"]))
+    result = run(config(["plan.world_size=4", "plan.device=cpu", "plan.num_users=100000", "plan.num_items=5000",
                        "model.embedding_dim=8"]))
     assert result.hbm_per_rank == 0 and result.total_hbm == 0
     assert result.total_ddr >= reference_bytes([(100_000, 8), (5_000, 8)])

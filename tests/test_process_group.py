@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import torch
 
-from tests.dist_utils import run_ranks
-
 STEPS = 2000
 
 
@@ -35,8 +33,8 @@ def group_threads():
     return out
 
 
-def test_every_gloo_group_has_one_thread():
-    for result in run_ranks(group_threads, 2):
+def test_every_gloo_group_has_one_thread(two_ranks):
+    for result in two_ranks(group_threads):
         assert result == {"threads": [1, 1], "gloo": [True, True], "backend": "gloo"}
 
 
@@ -85,6 +83,6 @@ def concurrent_collectives(steps: int):
     return wrong
 
 
-def test_concurrent_async_collectives_are_correct_and_do_not_crash():
-    # A crashed rank fails run_ranks (no result within the timeout); a wrong value names the step.
-    assert run_ranks(concurrent_collectives, 2, STEPS, timeout=240) == [[], []]
+def test_concurrent_async_collectives_are_correct_and_do_not_crash(two_ranks):
+    # A crashed rank fails the job (at once: the pool sees it die); a wrong value names the step.
+    assert two_ranks(concurrent_collectives, STEPS, timeout=240) == [[], []]

@@ -11,7 +11,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from recsys.config import DataConfig
-from recsys.data import DataError, Dataset, prepare
+from recsys.data.dataset import Dataset
+from recsys.data.prepare import prepare
+from recsys.errors import DataError
 
 
 def cfg(tmp_path, name, path, **kw) -> DataConfig:

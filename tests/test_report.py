@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import re
 import struct
-import sys
 from collections import Counter
 from pathlib import Path
 
@@ -13,11 +12,12 @@ import numpy as np
 import pytest
 from omegaconf import OmegaConf
 
-from recsys.data import Dataset, prepared_dir
+from recsys.data.dataset import Dataset
+from recsys.data.prepare import prepared_dir
+from recsys.errors import DataError
+from recsys.prepare import prepare_report
 from recsys.report import (count_quantiles, dataset_report, format_dataset_report, plot_loss, plot_metrics, plot_norms,
                            plot_popularity, top_share, write_summary)
-from tests.test_config import make
-from tests.test_train import run, tiny
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -152,11 +152,12 @@ def write_lightgcn(directory: Path) -> tuple[dict, dict]:
     return train, test
 
 
-def test_prepare_cli_report_matches_the_files(tmp_path):
+def test_prepare_report_matches_the_files(tmp_path, make):
     train, test = write_lightgcn(tmp_path / "lg")
-    out = run([sys.executable, "-m", "recsys.prepare", "data=lightgcn", f"data.path={tmp_path / 'lg'}",
-               f"data.root={tmp_path / 'data'}"], tmp_path)
+    overrides = ["data=lightgcn", f"data.path={tmp_path / 'lg'}", f"data.root={tmp_path / 'data'}"]
+    path, _, text = prepare_report(OmegaConf.to_object(make(overrides)))
     (prepared,) = (tmp_path / "data").iterdir()
+    assert path == prepared
     report = json.loads((prepared / "report.json").read_text())
     # independent count from the text files (every test item/user here also occurs in training)
     train_items = Counter(i for items in train.values() for i in items)
@@ -171,34 +172,27 @@ def test_prepare_cli_report_matches_the_files(tmp_path):
     expected = np.percentile(list(train_items.values()), [0, 25, 50, 75, 90, 99, 100])
     np.testing.assert_allclose(list(report["per_item"].values()), expected)
     assert report["dropped"]["test_unseen_item"] == sum(len(v) for v in test.values()) - len(test_pairs)
-    assert f"users: 60; items: {len(train_items)}" in out.stdout
-    assert f"{n_train:,} train, 0 valid, {len(test_pairs):,} test" in out.stdout
-    assert f"popularity plot: {prepared / 'popularity.png'}" in out.stdout
+    assert f"users: 60; items: {len(train_items)}" in text
+    assert f"{n_train:,} train, 0 valid, {len(test_pairs):,} test" in text
+    assert report["popularity_plot"] == str(prepared / "popularity.png")
     assert_png(prepared / "popularity.png")
     assert (prepared / "report.md").read_text().startswith(f"# Dataset {prepared.name}")
     # recsys.train composes the same overrides into the same data config: it reuses this preparation
-    cfg = OmegaConf.to_object(make(["data=lightgcn", f"data.path={tmp_path / 'lg'}", f"data.root={tmp_path / 'data'}"]))
+    cfg = OmegaConf.to_object(make(overrides))
     assert prepared_dir(cfg.data) == prepared
 
 
-def test_prepare_bad_input_is_one_line_exit_2(tmp_path, capsys):
-    from recsys.prepare import main
-
-    assert main(["data=lightgcn", f"data.path={tmp_path / 'missing'}", f"data.root={tmp_path / 'data'}"]) == 2
-    err = capsys.readouterr().err.strip()
-    assert err.startswith("error: ") and str(tmp_path / "missing") in err and "\n" not in err
-    assert main(["data.num_users=-1"]) == 2
-    assert "data.num_users" in capsys.readouterr().err
-    assert main(["data.nmu_users=3"]) == 2
-    assert "nmu_users" in capsys.readouterr().err
+def test_prepare_bad_input_names_the_path(tmp_path, make):
+    with pytest.raises(DataError, match=str(tmp_path / "missing")):
+        prepare_report(OmegaConf.to_object(make(["data=lightgcn", f"data.path={tmp_path / 'missing'}",
+                                                 f"data.root={tmp_path / 'data'}"])))
+    assert not (tmp_path / "data").exists()
 
 
-def test_tiny_run_leaves_plots_summary_and_tensorboard(tmp_path):
+def test_tiny_run_leaves_plots_summary_and_tensorboard(tiny_run):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    run_dir = tmp_path / "run"
-    run([sys.executable, "-m", "recsys.train", *tiny(tmp_path, run_dir), "train.epochs=2", "log.tensorboard=true",
-         "train.log_every_steps=5", "eval.test_every_epoch=true"], tmp_path)
+    run_dir = tiny_run  # 2 epochs, log.tensorboard=true, train.log_every_steps=5, eval.test_every_epoch=true
     metrics = json.loads((run_dir / "metrics.json").read_text())
     steps = metrics["train"]["steps"]
     curve = metrics["train"]["loss_curve"]

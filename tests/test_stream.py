@@ -20,10 +20,13 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 import pytest
 
-from recsys import stream
-from recsys.config import ConfigError, DataConfig
-from recsys.data import DataError, Dataset, id_rows, prepare, prepared_dir, resolve_loader
-from recsys.stream import generate_stream, hash_rows, id_hash, split_masks
+from recsys.config import DataConfig
+from recsys.data import stream_prepare as stream
+from recsys.data.dataset import Dataset, id_rows
+from recsys.data.hashing import hash_rows, id_hash, split_masks
+from recsys.data.prepare import prepare, prepared_dir, resolve_loader
+from recsys.data.synthetic import generate_stream
+from recsys.errors import ConfigError, DataError
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -245,7 +248,7 @@ def test_hash_rows_are_stable_across_arrays_types_and_processes():
     assert hash_rows(pa.array([7, -5], pa.int32()), 0, 97).tolist() == hash_rows(ints, 0, 97)[[0, 2]].tolist()
     assert hash_rows(ints, 0, 1 << 30).tolist() != hash_rows(ints, 1, 1 << 30).tolist()  # seeded
     # the same rows in another process (another PYTHONHASHSEED): nothing depends on Python's hash
-    code = ("import pyarrow as pa; from recsys.stream import hash_rows; "
+    code = ("import pyarrow as pa; from recsys.data.hashing import hash_rows; "
             "print(hash_rows(pa.array(['a', 'b', 'é', 'a', '']), 3, 1000).tolist(), "
             "hash_rows(pa.array([7, 1 << 40, -5]), 0, 1 << 30).tolist())")
     env = {**os.environ, "PYTHONHASHSEED": "12345"}
@@ -384,8 +387,8 @@ def test_synthetic_streams_end_to_end(tmp_path):
 
 def test_streamed_data_reads_the_valid_user_counts(tmp_path, monkeypatch):
     """The trainer's validation users come from valid_user_counts.npy (no pass over the rows)."""
-    from recsys.config import Config, ModelConfig
-    from recsys.sources import StreamedData
+    from recsys.data.features import FeatureSpec
+    from recsys.data.source import StreamedSource
 
     cfg = DataConfig(root=str(tmp_path / "data"), loader="stream", num_users=300, num_items=100,
                      num_interactions=20_000, row_group_size=1000, valid_fraction=0.1)
@@ -394,10 +397,10 @@ def test_streamed_data_reads_the_valid_user_counts(tmp_path, monkeypatch):
     valid = rows["valid"].to_numpy(zero_copy_only=False)
     want = np.bincount(rows["user"].to_numpy()[valid], minlength=300)
     assert want.sum() > 0
-    data = StreamedData(Config(data=cfg, model=ModelConfig(name="mf")), out,
-                        json.loads((out / "manifest.json").read_text()))
-    monkeypatch.setattr(pq, "ParquetFile", None)  # no row is read
-    assert data.valid_user_counts().tolist() == want.tolist()
+    assert np.load(out / "valid_user_counts.npy").tolist() == want.tolist()
+    data = StreamedSource(out, json.loads((out / "manifest.json").read_text()), FeatureSpec())
+    sets = data.eval_sets(max_users=0)
+    assert sets.valid.users.tolist() == np.flatnonzero(want).tolist()
 
 
 # ---- choosing the loader -----------------------------------------------------------------------------

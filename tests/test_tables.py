@@ -12,9 +12,8 @@ import pyarrow as pa
 import pytest
 import torch
 
-from recsys.data import Features
+from recsys.data.features import Features
 from recsys.model import RetrievalTask, TwoTower
-from tests.dist_utils import run_ranks
 
 NUM_USERS, NUM_ITEMS, DIM = 60, 40, 8
 BATCH, NEGS = 32, 8
@@ -33,10 +32,10 @@ def fp16_rank(sharding_types, out_dir: str):
     memory, forward, one training step, snapshot/restore, checkpoint round trip and export."""
     import torch.distributed as dist
 
-    from recsys.checkpoint import load_checkpoint, save_checkpoint
-    from recsys.export import export_model
-    from recsys.parallelize import (destroy_distributed, describe_plan, gather_tables, init_distributed, init_tables,
+    from recsys.exporter import export_model
+    from recsys.parallelize import (describe_plan, destroy_distributed, gather_tables, init_distributed, init_tables,
                                     local_table_bytes, restore_weights, shard_model, snapshot_weights, table_weights)
+    from recsys.training.checkpoint import load_checkpoint, save_checkpoint
 
     info = init_distributed("cpu")
     rank, world = info.rank, info.world_size
@@ -102,12 +101,12 @@ def rounded_reference():
 
 
 @pytest.mark.parametrize("world_size,sharding_types", [(1, []), (2, ["row_wise"])])
-def test_fp16_tables_train_and_match_an_fp32_model_rounded_to_fp16(tmp_path, world_size, sharding_types):
+def test_fp16_tables_train_and_match_an_fp32_model_rounded_to_fp16(tmp_path, ranks, world_size, sharding_types):
     from torchrec.optim.rowwise_adagrad import RowWiseAdagrad
 
-    from recsys.export import read_vectors
+    from recsys.exporter import read_vectors
 
-    outs = run_ranks(fp16_rank, world_size, sharding_types, str(tmp_path))
+    outs = ranks(world_size, fp16_rank, sharding_types, str(tmp_path))
     out = outs[0]
     if sharding_types:
         assert out["types"] == sharding_types
@@ -169,7 +168,8 @@ def train_tiny(dtype: str, data_dir: str):
     returns the final loss and the gathered tables."""
     from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
 
-    from recsys.data import Dataset, TrainBatches
+    from recsys.data.batches import BatchOptions, TrainBatches
+    from recsys.data.dataset import Dataset
     from recsys.parallelize import destroy_distributed, gather_tables, init_distributed, init_tables, shard_model
 
     info = init_distributed("cpu")
@@ -183,7 +183,7 @@ def train_tiny(dtype: str, data_dir: str):
     pipeline = TrainPipelineSparseDist(dmp, optimizer, info.device, execute_all_batches=True)
     losses = []
     for epoch in range(4):
-        it = iter(TrainBatches(users, items, dataset.num_items, 256, 64, info.rank, info.world_size, 0, epoch))
+        it = iter(TrainBatches(users, items, dataset.num_items, BatchOptions(256, 64, 0, info.rank, info.world_size), epoch))
         total, n = 0.0, 0
         while True:
             try:
@@ -213,14 +213,15 @@ def recall_at(tables, dataset, k: int) -> float:
     return float(np.mean(recalls))
 
 
-def test_fp16_training_metrics_are_close_to_fp32(tmp_path):
+def test_fp16_training_metrics_are_close_to_fp32(tmp_path, ranks):
     from recsys.config import DataConfig
-    from recsys.data import Dataset, prepare
+    from recsys.data.dataset import Dataset
+    from recsys.data.prepare import prepare
 
     data_dir = prepare(DataConfig(root=str(tmp_path / "data"), num_users=500, num_items=200, num_interactions=10_000))
     dataset = Dataset.load(data_dir)
-    fp32 = run_ranks(train_tiny, 1, "fp32", str(data_dir))[0]
-    fp16 = run_ranks(train_tiny, 1, "fp16", str(data_dir))[0]
+    fp32 = ranks(1, train_tiny, "fp32", str(data_dir))[0]
+    fp16 = ranks(1, train_tiny, "fp16", str(data_dir))[0]
     assert fp16["losses"][-1] < fp16["losses"][0] - 0.2  # it learns
     np.testing.assert_allclose(fp16["losses"], fp32["losses"], rtol=0.01)
     r32, r16 = recall_at(fp32["tables"], dataset, 20), recall_at(fp16["tables"], dataset, 20)
@@ -307,21 +308,11 @@ def test_cpu_table_larger_than_one_rank_goes_row_wise():
     assert all(r.ddr_bytes <= result.usable_ddr_per_rank and r.hbm_bytes == 0 for r in result.ranks)
 
 
-def test_build_task_and_the_big_tables_experiment_use_fp16(tmp_path):
-    from hydra import compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-    from omegaconf import OmegaConf
-
-    from recsys.config import register_configs, register_resolvers
+def test_build_task_and_the_big_tables_experiment_use_fp16(config):
+    from recsys.model import build_task
     from recsys.parallelize import table_weights
-    from recsys.train import build_task
 
-    register_configs()
-    register_resolvers()
-    root = Path(__file__).resolve().parents[1]
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(root / "conf"), version_base="1.3"):
-        cfg = OmegaConf.to_object(compose("config", overrides=["+experiment=big_tables"]))
+    cfg = config(["+experiment=big_tables"])
     assert cfg.model.table_dtype == "fp16" and "row_wise" in cfg.train.sharding_types
-    task = build_task(cfg, 100, 50)
+    task = build_task(cfg.model, cfg.loss, 100, 50)
     assert {str(w.dtype) for w in table_weights(task).values()} == {"torch.float16"}

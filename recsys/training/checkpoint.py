@@ -14,6 +14,11 @@ meta.json and COMPLETE, syncs them and renames the directory. A directory withou
 whose files do not have the sizes COMPLETE records (torn, truncated), is never loaded: the newest
 complete one is. The last ``train.keep_checkpoints`` complete checkpoints are kept.
 
+``Checkpointer`` is what the training loop uses: it owns the resume (``load``), "save if due"
+(``save_if_due``: every ``train.checkpoint_every_steps`` steps, or ``train.checkpoint_every_minutes``
+agreed by all ranks) and the final save (``save_final``), and records what it wrote. ``find_resume`` decides, before any work,
+where a run resumes from (rank 0 looks, every rank learns the answer).
+
 The tables are saved as DCP ShardedTensors of the global table, so a checkpoint written by N
 ranks loads on M ranks under any sharding plan. Loading reads no pickle beyond DCP's index, whose
 unpickler is restricted to DCP's own metadata classes; tensors are read with
@@ -40,11 +45,19 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from omegaconf import OmegaConf
 from torch.distributed._shard.sharded_tensor import Shard, ShardedTensor
+from torch.distributed.checkpoint.metadata import StorageMeta
 from torch.distributed.tensor import DTensor
+from torchrec.optim.keyed import KeyedOptimizerWrapper
 
 from recsys.atomic import fsync_path
 from recsys.config import Config, ConfigError
+from recsys.data.prepare import READ_ONLY_FIELDS, data_config
+from recsys.distributed import from_rank0
+from recsys.errors import CheckpointError
+from recsys.parallelize import local_tensors, table_weights
+from recsys.training.state import TrainState
 
 logger = logging.getLogger(__name__)
 
@@ -61,7 +74,7 @@ _VOLATILE = {
     "train": {"resume", "overwrite", "progress", "checkpoint_every_steps", "checkpoint_every_minutes",
               "checkpoint_at_end", "keep_checkpoints", "log_every_steps", "device", "timeout_minutes"},
     "data": {"root"},
-    "eval": {"user_chunk", "item_chunk", "score_budget_mb", "ks", "popularity", "test_every_epoch"},
+    "eval": {"user_chunk", "item_chunk", "score_budget_mb", "ks", "popularity", "test_every_epoch", "run_dir"},
     "log": None,  # the whole group
     "export": None,
     "plan": None,
@@ -79,29 +92,18 @@ _ADDED = {
 
 
 def _resolved_loader(cfg: Config) -> Optional[str]:
-    """``memory`` or ``stream`` as ``recsys.sources.data_config`` resolves ``data.loader`` (quietly: the
-    trainer logs its own resolution); None when it refuses the config (it says why later)."""
-    from recsys.sources import data_config
-
-    quiet = logging.getLogger("recsys.data")
-    level = quiet.level
-    quiet.setLevel(logging.ERROR)
+    """``memory`` or ``stream`` as training resolves ``data.loader`` (quietly: the trainer logs its
+    own resolution); None when it refuses the config (it says why later)."""
     try:
-        return data_config(cfg).loader
+        return data_config(cfg, quiet=True).loader
     except ConfigError:
         return None
-    finally:
-        quiet.setLevel(level)
-
-
-class CheckpointError(ConfigError):
-    """A checkpoint or run directory that cannot be used with this config (exit code 2)."""
 
 
 def run_hash(cfg: Config) -> str:
     """Hash of everything in `cfg` that changes the trained model (see ``_VOLATILE``; options of
     ``_ADDED`` only when not at their default). When the dataset is read in memory (``data.loader``
-    resolved as training resolves it) the streaming loader's options (``recsys.data._READ_ONLY_FIELDS``:
+    resolved as training resolves it) the streaming loader's options (``recsys.data.prepare.READ_ONLY_FIELDS``:
     loader, stream_min_rows, row_group_size, num_workers, shuffle_buffer) change nothing and are left
     out; when it is streamed, only the resolution counts, not ``loader`` / ``stream_min_rows``. The
     table sizes of file sources mapped by vocabulary come from the data: hashed at their defaults."""
@@ -123,9 +125,7 @@ def run_hash(cfg: Config) -> str:
         tree["data"].update(num_users=defaults.data.num_users, num_items=defaults.data.num_items)
     loader = _resolved_loader(cfg)
     if loader == "memory":
-        from recsys.data import _READ_ONLY_FIELDS
-
-        for key in _READ_ONLY_FIELDS:
+        for key in READ_ONLY_FIELDS:
             tree["data"].pop(key, None)
     elif loader == "stream":  # what counts is the resolved loader, not how it was asked for
         tree["data"].pop("loader", None)
@@ -235,8 +235,6 @@ def check_compatible(meta: Dict[str, Any], model_name: str, tables: Dict[str, Li
 def table_shapes(model) -> Dict[str, List]:
     """{table name: [rows, dim, storage type (``model.table_dtype``: fp32 or fp16)]} of a (sharded
     or plain) model: what a checkpoint must match to be loaded into it."""
-    from recsys.parallelize import table_weights
-
     return {name: [*map(int, w.shape), _DTYPE_NAMES.get(w.dtype, str(w.dtype).replace("torch.", ""))]
             for name, w in sorted(table_weights(model).items())}
 
@@ -317,7 +315,7 @@ def prepare_resume(run_dir: Path, resume: str, config_hash: str, overwrite: bool
 
 def _state_like(template: Dict[str, Any], tensors: List[torch.Tensor]) -> Dict[str, Any]:
     """A state dict shaped like `template` (a model's, sorted keys) whose local storage is `tensors`
-    (in ``parallelize._local_tensors`` order): the best-epoch snapshot as a DCP-saveable state dict."""
+    (in ``recsys.parallelize.local_tensors`` order): the best-epoch snapshot as a DCP-saveable state dict."""
     out, i = {}, 0
     for key, value in sorted(template.items()):
         if isinstance(value, ShardedTensor):
@@ -348,8 +346,6 @@ def _optimizer_state(optimizer) -> Dict[str, Any]:
 def _dense_state_ready(optimizer) -> None:
     """Create the lazily built dense optimizer state (torchrec's init_state: a zero-gradient step,
     which leaves the weights as they are) so that DCP has tensors to load into."""
-    from torchrec.optim.keyed import KeyedOptimizerWrapper
-
     for _, opt in optimizer.optimizers:
         if isinstance(opt, KeyedOptimizerWrapper) and not opt.state:
             opt.init_state()
@@ -497,8 +493,6 @@ class SafeFileSystemReader(dcp.FileSystemReader):
         with open(self._get_metadata_path(rank), "rb") as f:
             metadata = _MetadataUnpickler(f).load()
         if getattr(metadata, "storage_meta", None) is None:
-            from torch.distributed.checkpoint.metadata import StorageMeta
-
             metadata.storage_meta = StorageMeta()
         metadata.storage_meta.load_id = self.load_id
         return metadata
@@ -516,8 +510,6 @@ def load_checkpoint(path: Path, dmp, optimizer=None,
     """Load a checkpoint into a sharded model (any world size and sharding plan) and, if given,
     its optimizer. Collective. Returns (meta, this rank's best-weights snapshot or None); restores
     this rank's RNG states when the world size is the one that wrote it."""
-    from recsys.parallelize import _local_tensors
-
     path = Path(path)
     meta = read_meta(path)
     state: Dict[str, Any] = {"model": dmp.state_dict()}
@@ -526,7 +518,7 @@ def load_checkpoint(path: Path, dmp, optimizer=None,
         state["optim"] = _optimizer_state(optimizer)
     best = None
     if load_best and meta.get("has_best"):
-        best = [t.detach().clone() for t in _local_tensors(dmp)]
+        best = [t.detach().clone() for t in local_tensors(dmp)]
         state["best"] = _state_like(dmp.state_dict(), best)
     try:  # DCP's index first: a refused or corrupt one gives one line (DCP itself logs tracebacks)
         SafeFileSystemReader(str(path)).read_metadata()
@@ -549,14 +541,93 @@ def load_checkpoint(path: Path, dmp, optimizer=None,
 
 
 # ---------------------------------------------------------------------------------------------
-# A trained model from a run directory (python -m recsys.evaluate / recsys.export)
+# The training loop's checkpointer
+# ---------------------------------------------------------------------------------------------
+
+
+def find_resume(run_dir: Path, resume: str, config_hash: str, overwrite: bool) -> Optional[str]:
+    """``prepare_resume`` on rank 0 (which also refuses another run's directory), its answer (or
+    its ``ConfigError``) on every rank. Collective."""
+    return from_rank0(lambda: prepare_resume(run_dir, resume, config_hash, overwrite), ConfigError)
+
+
+class Checkpointer:
+    """A run's checkpoints as the loop sees them: resume from one (``load``), write one when it is
+    due (``save_if_due``) and at the end (``save_final``), and what was written (``summary``).
+
+    `meta`: what every checkpoint of the run records besides the loop's state (run hash, config
+    and its hash, model tables, data); `every_steps` / `every_minutes` / `at_end` / `keep`: the
+    ``train.checkpoint_*`` options. Saving is collective: every rank calls the same methods."""
+
+    def __init__(self, run_dir: Path, meta: Dict[str, Any], every_steps: int, every_minutes: float, at_end: bool,
+                 keep: int, device: torch.device) -> None:
+        self.run_dir, self.meta, self.device = Path(run_dir), meta, device
+        self.every_steps, self.every_s, self.at_end, self.keep = every_steps, every_minutes * 60, at_end, keep
+        self.count, self.seconds, self.bytes, self.path = 0, 0.0, 0, None
+        self.last = time.perf_counter()
+        self.resumed: Optional[Dict[str, Any]] = None
+
+    def start_clock(self) -> None:
+        """The wall-clock trigger counts from here (the loop's start)."""
+        self.last = time.perf_counter()
+
+    def load(self, path: str, dmp, optimizer, state: TrainState, model_name: str) -> Dict[str, Any]:
+        """Load checkpoint `path` into the (sharded) model, its optimizer and `state` (any world size
+        and sharding plan; RNG states too when the world size is the writer's). Returns what the
+        run records as ``checkpoint.resumed``. Collective."""
+        t0 = time.perf_counter()
+        check_compatible(read_meta(Path(path)), model_name, table_shapes(dmp), Path(path))
+        meta, best_weights = load_checkpoint(Path(path), dmp, optimizer)
+        state.load_state_dict(meta["loop"], meta["step"], [r["loss_sum"] for r in meta["ranks"]], dist.get_rank(),
+                              dist.get_world_size(), best_weights)
+        self.resumed = {"from": str(path), "step": state.step, "world_size": meta["world_size"],
+                        "load_s": round(time.perf_counter() - t0, 3)}
+        return self.resumed
+
+    def save_if_due(self, state: TrainState, dmp, optimizer, loss_sum: torch.Tensor, check_clock: bool) -> None:
+        """Save after ``state.step`` when a checkpoint is due: every ``every_steps`` steps, or once
+        ``every_minutes`` have passed since the last one (looked at when `check_clock`, the ranks
+        agreeing by an all-reduce, so that they all save together). `loss_sum`: this rank's loss
+        summed over the epoch's batches so far (read back only when saving). Collective."""
+        due = bool(self.every_steps) and state.step % self.every_steps == 0
+        if self.every_s and check_clock:
+            late = torch.tensor([float(time.perf_counter() - self.last >= self.every_s)], device=self.device)
+            if dist.get_world_size() > 1:
+                dist.all_reduce(late, op=dist.ReduceOp.MAX)
+            due = due or bool(late.item())
+        if due:
+            state.loss_sum = float(loss_sum)
+            self.save(state, dmp, optimizer)
+
+    def save(self, state: TrainState, dmp, optimizer) -> None:
+        """Write ``checkpoints/step_<step>`` now (every rank its shards; rank 0 the loop state)."""
+        written = save_checkpoint(self.run_dir, state.step, dmp, optimizer, state.best_weights,
+                                  {**self.meta, "loop": state.state_dict()}, {"loss_sum": state.loss_sum}, self.keep)
+        self.count, self.seconds = self.count + 1, self.seconds + written["seconds"]
+        self.bytes, self.path, self.last = written["bytes"], written["path"], time.perf_counter()
+        logger.info("checkpoint %s (%.2f s, %.1f MB)", written["path"], written["seconds"], written["bytes"] / 1e6)
+
+    def save_final(self, state: TrainState, dmp, optimizer) -> None:
+        """The end of training: mark the state finished and save it (``train.checkpoint_at_end``),
+        unless the run resumed from a finished checkpoint."""
+        if self.at_end and not state.finished:
+            state.batch, state.loss_sum, state.finished = 0, 0.0, True
+            self.save(state, dmp, optimizer)
+
+    def summary(self) -> Dict[str, Any]:
+        """``metrics["checkpoint"]``: the last checkpoint written, how many, their size and time,
+        and where the run resumed from."""
+        return {"last": self.path, "written": self.count, "bytes": self.bytes, "seconds": round(self.seconds, 3),
+                "resumed": self.resumed}
+
+
+# ---------------------------------------------------------------------------------------------
+# The run config a checkpoint recorded (python -m recsys.evaluate / recsys.export rebuild the run from it)
 # ---------------------------------------------------------------------------------------------
 
 
 def config_from_meta(meta: Dict[str, Any], where: Path) -> Config:
     """The run's typed config, as the checkpoint recorded it (so table sizes match the weights)."""
-    from omegaconf import OmegaConf
-
     try:
         merged = OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.create(meta["config_yaml"]))
         return OmegaConf.to_object(merged)
@@ -564,59 +635,3 @@ def config_from_meta(meta: Dict[str, Any], where: Path) -> Config:
         cause = e.__cause__ or e
         raise CheckpointError(f"checkpoint {where / META}: its config does not fit this version's schema "
                               f"({str(cause).splitlines()[0]})") from None
-
-
-@dataclasses.dataclass
-class Trained:
-    """A checkpoint's model, sharded over the current process group, in eval mode with the weights
-    the run tests and exports (the best validated epoch's when it had a validation split)."""
-
-    cfg: Config
-    meta: Dict[str, Any]
-    path: Path
-    data: Any
-    """The prepared dataset as training reads it (``recsys.sources.open_data``): ``InMemoryData``, or
-    ``StreamedData`` for a dataset prepared for streaming. Its ``setup`` gives the evaluation sets
-    and model inputs, its ``id_rows`` the raw id of each row."""
-    dmp: Any
-    model: Any
-    device: torch.device
-
-
-def load_trained(path: Path, device: str = "auto") -> Trained:
-    """Build the run's model from its newest complete checkpoint (``path``: a run, checkpoints or
-    checkpoint directory) and load it. Joins or creates the process group (collective)."""
-    from recsys.data import DataError, prepare
-    from recsys.parallelize import init_distributed, restore_weights, shard_model
-    from recsys.model import build_task
-    from recsys.sources import data_config, open_data
-
-    ckpt = resolve_checkpoint(Path(path))
-    meta = read_meta(ckpt)
-    cfg = config_from_meta(meta, ckpt)
-    info = init_distributed(device)
-    data_dir = Path(meta.get("data", {}).get("path") or "")
-    if not (data_dir / "manifest.json").is_file():  # moved: prepare it again from the run's data config
-        data_dir, error = None, None
-        if info.rank == 0:
-            try:
-                data_dir = prepare(data_config(cfg))
-            except (DataError, ConfigError) as e:
-                error = e
-        holder = [(data_dir, error)]
-        dist.broadcast_object_list(holder, src=0)
-        data_dir, error = holder[0]
-        if error is not None:
-            raise error
-    data = open_data(cfg, Path(data_dir))  # streamed: never loaded whole (counts, ids and files on demand)
-    task = build_task(cfg, data.num_users, data.num_items, None)
-    world = dist.get_world_size()
-    batch = max(cfg.train.batch_size // world, 1)
-    dmp, _, _ = shard_model(task, info.device, cfg.optim.name, cfg.optim.lr, cfg.optim.eps, cfg.optim.dense_lr,
-                            cfg.train.sharding_types, batch)
-    check_compatible(meta, cfg.model.name, table_shapes(dmp), ckpt)
-    _, best = load_checkpoint(ckpt, dmp, None, load_best=True)
-    if best is not None:
-        restore_weights(dmp, best)
-    dmp.eval()
-    return Trained(cfg, meta, ckpt, data, dmp, dmp.module.model, info.device)

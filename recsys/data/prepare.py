@@ -1,4 +1,4 @@
-"""Data: raw interactions -> a prepared dataset (contiguous rows, vocabularies, split) -> batches.
+"""Preparation: raw interactions -> a prepared dataset (contiguous rows, vocabularies, split).
 
 The canonical input is Parquet with a user id column, an item id column (int or string ids),
 an optional timestamp and an optional weight. ``prepare`` turns it into a directory::
@@ -9,9 +9,11 @@ an optional timestamp and an optional weight. ``prepare`` turns it into a direct
                                         (data.id_mapping=hash: each raw id seen and its hashed ``row``)
         manifest.json                   counts, schema, split, rows dropped and why, "loader"
 
-That is the layout of ``data.loader=memory`` (``Dataset.load`` reads it whole). Large sources
-(``resolve_loader``: from ``data.stream_min_rows`` rows on) are prepared by ``recsys.stream`` in
-two streaming passes into Parquet row groups instead (train/, test/, counts; see its docstring).
+That is the layout of ``data.loader=memory`` (``recsys.data.dataset.Dataset.load`` reads it whole).
+Large sources (``resolve_loader``: from ``data.stream_min_rows`` rows on) are prepared by
+``recsys.data.stream_prepare`` in two streaming passes into Parquet row groups instead (train/,
+test/, counts; see its docstring). ``prepare_everywhere`` is what a multi-rank job calls: rank 0
+prepares (or reuses) the dataset while the others wait for its path.
 
 Every dropped row is counted in the manifest and logged; the policies for bad rows (null ids,
 duplicates, test rows unseen in training) are ``drop`` (counted) or ``error`` (refused, naming the
@@ -30,98 +32,24 @@ import os
 import shutil
 import socket
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, Iterator, Optional, Tuple
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
-import torch
-from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
-from torchrec.streamable import Pipelineable
 
-from recsys.atomic import write_json_atomic, write_parquet_atomic  # noqa: F401 (re-exported)
-from recsys.config import ConfigError, DataConfig
-from recsys.readers import DataError, read_columns, read_lightgcn, read_movielens
-from recsys.stream import collision_stats, hash_rows, parquet_rows, prepare_stream
+from recsys.atomic import write_json_atomic, write_parquet_atomic
+from recsys.config import Config, ConfigError, DataConfig, memory_reason
+from recsys.data.hashing import collision_stats, hash_rows
+from recsys.data.readers import DataError, read_columns, read_lightgcn, read_movielens
+from recsys.data.stream_prepare import parquet_rows, prepare_stream
+from recsys.data.synthetic import synthetic_table
+from recsys.distributed import from_rank0
 
 logger = logging.getLogger(__name__)
 
 PREPARED_VERSION = 1
-USER_FEATURE = "user"
-ITEM_FEATURE = "item"
-HISTORY_FEATURE = "history"
-ITEM_HISTORY_FEATURE = "item_history"
-
-
-# ---------------------------------------------------------------------------------------------
-# Small file helpers
-# ---------------------------------------------------------------------------------------------
-
-
-# ---------------------------------------------------------------------------------------------
-# Synthetic data: planted latent structure and power-law item popularity
-# ---------------------------------------------------------------------------------------------
-
-
-def generate_synthetic(path: Path, *args, **kwargs) -> None:
-    """Write :func:`synthetic_table` (same arguments) to ``path`` as Parquet (atomically)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    write_parquet_atomic(synthetic_table(*args, **kwargs), path)
-
-
-def synthetic_table(
-    num_users: int,
-    num_items: int,
-    num_interactions: int,
-    latent_dim: int,
-    popularity_exponent: float,
-    seed: int,
-    affinity: float = 3.0,
-    user_chunk: int = 2048,
-) -> None:
-    """A seeded implicit-feedback log (user_id int64, item_id string, timestamp int64).
-
-    Each user draws items without replacement from softmax(log popularity + affinity * u.v)
-    (Gumbel top-k), where u, v are planted latent vectors: a dot-product model can learn the
-    structure, a popularity ranking cannot. Raw ids are deliberately not contiguous: user ids
-    are large integers, item ids are strings.
-    """
-    rng = np.random.default_rng(seed)
-    user_vec = rng.standard_normal((num_users, latent_dim)).astype(np.float32) / latent_dim**0.25
-    item_vec = rng.standard_normal((num_items, latent_dim)).astype(np.float32) / latent_dim**0.25
-    log_pop = (-popularity_exponent * np.log(rng.permutation(num_items) + 1.0)).astype(np.float32)
-
-    mean = num_interactions / num_users
-    counts = rng.lognormal(mean=np.log(mean) - 0.5 * 0.6**2, sigma=0.6, size=num_users)
-    counts = np.clip(np.rint(counts * num_interactions / counts.sum()), 2, num_items // 2).astype(np.int64)
-
-    raw_user_ids = np.sort(rng.choice(10 * num_users + 1000, size=num_users, replace=False)).astype(np.int64) + 100_000
-    users, items = [], []
-    for start in range(0, num_users, user_chunk):
-        stop = min(start + user_chunk, num_users)
-        logits = log_pop + affinity * (user_vec[start:stop] @ item_vec.T)
-        logits += rng.gumbel(size=logits.shape).astype(np.float32)
-        k = int(counts[start:stop].max())
-        top = np.argpartition(-logits, k - 1, axis=1)[:, :k]
-        order = np.argsort(-np.take_along_axis(logits, top, axis=1), axis=1)
-        top = np.take_along_axis(top, order, axis=1)
-        keep = np.arange(k)[None, :] < counts[start:stop, None]
-        users.append(np.repeat(np.arange(start, stop), counts[start:stop]))
-        items.append(top[keep])
-    user_rows = np.concatenate(users)
-    item_rows = np.concatenate(items)
-    timestamps = rng.integers(1_600_000_000, 1_632_000_000, size=len(user_rows))
-    item_names = np.array([f"item_{i:07d}" for i in range(num_items)], dtype=object)
-    return pa.table(
-        {
-            "user_id": pa.array(raw_user_ids[user_rows], pa.int64()),
-            "item_id": pa.array(item_names[item_rows], pa.string()),
-            "timestamp": pa.array(timestamps, pa.int64()),
-        }
-    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -205,7 +133,7 @@ def _split_temporal(table: pa.Table, fraction: float, source: str) -> Tuple[pa.T
 
 # DataConfig fields that only tell how the prepared data are read, or how the loader is chosen:
 # not part of a prepared dataset's identity (the resolved loader is, for streamed datasets).
-_READ_ONLY_FIELDS = ("loader", "stream_min_rows", "row_group_size", "num_workers", "shuffle_buffer")
+READ_ONLY_FIELDS = ("loader", "stream_min_rows", "row_group_size", "num_workers", "shuffle_buffer")
 
 
 def _stream_unsupported(cfg: DataConfig) -> Optional[str]:
@@ -230,7 +158,7 @@ def source_rows(cfg: DataConfig) -> Optional[int]:
     return None
 
 
-def resolve_loader(cfg: DataConfig, memory_reason: Optional[str] = None) -> str:
+def resolve_loader(cfg: DataConfig, memory_reason: Optional[str] = None, quiet: bool = False) -> str:
     """``memory`` or ``stream``: how the dataset of `cfg` is prepared and read (data.loader).
 
     ``auto`` streams a synthetic or Parquet source of at least ``data.stream_min_rows`` rows (the
@@ -249,8 +177,9 @@ def resolve_loader(cfg: DataConfig, memory_reason: Optional[str] = None) -> str:
         return "memory"
     why = memory_reason or _stream_unsupported(cfg)
     if why:
-        logger.warning("%d source rows (data.stream_min_rows=%d), but the memory loader is used: %s", rows,
-                       cfg.stream_min_rows, why)
+        if not quiet:
+            logger.warning("%d source rows (data.stream_min_rows=%d), but the memory loader is used: %s", rows,
+                           cfg.stream_min_rows, why)
         return "memory"
     return "stream"
 
@@ -258,7 +187,7 @@ def resolve_loader(cfg: DataConfig, memory_reason: Optional[str] = None) -> str:
 def _fingerprint(cfg: DataConfig, loader: str = "memory") -> str:
     fields = dataclasses.asdict(cfg)
     fields.pop("root")
-    for key in _READ_ONLY_FIELDS:
+    for key in READ_ONLY_FIELDS:
         fields.pop(key)
     if loader == "stream":
         fields["loader"] = loader
@@ -283,7 +212,7 @@ def prepare(cfg: DataConfig, progress: Optional[bool] = None) -> Path:
 
     ``data.loader`` (``resolve_loader``) picks the layout: ``memory`` (train.parquet, test.parquet,
     ...; read whole by ``Dataset.load``) or ``stream`` (row groups, counts and vocabularies
-    written by ``recsys.stream.prepare_stream`` in two passes over the source, never holding it;
+    written by ``recsys.data.stream_prepare.prepare_stream`` in two passes over the source, never holding it;
     `progress`: its tqdm bars, None: on a terminal only).
 
     Memory: everything is read, checked and split in memory first, so bad input (a
@@ -318,7 +247,7 @@ def prepare(cfg: DataConfig, progress: Optional[bool] = None) -> Path:
 
 
 def _prepare_streamed(cfg: DataConfig, out: Path, progress: Optional[bool]) -> Path:
-    """The streaming layout (recsys.stream), written into a temporary directory and renamed. On
+    """The streaming layout (recsys.data.stream_prepare), written into a temporary directory and renamed. On
     bad input (DataError) the temporary directory goes, and so do ``data.root`` and its parents
     that this call created, when empty."""
     t0 = time.perf_counter()
@@ -532,313 +461,22 @@ def _prepare_tables(cfg: DataConfig) -> Tuple[Dict[str, pa.Table], dict]:
     }
 
 
-# ---------------------------------------------------------------------------------------------
-# The prepared dataset in memory
-# ---------------------------------------------------------------------------------------------
+def loader_config(cfg: DataConfig, memory_reason: Optional[str] = None, quiet: bool = False) -> DataConfig:
+    """`cfg` with ``data.loader`` resolved (``auto`` -> ``memory`` or ``stream``, see
+    ``resolve_loader``): what ``prepare`` and ``prepared_dir`` then agree on. `memory_reason`:
+    why the caller needs the dataset in memory (``recsys.config.memory_reason``), if it does."""
+    return dataclasses.replace(cfg, loader=resolve_loader(cfg, memory_reason, quiet))
 
 
-@dataclass
-class CSR:
-    """Per-user item lists: items of user rows[i] are indices[indptr[i]:indptr[i+1]]."""
-
-    indptr: np.ndarray
-    indices: np.ndarray
-
-    @staticmethod
-    def from_pairs(users: np.ndarray, items: np.ndarray, num_users: int) -> "CSR":
-        order = np.lexsort((items, users))
-        counts = np.bincount(users, minlength=num_users)
-        return CSR(np.concatenate([[0], np.cumsum(counts)]).astype(np.int64), items[order].astype(np.int64))
-
-    def counts(self) -> np.ndarray:
-        return np.diff(self.indptr)
+def data_config(cfg: Config, quiet: bool = False) -> DataConfig:
+    """The run's data config with ``data.loader`` resolved for its model (history bags and stacking
+    need the memory loader): the dataset that training, the dry run, ``recsys.prepare`` and the
+    run hash of `cfg` all mean. `quiet`: do not log why a large source is read in memory."""
+    return loader_config(cfg.data, memory_reason(cfg), quiet)
 
 
-def _grouped(keys: np.ndarray, values: np.ndarray, num_rows: int, max_len: int, keep_last: bool) -> CSR:
-    """CSR of `values` grouped by `keys` (their given order kept within a row), each row cut to
-    its last (`keep_last`) or first `max_len` values (0: all)."""
-    order = np.argsort(keys, kind="stable")
-    values = values[order]
-    counts = np.bincount(keys, minlength=num_rows)
-    if max_len > 0:
-        pos = np.arange(len(values)) - np.repeat(np.cumsum(counts) - counts, counts)
-        values = values[pos >= np.repeat(counts, counts) - max_len] if keep_last else values[pos < max_len]
-        counts = np.minimum(counts, max_len)
-    return CSR(np.concatenate([[0], np.cumsum(counts)]).astype(np.int64), values.astype(np.int64))
-
-
-@dataclass
-class Dataset:
-    """A prepared dataset in memory (rows, not raw ids).
-
-    ``train_*`` hold every training interaction in time order (by timestamp when the data has
-    one, else in file order); ``valid`` marks the ones held out for model selection (all False
-    without ``data.valid_fraction``). The model trains on the others (``fit_pairs``)."""
-
-    path: Path
-    num_users: int
-    num_items: int
-    train_users: np.ndarray
-    train_items: np.ndarray
-    valid: np.ndarray
-    test_users: np.ndarray
-    test_items: np.ndarray
-    manifest: dict
-
-    @staticmethod
-    def load(path: Path) -> "Dataset":
-        path = Path(path)
-        manifest = json.loads((path / "manifest.json").read_text())
-        if manifest.get("loader") == "stream":
-            raise ValueError(f"{path}: a streamed dataset (data.loader=stream) is read in row groups by the streaming "
-                             "loader, not loaded whole")
-        train = pq.read_table(path / "train.parquet")
-        if "timestamp" in train.column_names:
-            train = train.take(np.argsort(train["timestamp"].to_numpy(), kind="stable"))
-        test = pq.read_table(path / "test.parquet", columns=["user", "item"])
-        valid = (train["valid"].to_numpy(zero_copy_only=False) if "valid" in train.column_names
-                 else np.zeros(len(train), dtype=bool))
-        return Dataset(
-            path=path,
-            num_users=manifest["counts"]["num_users"],
-            num_items=manifest["counts"]["num_items"],
-            train_users=train["user"].to_numpy(),
-            train_items=train["item"].to_numpy(),
-            valid=valid,
-            test_users=test["user"].to_numpy(),
-            test_items=test["item"].to_numpy(),
-            manifest=manifest,
-        )
-
-    @property
-    def has_valid(self) -> bool:
-        return bool(self.valid.any())
-
-    def fit_pairs(self) -> Tuple[np.ndarray, np.ndarray]:
-        """(users, items) the model trains on: the training split less the validation holdout."""
-        keep = ~self.valid
-        return self.train_users[keep], self.train_items[keep]
-
-    def train_csr(self, include_valid: bool = True) -> CSR:
-        """Known interactions to mask when ranking (the test: all; the validation: fit only)."""
-        if include_valid:
-            return CSR.from_pairs(self.train_users, self.train_items, self.num_users)
-        return CSR.from_pairs(*self.fit_pairs(), self.num_users)
-
-    def valid_csr(self) -> CSR:
-        return CSR.from_pairs(self.train_users[self.valid], self.train_items[self.valid], self.num_users)
-
-    def test_csr(self) -> CSR:
-        return CSR.from_pairs(self.test_users, self.test_items, self.num_users)
-
-    def history(self, include_valid: bool, max_len: int = 0) -> CSR:
-        """Each user's training items in time order, the most recent `max_len` (0: all)."""
-        keep = np.ones(len(self.valid), dtype=bool) if include_valid else ~self.valid
-        return _grouped(self.train_users[keep], self.train_items[keep], self.num_users, max_len, keep_last=True)
-
-    def item_history(self, include_valid: bool, max_len: int = 0, seed: int = 0) -> CSR:
-        """Each item's users (a fixed seeded random `max_len` of them when capped; 0: all)."""
-        keep = np.ones(len(self.valid), dtype=bool) if include_valid else ~self.valid
-        items, users = self.train_items[keep], self.train_users[keep]
-        key = np.random.default_rng(seed).random(len(items)) if max_len > 0 else users
-        order = np.argsort(key, kind="stable")  # random (capped) or user order within each item
-        return _grouped(items[order], users[order], self.num_items, max_len, keep_last=False)
-
-    def item_counts(self, include_valid: bool = True) -> np.ndarray:
-        items = self.train_items if include_valid else self.fit_pairs()[1]
-        return np.bincount(items, minlength=self.num_items)
-
-    def vocab(self, which: str) -> pa.Array:
-        """Raw ids of the embedding rows: ``which`` is ``users`` or ``items``. Not with
-        ``data.id_mapping=hash`` (a row may hold several ids, or none): use ``id_rows``."""
-        if self.manifest.get("id_mapping") == "hash":
-            raise ValueError(f"{self.path}: data.id_mapping=hash has no row -> id vocabulary; use id_rows({which!r})")
-        return id_rows(self.path, which)[0]
-
-    def id_rows(self, which: str) -> Tuple[pa.Array, np.ndarray]:
-        """(raw ids, their rows) of ``users`` or ``items`` (see ``id_rows``)."""
-        return id_rows(self.path, which)
-
-
-def id_rows(path: Path, which: str) -> Tuple[pa.Array, np.ndarray]:
-    """(raw ids, their embedding rows) of a prepared dataset (either layout), ``which`` being
-    ``users`` or ``items``: vocab / identity: every row and its id (rows 0..N-1); hash: every raw
-    id seen in training and its hashed row (rows may repeat). The vector of raw id ids[k] is
-    row rows[k] of the table."""
-    column = {"users": "user_id", "items": "item_id"}[which]
-    table = pq.read_table(Path(path) / f"{which}.parquet")
-    ids = table[column].combine_chunks()
-    rows = table["row"].to_numpy() if "row" in table.column_names else np.arange(len(ids), dtype=np.int64)
-    return ids, rows
-
-
-# ---------------------------------------------------------------------------------------------
-# Batches
-# ---------------------------------------------------------------------------------------------
-
-
-@dataclass
-class Batch(Pipelineable):
-    """Model inputs for one rank's share of a step (or for a chunk of users or items to score).
-
-    ``users`` holds feature ``user`` (B user rows) and, when the history has its own table,
-    ``history``; ``items`` holds feature ``item`` (B positive rows followed by N negatives) and,
-    when the history shares the item table, ``history`` (padded with empty bags to the same
-    length). ``user_ids``/``item_ids`` are the same rows as dense tensors (the loss masks
-    accidental hits with them); ``history_counts`` the length of each user's bag."""
-
-    users: KeyedJaggedTensor
-    items: KeyedJaggedTensor
-    user_ids: torch.Tensor
-    item_ids: torch.Tensor
-    history_counts: torch.Tensor
-    item_history_counts: torch.Tensor
-
-    def to(self, device: torch.device, non_blocking: bool = False) -> "Batch":
-        return Batch(
-            users=self.users.to(device=device, non_blocking=non_blocking),
-            items=self.items.to(device=device, non_blocking=non_blocking),
-            user_ids=self.user_ids.to(device=device, non_blocking=non_blocking),
-            item_ids=self.item_ids.to(device=device, non_blocking=non_blocking),
-            history_counts=self.history_counts.to(device=device, non_blocking=non_blocking),
-            item_history_counts=self.item_history_counts.to(device=device, non_blocking=non_blocking),
-        )
-
-    def record_stream(self, stream: torch.Stream) -> None:
-        self.users.record_stream(stream)
-        self.items.record_stream(stream)
-        self.user_ids.record_stream(stream)
-        self.item_ids.record_stream(stream)
-        self.history_counts.record_stream(stream)
-        self.item_history_counts.record_stream(stream)
-
-    def pin_memory(self) -> "Batch":
-        return Batch(self.users.pin_memory(), self.items.pin_memory(), self.user_ids.pin_memory(),
-                     self.item_ids.pin_memory(), self.history_counts.pin_memory(),
-                     self.item_history_counts.pin_memory())
-
-
-def gather_rows_csr(csr: CSR, rows: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
-    """(lengths, concatenated values) of the given CSR rows, vectorised."""
-    starts, stops = csr.indptr[rows], csr.indptr[rows + 1]
-    lengths = stops - starts
-    total = int(lengths.sum())
-    offsets = np.arange(total) - np.repeat(np.cumsum(lengths) - lengths, lengths)
-    return lengths, csr.indices[np.repeat(starts, lengths) + offsets]
-
-
-class Features:
-    """Builds model inputs (KJTs) from user/item rows, vectorised.
-
-    Without a history this is matrix factorisation's single-hot ``user`` and ``item`` features.
-    With one (a CSR of each user's items), each user row also carries the multi-hot ``history``
-    bag, looked up in the item table (``shared``) or in a table of its own. With an
-    ``item_history`` (a CSR of each item's users), each item row carries the ``item_history`` bag."""
-
-    def __init__(self, history: Optional[CSR] = None, shared: bool = True, dropout: float = 0.0,
-                 exclude_target: bool = False, item_history: Optional[CSR] = None) -> None:
-        self.history = history
-        self.item_history = item_history
-        self.shared = shared
-        self.dropout = dropout
-        self.exclude_target = exclude_target
-
-    def _bags(self, users: np.ndarray, targets: Optional[np.ndarray], rng: Optional[np.random.Generator]):
-        lengths, values = gather_rows_csr(self.history, np.asarray(users, dtype=np.int64))
-        if rng is None or (self.dropout == 0 and not self.exclude_target):
-            return lengths, values
-        # Training only: drop the row's own positive from its bag, and/or a random share of the bag.
-        row = np.repeat(np.arange(len(users)), lengths)
-        keep = np.ones(len(values), dtype=bool)
-        if self.exclude_target and targets is not None:
-            keep &= values != targets[row]
-        if self.dropout > 0:
-            keep &= rng.random(len(values)) >= self.dropout
-        return np.bincount(row[keep], minlength=len(users)), values[keep]
-
-    def batch(self, users: np.ndarray, items: np.ndarray, rng: Optional[np.random.Generator] = None) -> Batch:
-        """Inputs for user rows `users` and item rows `items` (either may be empty).
-
-        `rng` marks a training batch (the first len(users) items are the users' positives):
-        history dropout and target exclusion apply only then."""
-        users = np.asarray(users, dtype=np.int64)
-        items = np.asarray(items, dtype=np.int64)
-        user_ids, item_ids = torch.from_numpy(users), torch.from_numpy(items)
-        user_features = [(USER_FEATURE, np.ones(len(users), dtype=np.int64), users)]
-        item_features = [(ITEM_FEATURE, np.ones(len(items), dtype=np.int64), items)]
-        counts = np.zeros(len(users))
-        item_counts = np.zeros(len(items))
-        if self.history is not None:
-            counts, values = self._bags(users, items[: len(users)], rng)
-            # shared: the bag is looked up in the item table, so it rides in the item KJT
-            (item_features if self.shared else user_features).append((HISTORY_FEATURE, counts, values))
-        if self.item_history is not None:
-            item_counts, values = gather_rows_csr(self.item_history, items)
-            item_features.append((ITEM_HISTORY_FEATURE, item_counts, values))
-        return Batch(_kjt(user_features), _kjt(item_features), user_ids, item_ids,
-                     torch.from_numpy(np.asarray(counts, dtype=np.float32)),
-                     torch.from_numpy(np.asarray(item_counts, dtype=np.float32)))
-
-
-def _kjt(features) -> KeyedJaggedTensor:
-    """One KJT from (key, lengths, values) triples; shorter features are padded with empty rows
-    so that every key has the same number of rows (the KJT's stride)."""
-    stride = max(len(lengths) for _, lengths, _ in features)
-    all_lengths = []
-    for _, lengths, _ in features:
-        padded = np.zeros(stride, dtype=np.int32)
-        padded[: len(lengths)] = lengths
-        all_lengths.append(padded)
-    return KeyedJaggedTensor(keys=[k for k, _, _ in features],
-                             values=torch.from_numpy(np.concatenate([v for _, _, v in features]).astype(np.int64)),
-                             lengths=torch.from_numpy(np.concatenate(all_lengths)))
-
-
-class TrainBatches:
-    """Shuffled training batches of one epoch for one rank.
-
-    All ranks draw the same seeded permutation of the interactions (and the same uniform
-    negatives) and each takes its slice of every global batch, so every rank yields the same
-    number of batches and the step-t global batch does not depend on the world size. The last `num_interactions % global_batch`
-    interactions of each epoch's permutation (a different set every epoch) are not used.
-    """
-
-    def __init__(
-        self,
-        users: np.ndarray,
-        items: np.ndarray,
-        num_items: int,
-        global_batch: int,
-        num_negatives: int,
-        rank: int,
-        world_size: int,
-        seed: int,
-        epoch: int,
-        max_batches: Optional[int] = None,
-        features: Optional[Features] = None,
-    ) -> None:
-        if global_batch % world_size:
-            raise ValueError(f"train.batch_size={global_batch} is not divisible by the world size {world_size}")
-        if num_negatives % world_size:
-            raise ValueError(f"loss.num_negatives={num_negatives} is not divisible by the world size {world_size}")
-        self.users, self.items, self.num_items = users, items, num_items
-        self.global_batch, self.local_batch = global_batch, global_batch // world_size
-        self.local_negatives = num_negatives // world_size
-        self.rank, self.world_size, self.seed, self.epoch = rank, world_size, seed, epoch
-        self.features = features or Features()
-        n = len(users) // global_batch
-        self.num_batches = n if max_batches is None else min(n, max_batches)
-
-    def __len__(self) -> int:
-        return self.num_batches
-
-    def __iter__(self) -> Iterator[Batch]:
-        perm = np.random.default_rng([self.seed, self.epoch]).permutation(len(self.users))
-        neg_rng = np.random.default_rng([self.seed, self.epoch, 1])
-        bag_rng = np.random.default_rng([self.seed, self.epoch, 2, self.rank])
-        n = self.local_negatives
-        for step in range(self.num_batches):
-            start = step * self.global_batch + self.rank * self.local_batch
-            idx = perm[start : start + self.local_batch]
-            negatives = neg_rng.integers(0, self.num_items, size=n * self.world_size)[self.rank * n : (self.rank + 1) * n]
-            yield self.features.batch(self.users[idx], np.concatenate([self.items[idx], negatives]), bag_rng)
+def prepare_everywhere(cfg: Config, progress: Optional[bool] = None) -> Path:
+    """The run's dataset (``data_config``) resolved and prepared by rank 0 while the other ranks wait
+    (``train.timeout_minutes``); its directory on every rank (a ``DataError`` or ``ConfigError`` on
+    every rank)."""
+    return Path(from_rank0(lambda: str(prepare(data_config(cfg), progress)), DataError, ConfigError))

@@ -46,7 +46,8 @@ import numpy as np
 import pyarrow.parquet as pq
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from recsys.data import Batch, Features
+from recsys.data.batches import BatchOptions
+from recsys.data.features import Batch, Features
 
 logger = logging.getLogger(__name__)
 
@@ -320,38 +321,18 @@ class StreamBatches:
     consecutive steps at a time; this process builds each step's ``Batch`` (``features``) and,
     with ``pin_memory`` (CUDA only), pins it for the pipeline's non-blocking copy."""
 
-    def __init__(
-        self,
-        pieces: Pieces,
-        num_items: int,
-        global_batch: int,
-        num_negatives: int,
-        rank: int,
-        world_size: int,
-        seed: int,
-        epoch: int,
-        num_workers: int = 1,
-        shuffle_buffer: int = 1_000_000,
-        skip: int = 0,
-        max_batches: Optional[int] = None,
-        pin_memory: bool = False,
-        features: Optional[Features] = None,
-        chunk: int = 16,
-    ) -> None:
-        if global_batch % world_size:
-            raise ValueError(f"train.batch_size={global_batch} is not divisible by the world size {world_size}")
-        if num_negatives % world_size:
-            raise ValueError(f"loss.num_negatives={num_negatives} is not divisible by the world size {world_size}")
-        self.steps = steps_per_epoch(pieces, global_batch)
-        self.unused = pieces.total_fit - self.steps * global_batch
+    def __init__(self, pieces: Pieces, num_items: int, options: BatchOptions, epoch: int, skip: int = 0,
+                 max_batches: Optional[int] = None, features: Optional[Features] = None, chunk: int = 16) -> None:
+        o = options
+        self.steps = steps_per_epoch(pieces, o.global_batch)
+        self.unused = pieces.total_fit - self.steps * o.global_batch
         stop = self.steps if max_batches is None else min(self.steps, max_batches)
         self.skip = min(skip, stop)
         self.num_batches = stop - self.skip
-        self.num_workers, self.pin_memory = num_workers, pin_memory
+        self.num_workers, self.pin_memory = o.num_workers, o.pin_memory
         self.features = features or Features()
-        self.dataset = _EpochStream(pieces, num_items, global_batch // world_size, num_negatives, rank, world_size,
-                                    seed, epoch, max(num_workers, 1), shuffle_buffer, self.skip, stop, self.steps,
-                                    chunk)
+        self.dataset = _EpochStream(pieces, num_items, o.local_batch, o.num_negatives, o.rank, o.world_size, o.seed,
+                                    epoch, max(o.num_workers, 1), o.shuffle_buffer, self.skip, stop, self.steps, chunk)
 
     def __len__(self) -> int:
         return self.num_batches

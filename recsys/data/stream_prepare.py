@@ -1,8 +1,8 @@
-"""Streaming data: a synthetic log written in row groups, and a prepare that never holds the log.
+"""The streaming preparation: two passes over the source that never hold the log.
 
-Used when ``data.loader`` resolves to ``stream`` (``recsys.data.resolve_loader``). Memory stays
+Used when ``data.loader`` resolves to ``stream`` (``recsys.data.prepare.resolve_loader``). Memory stays
 bounded by the number of distinct ids (the vocabularies and the per-row counts), never by the
-number of interactions. The prepared directory (``recsys.data.prepared_dir``) holds::
+number of interactions. The prepared directory (``recsys.data.prepare.prepared_dir``) holds::
 
     train/part-00000.parquet ...   user, item (int64 rows)[, valid (bool)][, timestamp][, weight];
                                    row groups of data.row_group_size rows
@@ -19,27 +19,17 @@ number of interactions. The prepared directory (``recsys.data.prepared_dir``) ho
     test_user_counts.npy           test interactions per user row
     manifest.json                  as the in-memory prepare's, plus "loader": "stream" (and "hash")
 
-Three pieces, top to bottom:
-
-- **Hashing.** A 64-bit hash of each raw id (splitmix64's finaliser on integer ids, SipHash on the
-  UTF-8 of string ids) that does not depend on the file, the rank, the run or the batch. It gives
-  the split (an interaction is test iff hash(user, item, seed) < test_fraction, so the repeats of
-  a pair land on one side) and, with ``data.id_mapping=hash``, the rows (hash(id, seed) mod the
-  table size; the in-memory prepare uses the same function).
-- **The synthetic generator** (``generate_stream``): an event log (with replacement: a user may
-  take an item several times) of planted clusters and Zipf popularity, written chunk by chunk.
-- **The streaming prepare** (``prepare_stream``): the files' schemas are checked first; pass 1
-  streams the rows once, deciding the split per row and collecting the distinct training ids
-  (the vocabulary); pass 2 encodes every row through a ``pandas.Index`` built once and writes
-  the row groups and the counts.
+Two passes over the source (its files' schemas checked first): pass 1 streams the rows once,
+deciding the split per row (``recsys.data.hashing.split_masks``) and collecting the distinct
+training ids (the vocabulary); pass 2 encodes every row through a ``pandas.Index`` built once and
+writes the row groups and the counts. ``data=synthetic`` first writes its event log
+(``recsys.data.synthetic.generate_stream``).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
-import math
-import os
 import shutil
 import time
 from dataclasses import dataclass
@@ -56,227 +46,14 @@ from tqdm import tqdm
 
 from recsys.atomic import write_json_atomic, write_parquet_atomic
 from recsys.config import DataConfig
-from recsys.readers import ROLE_WORD, DataError, _first_true, _one_line, column_roles, source_files
+from recsys.data.hashing import collision_stats, id_hash, rows_from_hash, split_masks
+from recsys.data.readers import ROLE_WORD, DataError, _first_true, _one_line, column_roles, source_files
+from recsys.data.synthetic import GROUPS_PER_FILE, generate_stream
 
 logger = logging.getLogger(__name__)
 
 BATCH_ROWS = 1 << 18
 """Rows per batch read from the source (each pass holds a few such batches at a time)."""
-GROUPS_PER_FILE = 16
-"""Row groups per prepared part file."""
-
-
-# ---------------------------------------------------------------------------------------------
-# Hashing: stable across files, ranks, runs
-# ---------------------------------------------------------------------------------------------
-
-_MASK = (1 << 64) - 1
-_C1 = np.uint64(0xBF58476D1CE4E5B9)
-_C2 = np.uint64(0x94D049BB133111EB)
-_SIPHASH_KEY = "0123456789123456"  # SipHash's key for string ids (pandas' default, pinned here)
-_ROWS, _SPLIT = 1, 2  # purposes of the seeded keys
-
-
-def _mix64(x: np.ndarray, inplace: bool = False) -> np.ndarray:
-    """splitmix64's finaliser on uint64 (a bijection that scrambles every bit); a new array
-    unless `inplace`."""
-    x = x if inplace else x.copy()
-    t = np.empty_like(x)
-    for shift, mult in ((30, _C1), (27, _C2), (31, None)):
-        np.right_shift(x, np.uint64(shift), out=t)
-        x ^= t
-        if mult is not None:
-            x *= mult
-    return x
-
-
-def _key(seed: int, purpose: int) -> np.uint64:
-    """A 64-bit key for (seed, purpose)."""
-    raw = (seed * 0x9E3779B97F4A7C15 + purpose * 0xD1B54A32D192ED03 + 0x2545F4914F6CDD1D) & _MASK
-    return _mix64(np.array([raw], dtype=np.uint64))[0]
-
-
-def id_hash(ids) -> np.ndarray:
-    """uint64 hash of each raw id (integer or string Arrow array, no nulls), seed-independent:
-    integer ids through splitmix64 (int32 and int64 of one value agree), string ids through
-    SipHash of their UTF-8 bytes (each distinct string of the batch hashed once)."""
-    if isinstance(ids, pa.ChunkedArray):
-        ids = ids.combine_chunks()
-    if pa.types.is_integer(ids.type):
-        return _mix64(ids.cast(pa.int64()).to_numpy().view(np.uint64))  # a copy: Arrow's buffer stays
-    encoded = pc.dictionary_encode(ids)
-    strings = encoded.dictionary.to_numpy(zero_copy_only=False)
-    hashes = _mix64(pd.util.hash_array(strings, encoding="utf8", hash_key=_SIPHASH_KEY, categorize=False), True)
-    return hashes[encoded.indices.to_numpy()]
-
-
-def rows_from_hash(hashes: np.ndarray, seed: int, num_rows: int) -> np.ndarray:
-    """Rows of ``data.id_mapping=hash``: hash(id, seed) mod num_rows (int64)."""
-    x = _mix64(hashes ^ _key(seed, _ROWS), inplace=True)
-    x %= np.uint64(num_rows)
-    return x.view(np.int64)
-
-
-def hash_rows(ids, seed: int, num_rows: int) -> np.ndarray:
-    """The row of each raw id with ``data.id_mapping=hash`` (same id -> same row, in every file and run)."""
-    return rows_from_hash(id_hash(ids), seed, num_rows)
-
-
-def _pair_uniform(user_hash: np.ndarray, item_hash: np.ndarray, seed: int) -> np.ndarray:
-    """A uniform [0, 1) number per (user, item) pair, seeded."""
-    x = item_hash * _C2  # odd multiplier: a bijection, so (u, i) and (i, u) differ
-    x ^= user_hash
-    x ^= _key(seed, _SPLIT)
-    _mix64(x, inplace=True)
-    x >>= np.uint64(11)
-    return x.astype(np.float64) * (1.0 / (1 << 53))
-
-
-def split_masks(user_hash: np.ndarray, item_hash: np.ndarray, seed: int, test_fraction: float,
-                valid_fraction: float) -> Tuple[np.ndarray, np.ndarray]:
-    """(is_test, is_valid) per row: test iff hash(user, item, seed) < test_fraction; validation iff
-    a train row with hash(user, item, seed + 1) < valid_fraction. Every repeat of a pair falls
-    on the same side."""
-    is_test = _pair_uniform(user_hash, item_hash, seed) < test_fraction
-    if valid_fraction <= 0:
-        return is_test, np.zeros(len(is_test), dtype=bool)
-    return is_test, ~is_test & (_pair_uniform(user_hash, item_hash, seed + 1) < valid_fraction)
-
-
-def collision_stats(rows: np.ndarray) -> Dict[str, float]:
-    """Collisions of hashed rows, one row per distinct id: ``collision_rate`` = 1 - rows_used /
-    distinct_ids (the share of ids that do not get a row of their own); ``ids_sharing_a_row``:
-    the ids whose row holds another id too."""
-    used, counts = np.unique(rows, return_counts=True)
-    n = len(rows)
-    return {"distinct_ids": int(n), "rows_used": int(len(used)),
-            "collision_rate": float(1.0 - len(used) / n) if n else 0.0,
-            "ids_sharing_a_row": int(counts[counts > 1].sum())}
-
-
-# ---------------------------------------------------------------------------------------------
-# Synthetic event log, streamed
-# ---------------------------------------------------------------------------------------------
-
-GEN_CHUNK = 1 << 18
-"""Rows generated (and written as one row group) at a time; fixed so the data do not depend on it."""
-_FAVOURITES = (0.6, 0.3, 0.1)  # how a user's personal share divides over their 3 favourite clusters
-_ACTIVITY = 1.25  # user index = floor(U * u ** _ACTIVITY): the lower indices are more active
-
-
-def _coprime_step(n: int) -> int:
-    """A multiplier coprime with n near n / golden ratio: i -> (a * i) mod n permutes [0, n)."""
-    a = max(1, int(n * 0.6180339887)) | 1
-    while math.gcd(a, n) != 1:
-        a += 2
-    return a
-
-
-class _InverseCdf:
-    """``np.searchsorted(keys, q, side="right")`` for sorted `keys` and queries in [lo, hi), by a
-    guide table (the cutpoint method): each of `cells` equal cells of [lo, hi) points at the
-    answer for its start, from which a vectorised forward scan finishes (a step or two on
-    average): two memory accesses per query instead of a binary search's log2(len(keys))."""
-
-    def __init__(self, keys: np.ndarray, lo: float, hi: float, cells: int) -> None:
-        self.keys = np.append(keys, np.inf)  # the scan stops at the end
-        self.lo, self.scale, self.cells = lo, cells / (hi - lo), cells
-        starts = lo + (np.arange(cells) - 1e-6) / self.scale  # a hair early: the scan only moves forward
-        self.guide = np.searchsorted(keys, starts, side="right")
-
-    def __call__(self, q: np.ndarray) -> np.ndarray:
-        cell = np.clip(((q - self.lo) * self.scale).astype(np.int64), 0, self.cells - 1)
-        pos = self.guide[cell]
-        todo = np.flatnonzero(self.keys[pos] <= q)
-        while len(todo):
-            pos[todo] += 1
-            todo = todo[self.keys[pos[todo]] <= q[todo]]
-        return pos
-
-
-def generate_stream(path: Path, num_users: int, num_items: int, num_interactions: int, latent_dim: int,
-                    popularity_exponent: float, affinity: float, seed: int, chunk_rows: int = GEN_CHUNK,
-                    chunks_per_file: int = GROUPS_PER_FILE, progress: Optional[bool] = None) -> int:
-    """Write a seeded synthetic event log of exactly ``num_interactions`` rows into the directory
-    ``path`` (``part-00000.parquet``, ...; columns ``user_id`` int64, ``item_id`` int64,
-    ``timestamp`` int64, rows in time order), one row group of ``chunk_rows`` rows at a time;
-    memory O(num_items + chunk_rows), whatever the number of rows. Returns the number of rows.
-
-    The planted structure: items fall in ``4 * latent_dim`` clusters (round robin over a seeded
-    permutation) and have Zipf popularity (``popularity_exponent``); each user has three
-    favourite clusters (a seeded hash of the user) and takes an item from them with probability
-    affinity / (1 + affinity) (0.6 / 0.3 / 0.1 among the three, the item by popularity within
-    the cluster), else an item by global popularity. A dot-product model can learn the clusters;
-    popularity alone cannot. Users are drawn with skewed activity; raw ids are not contiguous.
-    Sampling with replacement (an event log): a user may take an item several times.
-    The directory is written under a temporary name and renamed when complete."""
-    path = Path(path)
-    rng = np.random.default_rng([seed, 0])
-    num_clusters = max(1, min(4 * latent_dim, num_items))
-    cluster = rng.permutation(num_items) % num_clusters  # every cluster has an item
-    weight = (rng.permutation(num_items) + 1.0) ** -popularity_exponent
-    order = np.argsort(cluster, kind="stable")  # items grouped by cluster
-    sorted_cluster = cluster[order]
-    cum = np.cumsum(weight[order])
-    starts = np.searchsorted(sorted_cluster, np.arange(num_clusters))
-    before = np.concatenate([[0.0], cum])[starts][sorted_cluster]  # cumulative weight before the cluster
-    totals = np.bincount(sorted_cluster, weights=weight[order], minlength=num_clusters)[sorted_cluster]
-    cluster_key = sorted_cluster + (cum - before) / totals  # in (c, c + 1] within cluster c
-    last = np.r_[sorted_cluster[1:] != sorted_cluster[:-1], True]
-    cluster_key[last] = sorted_cluster[last] + 1.0
-    global_cdf = np.cumsum(weight) / weight.sum()
-    in_cluster = _InverseCdf(cluster_key, 0.0, float(num_clusters), num_items)
-    by_popularity = _InverseCdf(global_cdf, 0.0, 1.0, num_items)
-    personal = affinity / (1.0 + affinity)
-    component_cdf = np.cumsum([personal * f for f in _FAVOURITES])
-    favourite_keys = np.array([_key(seed, 100 + j) for j in range(len(_FAVOURITES))], dtype=np.uint64)
-    user_step = _coprime_step(num_users)
-
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    schema = pa.schema([("user_id", pa.int64()), ("item_id", pa.int64()), ("timestamp", pa.int64())])
-    num_chunks = -(-num_interactions // chunk_rows)
-    writer = None
-    try:
-        with tqdm(total=num_interactions, unit=" rows", unit_scale=True, desc="synthetic log", disable=progress
-                  if progress is None else not progress) as bar:
-            for k in range(num_chunks):
-                if k % chunks_per_file == 0:
-                    if writer is not None:
-                        writer.close()
-                    writer = pq.ParquetWriter(tmp / f"part-{k // chunks_per_file:05d}.parquet", schema,
-                                              compression="none", use_dictionary=False)  # read once: write fast
-                start, stop = k * chunk_rows, min((k + 1) * chunk_rows, num_interactions)
-                n = stop - start
-                crng = np.random.default_rng([seed, 1, k])
-                draws = crng.random((3, n))
-                index = np.minimum((num_users * draws[0] ** _ACTIVITY).astype(np.int64), num_users - 1)
-                user = (index * user_step) % num_users  # activity not tied to the id order
-                component = np.searchsorted(component_cdf, draws[1], side="right")
-                personal_rows = component < len(_FAVOURITES)
-                item = np.empty(n, dtype=np.int64)
-                u_hash = _mix64(user[personal_rows].view(np.uint64), inplace=True)
-                u_hash ^= favourite_keys[component[personal_rows]]
-                fav = _mix64(u_hash, inplace=True) % np.uint64(num_clusters)
-                pos = in_cluster(fav.astype(np.float64) + draws[2][personal_rows])
-                item[personal_rows] = order[np.minimum(pos, num_items - 1)]
-                item[~personal_rows] = np.minimum(by_popularity(draws[2][~personal_rows]), num_items - 1)
-                table = pa.table({
-                    "user_id": 1_000_000_000 + (user * 2654435761) % (1 << 31),
-                    "item_id": 7_000_000_000 + (item * 2246822519) % (1 << 31),
-                    "timestamp": 1_600_000_000 + (np.arange(start, stop) * 32_000_000) // max(num_interactions, 1),
-                }, schema=schema)
-                writer.write_table(table, row_group_size=chunk_rows)
-                bar.update(n)
-        if writer is not None:
-            writer.close()
-        shutil.rmtree(path, ignore_errors=True)
-        os.rename(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return num_interactions
 
 
 # ---------------------------------------------------------------------------------------------

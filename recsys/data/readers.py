@@ -2,7 +2,7 @@
 
 Every reader returns a table with columns ``user_id``, ``item_id`` (int64 or string) and, when
 the source has them, ``timestamp`` (int64) and ``weight``/``rating``, plus the counts of rows it
-dropped and why. ``recsys.data.prepare`` then builds vocabularies and splits the same way for all
+dropped and why. ``recsys.data.prepare.prepare`` then builds vocabularies and splits the same way for all
 formats. Supported sources:
 
 - ``parquet`` / ``csv``: a file or a directory of files with named columns (``data.user_column``,
@@ -33,11 +33,11 @@ import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import pyarrow.dataset as ds
 
+from recsys.errors import DataError
+
+__all__ = ["DataError"]  # raised here for every file problem (defined with the other user errors)
+
 logger = logging.getLogger(__name__)
-
-
-class DataError(ValueError):
-    """Input that cannot be used; the message names the file, the column or line, and the reason."""
 
 
 def _one_line(e: BaseException, limit: int = 400) -> str:

@@ -1,0 +1,174 @@
+"""Model inputs: the features of a batch of users and items, as TorchRec KeyedJaggedTensors.
+
+A ``Batch`` carries the user features (``user`` ids; the ``history`` bag when it has a table of
+its own) and the item features (``item`` ids; the ``history`` bag when it shares the item
+table; the ``item_history`` bag), plus the same rows as dense tensors. ``Features`` builds
+batches from rows, vectorised; ``FeatureSpec`` says which bags a model pools (built from the
+model's config by ``recsys.model.feature_spec``) and ``make_features`` builds them from a
+prepared dataset.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import numpy as np
+import torch
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+from torchrec.streamable import Pipelineable
+
+from recsys.data.dataset import CSR, Dataset, gather_rows_csr
+
+USER_FEATURE = "user"
+ITEM_FEATURE = "item"
+HISTORY_FEATURE = "history"
+ITEM_HISTORY_FEATURE = "item_history"
+
+
+@dataclass(frozen=True)
+class FeatureSpec:
+    """Which bags the model pools besides the ids, and how they are built."""
+
+    history: bool = False
+    """Each user's training items (the user tower's history bag)."""
+    history_max_len: int = 0
+    """Keep the most recent N items of each history (0: all)."""
+    share_item_table: bool = True
+    """The history bag is looked up in the item table (it rides in the item KJT) or in its own."""
+    history_dropout: float = 0.0
+    """Training only: drop each history item from a batch's bags with this probability."""
+    history_exclude_target: bool = False
+    """Training only: leave the positive being predicted out of its user's bag."""
+    item_history: bool = False
+    """Each item's users (the item tower's bag)."""
+    item_history_max_len: int = 0
+    """A fixed seeded random sample of at most N users per item (0: all)."""
+    seed: int = 0
+    """Seed of that sample."""
+
+    @property
+    def any_bag(self) -> bool:
+        return self.history or self.item_history
+
+
+@dataclass
+class Batch(Pipelineable):
+    """Model inputs for one rank's share of a step (or for a chunk of users or items to score).
+
+    ``users`` holds feature ``user`` (B user rows) and, when the history has its own table,
+    ``history``; ``items`` holds feature ``item`` (B positive rows followed by N negatives) and,
+    when the history shares the item table, ``history`` (padded with empty bags to the same
+    length). ``user_ids``/``item_ids`` are the same rows as dense tensors (the loss masks
+    accidental hits with them); ``history_counts`` the length of each user's bag."""
+
+    users: KeyedJaggedTensor
+    items: KeyedJaggedTensor
+    user_ids: torch.Tensor
+    item_ids: torch.Tensor
+    history_counts: torch.Tensor
+    item_history_counts: torch.Tensor
+
+    def to(self, device: torch.device, non_blocking: bool = False) -> "Batch":
+        return Batch(
+            users=self.users.to(device=device, non_blocking=non_blocking),
+            items=self.items.to(device=device, non_blocking=non_blocking),
+            user_ids=self.user_ids.to(device=device, non_blocking=non_blocking),
+            item_ids=self.item_ids.to(device=device, non_blocking=non_blocking),
+            history_counts=self.history_counts.to(device=device, non_blocking=non_blocking),
+            item_history_counts=self.item_history_counts.to(device=device, non_blocking=non_blocking),
+        )
+
+    def record_stream(self, stream: torch.Stream) -> None:
+        self.users.record_stream(stream)
+        self.items.record_stream(stream)
+        self.user_ids.record_stream(stream)
+        self.item_ids.record_stream(stream)
+        self.history_counts.record_stream(stream)
+        self.item_history_counts.record_stream(stream)
+
+    def pin_memory(self) -> "Batch":
+        return Batch(self.users.pin_memory(), self.items.pin_memory(), self.user_ids.pin_memory(),
+                     self.item_ids.pin_memory(), self.history_counts.pin_memory(),
+                     self.item_history_counts.pin_memory())
+
+
+class Features:
+    """Builds model inputs (KJTs) from user/item rows, vectorised.
+
+    Without a history this is matrix factorisation's single-hot ``user`` and ``item`` features.
+    With one (a CSR of each user's items), each user row also carries the multi-hot ``history``
+    bag, looked up in the item table (``shared``) or in a table of its own. With an
+    ``item_history`` (a CSR of each item's users), each item row carries the ``item_history`` bag."""
+
+    def __init__(self, history: Optional[CSR] = None, shared: bool = True, dropout: float = 0.0,
+                 exclude_target: bool = False, item_history: Optional[CSR] = None) -> None:
+        self.history = history
+        self.item_history = item_history
+        self.shared = shared
+        self.dropout = dropout
+        self.exclude_target = exclude_target
+
+    def _bags(self, users: np.ndarray, targets: Optional[np.ndarray], rng: Optional[np.random.Generator]):
+        lengths, values = gather_rows_csr(self.history, np.asarray(users, dtype=np.int64))
+        if rng is None or (self.dropout == 0 and not self.exclude_target):
+            return lengths, values
+        # Training only: drop the row's own positive from its bag, and/or a random share of the bag.
+        row = np.repeat(np.arange(len(users)), lengths)
+        keep = np.ones(len(values), dtype=bool)
+        if self.exclude_target and targets is not None:
+            keep &= values != targets[row]
+        if self.dropout > 0:
+            keep &= rng.random(len(values)) >= self.dropout
+        return np.bincount(row[keep], minlength=len(users)), values[keep]
+
+    def batch(self, users: np.ndarray, items: np.ndarray, rng: Optional[np.random.Generator] = None) -> Batch:
+        """Inputs for user rows `users` and item rows `items` (either may be empty).
+
+        `rng` marks a training batch (the first len(users) items are the users' positives):
+        history dropout and target exclusion apply only then."""
+        users = np.asarray(users, dtype=np.int64)
+        items = np.asarray(items, dtype=np.int64)
+        user_ids, item_ids = torch.from_numpy(users), torch.from_numpy(items)
+        user_features = [(USER_FEATURE, np.ones(len(users), dtype=np.int64), users)]
+        item_features = [(ITEM_FEATURE, np.ones(len(items), dtype=np.int64), items)]
+        counts = np.zeros(len(users))
+        item_counts = np.zeros(len(items))
+        if self.history is not None:
+            counts, values = self._bags(users, items[: len(users)], rng)
+            # shared: the bag is looked up in the item table, so it rides in the item KJT
+            (item_features if self.shared else user_features).append((HISTORY_FEATURE, counts, values))
+        if self.item_history is not None:
+            item_counts, values = gather_rows_csr(self.item_history, items)
+            item_features.append((ITEM_HISTORY_FEATURE, item_counts, values))
+        return Batch(_kjt(user_features), _kjt(item_features), user_ids, item_ids,
+                     torch.from_numpy(np.asarray(counts, dtype=np.float32)),
+                     torch.from_numpy(np.asarray(item_counts, dtype=np.float32)))
+
+
+def _kjt(features) -> KeyedJaggedTensor:
+    """One KJT from (key, lengths, values) triples; shorter features are padded with empty rows
+    so that every key has the same number of rows (the KJT's stride)."""
+    stride = max(len(lengths) for _, lengths, _ in features)
+    all_lengths = []
+    for _, lengths, _ in features:
+        padded = np.zeros(stride, dtype=np.int32)
+        padded[: len(lengths)] = lengths
+        all_lengths.append(padded)
+    return KeyedJaggedTensor(keys=[k for k, _, _ in features],
+                             values=torch.from_numpy(np.concatenate([v for _, _, v in features]).astype(np.int64)),
+                             lengths=torch.from_numpy(np.concatenate(all_lengths)))
+
+
+def make_features(spec: FeatureSpec, dataset: Dataset, include_valid: bool, training: bool = False) -> Features:
+    """The model's inputs from a dataset in memory: the bags of `spec` from the training split less
+    the validation holdout (training, validating) or from the whole training split (testing,
+    exporting: `include_valid`); dropout and target exclusion only while `training`."""
+    item_history = None
+    if spec.item_history:
+        item_history = dataset.item_history(include_valid, spec.item_history_max_len, spec.seed)
+    if not spec.history:
+        return Features(item_history=item_history)
+    return Features(dataset.history(include_valid, spec.history_max_len), spec.share_item_table,
+                    spec.history_dropout if training else 0.0, spec.history_exclude_target and training,
+                    item_history)

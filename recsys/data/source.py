@@ -1,0 +1,212 @@
+"""Data sources: a prepared dataset as training, evaluation and export read it, whichever loader.
+
+``open_source`` opens a prepared directory as the loader it was prepared for and returns a
+``DataSource``; training, the end of a run (``recsys.finish``) and the checkpoint readers use only
+this interface, never asking which loader they have:
+
+- sizes and counts: ``num_users``, ``num_items``, ``num_fit`` (training interactions less the
+  validation holdout), ``has_valid``, ``manifest``; ``fit_item_counts()`` (logQ),
+  ``item_counts()`` (popularity), ``user_counts()``, ``steps_per_epoch(global_batch)``;
+- ``id_rows(which)``: the raw id of each table row (what the export writes);
+- ``features(include_valid, training)``: the model's inputs (the bags of its ``FeatureSpec``);
+- ``eval_sets(max_users, progress)``: the test and validation ``EvalSets`` of this rank's share
+  of the evaluated users (all with test / validation items, or a seeded sample of ``max_users``);
+- ``batches(options, epoch, skip, max_batches)``: an epoch's training batches from the (skip+1)-th;
+- ``pairs(include_valid)``: the training pairs, for the closed form (in memory only).
+
+``InMemorySource`` (``data.loader=memory``) holds the whole dataset in every rank's memory;
+``StreamedSource`` (``data.loader=stream``) streams row groups and holds nothing that grows with
+the number of interactions. How the two differ in what they can do is a property, not a type:
+``order_depends_on_world_size`` (a streamed epoch's order does).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Dict, Iterator, Optional, Protocol, Tuple
+
+import numpy as np
+import pyarrow as pa
+
+from recsys.config import ConfigError
+from recsys.data.batches import BatchOptions, TrainBatches
+from recsys.data.dataset import Dataset, id_rows
+from recsys.data.eval_sets import EvalSets, EvalSplit, load_split_sets, sampled_users
+from recsys.data.features import Batch, Features, FeatureSpec, make_features
+from recsys.data.loader import Pieces, StreamBatches, steps_per_epoch
+from recsys.distributed import local_share
+
+
+class DataSource(Protocol):
+    """What the training loop, the evaluation and the export read from a prepared dataset."""
+
+    path: Path
+    manifest: Dict
+    loader: str
+    """``memory`` or ``stream``: how it was prepared (recorded in the run's metrics)."""
+    num_users: int
+    num_items: int
+    num_fit: int
+    has_valid: bool
+    order_depends_on_world_size: bool
+    """Whether an epoch's batches change with the world size (a resumed epoch on another world
+    size then sees another order)."""
+
+    def fit_item_counts(self) -> np.ndarray: ...
+    def item_counts(self) -> np.ndarray: ...
+    def user_counts(self) -> np.ndarray: ...
+    def steps_per_epoch(self, global_batch: int) -> int: ...
+    def id_rows(self, which: str) -> Tuple[pa.Array, np.ndarray]: ...
+    def features(self, include_valid: bool = True, training: bool = False) -> Features: ...
+    def eval_sets(self, max_users: int, progress: bool = False) -> EvalSets: ...
+    def batches(self, options: BatchOptions, epoch: int, skip: int = 0,
+                max_batches: Optional[int] = None) -> Iterator[Batch]: ...
+    def pairs(self, include_valid: bool = True) -> Tuple[np.ndarray, np.ndarray]: ...
+
+
+def open_source(path: Path, spec: FeatureSpec, memory_reason: Optional[str] = None) -> DataSource:
+    """The prepared dataset at `path` as it was prepared (its manifest's ``loader``), with the model
+    inputs of `spec`. `memory_reason` (``recsys.config.memory_reason``): why the run needs the data
+    in memory; a streamed dataset is then refused."""
+    path = Path(path)
+    manifest = json.loads((path / "manifest.json").read_text())
+    if manifest.get("loader") != "stream":
+        return InMemorySource(path, spec)
+    if memory_reason:
+        raise ConfigError(f"{path} is prepared for streaming: {memory_reason}; use data.loader=memory")
+    return StreamedSource(path, manifest, spec)
+
+
+class InMemorySource:
+    """``data.loader=memory``: the whole prepared dataset in every rank's memory; each epoch is a
+    seeded permutation of all fit interactions (``TrainBatches``: the global batch of a step does
+    not depend on the world size)."""
+
+    loader = "memory"
+    order_depends_on_world_size = False
+
+    def __init__(self, path: Path, spec: FeatureSpec) -> None:
+        self.path, self.spec, self.dataset = Path(path), spec, Dataset.load(path)
+        self.manifest, self.has_valid = self.dataset.manifest, self.dataset.has_valid
+        self.num_users, self.num_items = self.dataset.num_users, self.dataset.num_items
+        self.fit_users, self.fit_items = self.dataset.fit_pairs()
+        self.num_fit = len(self.fit_users)
+        self._features: Dict[Tuple[bool, bool], Features] = {}
+
+    def fit_item_counts(self) -> np.ndarray:
+        return self.dataset.item_counts(include_valid=False)
+
+    def item_counts(self) -> np.ndarray:
+        return self.dataset.item_counts()
+
+    def user_counts(self) -> np.ndarray:
+        return np.bincount(self.dataset.train_users, minlength=self.num_users)
+
+    def steps_per_epoch(self, global_batch: int) -> int:
+        return self.num_fit // global_batch
+
+    def id_rows(self, which: str) -> Tuple[pa.Array, np.ndarray]:
+        """(raw ids, their table rows) of ``users`` / ``items`` (``recsys.data.dataset.id_rows``)."""
+        return self.dataset.id_rows(which)
+
+    def pairs(self, include_valid: bool = True) -> Tuple[np.ndarray, np.ndarray]:
+        """(users, items) of the training split (`include_valid`) or of its fit part."""
+        if include_valid:
+            return self.dataset.train_users, self.dataset.train_items
+        return self.fit_users, self.fit_items
+
+    def features(self, include_valid: bool = True, training: bool = False) -> Features:
+        """The model's inputs (``make_features``, built once): with the validation holdout in the
+        histories (testing, exporting) or without (training, validating)."""
+        key = (include_valid, training)
+        if key not in self._features:
+            self._features[key] = make_features(self.spec, self.dataset, include_valid, training)
+        return self._features[key]
+
+    def eval_sets(self, max_users: int, progress: bool = False) -> EvalSets:
+        """The test split (the whole training split masked) and the validation split (its fit part
+        masked), for all users with test / validation items or a seeded sample of ``max_users``."""
+        d = self.dataset
+        test_csr = d.test_csr()
+        users, of = sampled_users(test_csr.counts(), max_users, "test")
+        test = EvalSplit(users, self.num_items, self.features(), d.train_csr(), test_csr)
+        valid = None
+        if d.has_valid:
+            valid_csr = d.valid_csr()
+            valid = EvalSplit(sampled_users(valid_csr.counts(), max_users, "validation")[0], self.num_items,
+                              self.features(include_valid=False), d.train_csr(include_valid=False), valid_csr)
+        return EvalSets(test, valid, {"eval_users": len(users), "eval_users_of": of})
+
+    def batches(self, options: BatchOptions, epoch: int, skip: int = 0,
+                max_batches: Optional[int] = None) -> Iterator[Batch]:
+        """The epoch's batches from the (skip+1)-th on, at most `max_batches` counting the skipped."""
+        it = iter(TrainBatches(self.fit_users, self.fit_items, self.num_items, options, epoch, max_batches,
+                               self.features(include_valid=False, training=True)))
+        for _ in range(skip):  # the same batches, negatives and RNG draws as before: discarded
+            next(it)
+        return it
+
+
+class StreamedSource:
+    """``data.loader=stream``: nothing held grows with the number of interactions. Batches are
+    streamed from the row groups (``recsys.data.loader.StreamBatches``; the order depends on the
+    world size and ``data.num_workers``), the counts come from the preparation's ``*.npy``, and
+    the evaluation sets are read for this rank's share of the evaluated users."""
+
+    loader = "stream"
+    order_depends_on_world_size = True
+
+    def __init__(self, path: Path, manifest: Dict, spec: FeatureSpec) -> None:
+        if spec.any_bag:
+            raise ConfigError(f"{path} is prepared for streaming: history bags need each user's training items, "
+                              "held by the memory loader only; use data.loader=memory")
+        self.path, self.manifest = Path(path), manifest
+        counts = manifest["counts"]
+        self.num_users, self.num_items = counts["num_users"], counts["num_items"]
+        self.has_valid = counts["valid_interactions"] > 0
+        self.pieces = Pieces.read(path)
+        self.num_fit = self.pieces.total_fit
+
+    def fit_item_counts(self) -> np.ndarray:
+        return np.load(self.path / "item_counts.npy")
+
+    def item_counts(self) -> np.ndarray:
+        return np.load(self.path / "item_counts_all.npy")
+
+    def user_counts(self) -> np.ndarray:
+        return np.load(self.path / "user_counts.npy")
+
+    def steps_per_epoch(self, global_batch: int) -> int:
+        return steps_per_epoch(self.pieces, global_batch)
+
+    def id_rows(self, which: str) -> Tuple[pa.Array, np.ndarray]:
+        """(raw ids, their table rows) of ``users`` / ``items`` (``recsys.data.dataset.id_rows``)."""
+        return id_rows(self.path, which)
+
+    def pairs(self, include_valid: bool = True) -> Tuple[np.ndarray, np.ndarray]:
+        raise ConfigError(f"{self.path} is prepared for streaming: the closed form needs the training pairs in "
+                          "memory; use data.loader=memory")
+
+    def features(self, include_valid: bool = True, training: bool = False) -> Features:
+        """The model's inputs: the ids only (a streamed model has no history bags)."""
+        return Features()
+
+    def eval_sets(self, max_users: int, progress: bool = False) -> EvalSets:
+        """The sets of this rank's share of the evaluated users (a seeded sample of at most
+        `max_users` of those with test / validation items), read in one pass over ``train/`` and
+        one over ``test/`` (with a progress bar when `progress`)."""
+        test_users, of = sampled_users(np.load(self.path / "test_user_counts.npy"), max_users, "test")
+        wanted = {"test": local_share(test_users)[0]}
+        valid_users = None
+        if self.has_valid:
+            valid_users, _ = sampled_users(np.load(self.path / "valid_user_counts.npy"), max_users, "validation")
+            wanted["valid"] = local_share(valid_users)[0]
+        sets = load_split_sets(self.path, wanted, progress=progress)
+        test = EvalSplit(test_users, self.num_items, Features(), *sets["test"])
+        valid = EvalSplit(valid_users, self.num_items, Features(), *sets["valid"]) if self.has_valid else None
+        return EvalSets(test, valid, {"eval_users": len(test_users), "eval_users_of": of})
+
+    def batches(self, options: BatchOptions, epoch: int, skip: int = 0,
+                max_batches: Optional[int] = None) -> Iterator[Batch]:
+        return iter(StreamBatches(self.pieces, self.num_items, options, epoch, skip=skip, max_batches=max_batches))

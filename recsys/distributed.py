@@ -1,0 +1,88 @@
+"""Ranks without TorchRec: who am I, which share is mine, and small collectives on plain tensors.
+
+The lowest layer that knows about ranks: the data layer (each rank's share of the evaluated
+users), the evaluation and the export use these. Creating the process group, the planner and
+the sharded model live in ``recsys.parallelize``. Every function works without a process group
+(one rank) as with one.
+"""
+
+from __future__ import annotations
+
+from typing import Any, List, Optional, Tuple
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+
+def rank_and_world() -> Tuple[int, int]:
+    """(rank, world size) of the default group; (0, 1) without one."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def rank_bounds(n: int, world: int) -> np.ndarray:
+    """Contiguous near-equal shares of range(n): rank r owns [bounds[r], bounds[r + 1])."""
+    return np.linspace(0, n, world + 1).round().astype(int)
+
+
+def local_share(rows: np.ndarray, rank: Optional[int] = None, world: Optional[int] = None) -> Tuple[np.ndarray, int]:
+    """Rank `rank`'s contiguous share of `rows` (this rank's by default), and the largest share of any rank."""
+    if rank is None or world is None:
+        rank, world = rank_and_world()
+    bounds = rank_bounds(len(rows), world)
+    return rows[bounds[rank] : bounds[rank + 1]], int(np.diff(bounds).max())
+
+
+def broadcast_object(obj: Any, src: int = 0) -> Any:
+    """Rank `src`'s `obj` (picklable) on every rank; `obj` itself without a multi-rank group."""
+    if rank_and_world()[1] == 1:
+        return obj
+    holder = [obj]
+    dist.broadcast_object_list(holder, src=src)
+    return holder[0]
+
+
+def from_rank0(fn, *errors: type) -> Any:
+    """``fn()`` run on rank 0 only, its result (or the error of one of `errors` it raised) on every
+    rank: rank 0 does the work (preparing data, deciding where to resume) and the others wait for
+    it in the broadcast; an expected error is raised on every rank, so they all stop the same way."""
+    value, error = None, None
+    if rank_and_world()[0] == 0:
+        try:
+            value = fn()
+        except errors as e:
+            error = e
+    value, error = broadcast_object((value, error))
+    if error is not None:
+        raise error
+    return value
+
+
+def all_gather_objects(obj: Any) -> List[Any]:
+    """Every rank's `obj`, in rank order."""
+    world = rank_and_world()[1]
+    if world == 1:
+        return [obj]
+    out = [None] * world
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def gather_padded(x: torch.Tensor, sizes: List[int], dst: Optional[int] = None) -> Optional[torch.Tensor]:
+    """Concatenate rank-local row blocks of different sizes on every rank (or on `dst` only)."""
+    world = len(sizes)
+    if world == 1:
+        return x
+    padded = torch.zeros(max(sizes), *x.shape[1:], dtype=x.dtype, device=x.device)
+    padded[: len(x)] = x
+    if dst is None:
+        parts = [torch.empty_like(padded) for _ in range(world)]
+        dist.all_gather(parts, padded)
+    else:
+        parts = [torch.empty_like(padded) for _ in range(world)] if dist.get_rank() == dst else None
+        dist.gather(padded, parts, dst=dst)
+        if parts is None:
+            return None
+    return torch.cat([p[:n] for p, n in zip(parts, sizes)])

@@ -1,0 +1,70 @@
+"""Evaluating a model: Recall@K / NDCG@K of a (sharded) two-tower model and of the popularity
+baseline on an ``EvalSplit``, and the per-epoch evaluation the training loop is given.
+
+Every rank evaluates its share of the split's users (``recsys.distributed.local_share``) with
+the metric kernel (``recsys.evaluation.ranking``); the item vectors are computed a share per rank
+and gathered (``recsys.evaluation.vectors``). Collective.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Dict, Optional, Sequence
+
+import numpy as np
+import torch
+
+from recsys.config import EvalConfig
+from recsys.data.eval_sets import EvalSets, EvalSplit, as_item_sets
+from recsys.distributed import local_share
+from recsys.evaluation.ranking import ranking_metric_sums, reduce_means
+from recsys.evaluation.vectors import all_vectors, item_tower, tower_outputs, user_tower
+
+
+@torch.no_grad()
+def evaluate_model(model, split: EvalSplit, ks: Sequence[int], device: torch.device,
+                   options: EvalConfig) -> Dict[str, float]:
+    """Recall/NDCG of a two-tower model (plain or sharded, or anything with its ``embedding_dim``,
+    ``user_vectors`` and ``item_vectors``), averaged over the split's evaluated users; the block
+    sizes from `options` (``user_chunk``, ``item_chunk``, ``score_budget_mb``). Collective."""
+    dim, chunk, n = model.embedding_dim, options.user_chunk, split.num_items
+    masked, relevant = as_item_sets(split.masked, n), as_item_sets(split.relevant, n)
+    item_vecs = all_vectors(item_tower(model, split.features, device), n, dim, device, chunk)
+    local, max_local = local_share(np.asarray(split.users, dtype=np.int64))
+    user_vecs = tower_outputs(user_tower(model, split.features, device), local, -(-max_local // chunk), chunk, dim,
+                              device)
+    sums = ranking_metric_sums(user_vecs, item_vecs, local, masked, relevant, ks, chunk, options.item_chunk,
+                               options.score_budget_mb)
+    return reduce_means(sums, device)
+
+
+def evaluate_popularity(item_counts: np.ndarray, split: EvalSplit, ks: Sequence[int], device: torch.device,
+                        options: EvalConfig) -> Dict[str, float]:
+    """The most-popular-items baseline (item score = training count, training items masked), with
+    the same evaluator and users as ``evaluate_model``."""
+    n = len(item_counts)
+    masked, relevant = as_item_sets(split.masked, n), as_item_sets(split.relevant, n)
+    local, _ = local_share(np.asarray(split.users, dtype=np.int64))
+    item_vecs = torch.from_numpy(np.asarray(item_counts, dtype=np.float32))[:, None].to(device)
+    user_vecs = torch.ones(len(local), 1, device=device)
+    sums = ranking_metric_sums(user_vecs, item_vecs, local, masked, relevant, ks, options.user_chunk,
+                               options.item_chunk, options.score_budget_mb)
+    return reduce_means(sums, device)
+
+
+def epoch_evaluator(sets: EvalSets, options: EvalConfig,
+                    device: torch.device) -> Optional[Callable[[torch.nn.Module], Dict[str, Dict]]]:
+    """What the training loop evaluates after each epoch: ``{"valid": ...}`` on the validation
+    split (model selection, at ``options.valid_ks``) and, with ``eval.test_every_epoch``,
+    ``{"test": ...}`` (a learning curve, never used to select). None when there is neither."""
+    if sets.valid is None and not options.test_every_epoch:
+        return None
+
+    def evaluate(model) -> Dict[str, Dict]:
+        out = {}
+        if sets.valid is not None:
+            out["valid"] = evaluate_model(model, sets.valid, options.valid_ks, device, options)
+        if options.test_every_epoch:
+            out["test"] = evaluate_model(model, sets.test, options.ks, device, options)
+        return out
+
+    return evaluate
