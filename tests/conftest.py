@@ -139,14 +139,6 @@ def _run_job(fn, args):
             dist.destroy_process_group()
 
 
-def _worker(rank: int, world: int, port: int, fn, args, results) -> None:
-    _rank_env(rank, world, port)
-    try:
-        results.put((rank, _run_job(fn, args), None))
-    except BaseException:
-        results.put((rank, None, traceback.format_exc()))
-
-
 def _pool_worker(rank: int, world: int, jobs, results) -> None:
     while True:
         job = jobs.get()
@@ -189,7 +181,11 @@ class Ranks:
         self.results = ctx.Queue()
         port = free_port()
         self.world = world
-        self.procs = [ctx.Process(target=_worker, args=(r, world, port, fn, args, self.results))
+        self.jobs = [ctx.Queue() for _ in range(world)]  # kept: a child unpickles its queue after start()
+        for jobs in self.jobs:  # pool workers given this one job
+            jobs.put((port, fn, args))
+            jobs.put(None)
+        self.procs = [ctx.Process(target=_pool_worker, args=(r, world, self.jobs[r], self.results))
                       for r in range(world)]
         for p in self.procs:
             p.start()

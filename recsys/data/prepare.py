@@ -331,53 +331,71 @@ def _unseen(train: pa.Table, test: pa.Table, policy: str, source: str) -> Tuple[
     return pc.and_(seen_user, seen_item), counts
 
 
-def _prepare_tables(cfg: DataConfig) -> Tuple[Dict[str, pa.Table], dict]:
-    """The prepared dataset in memory: ({train, test, users, items} tables, manifest)."""
-    dropped: Dict[str, int] = {}
-    kept: Dict[str, int] = {}
-    given = None
+def _read_source(cfg: DataConfig) -> Tuple[str, pa.Table, Optional[pa.Table], Dict[str, int]]:
+    """(source name, its interactions, the given test split (LightGCN files) or None, rows dropped by reading)."""
     if cfg.name == "synthetic":
-        source = "synthetic"
         table = synthetic_table(cfg.num_users, cfg.num_items, cfg.num_interactions, cfg.latent_dim,
                                 cfg.popularity_exponent, cfg.seed, cfg.affinity)
-        dropped["null_ids"] = 0
-    elif cfg.name == "lightgcn":
-        source = cfg.path
+        return "synthetic", table, None, {"null_ids": 0}
+    if cfg.name == "lightgcn":
         table, given, dropped = read_lightgcn(cfg.path, id_limits(cfg))
-    elif cfg.name == "movielens":
-        source = cfg.path
+        return cfg.path, table, given, dropped
+    if cfg.name == "movielens":
         table, dropped = read_movielens(cfg.path, cfg.min_rating, cfg.null_ids, id_limits(cfg))
     else:
-        source = cfg.path
         table, dropped = read_interactions(cfg.path, cfg)
-    n_raw = len(table) + dropped["null_ids"] + dropped.get("below_min_rating", 0)
+    return cfg.path, table, None, dropped
 
-    if cfg.split == "given":
-        if given is None:
-            given, test_dropped = read_interactions(cfg.test_path, cfg)
-            dropped["test_null_ids"] = test_dropped["null_ids"]
-        test = given
-        test_source = cfg.test_path or str(Path(cfg.path) / "test.txt")
-        train_source = str(Path(cfg.path) / "train.txt") if cfg.name == "lightgcn" else cfg.path
-        for name in ("user_id", "item_id"):
-            if table.schema.field(name).type != test.schema.field(name).type:
-                raise DataError(f"{test_source}: column {name!r} has type {test.schema.field(name).type} "
-                                f"but the train file {cfg.path} has {table.schema.field(name).type}")
-        test = test.select([c for c in test.column_names if c in table.column_names])
-        table = table.select([c for c in table.column_names if c in test.column_names])
-        table, n_train_dup = _duplicates(table, cfg.duplicates, train_source)
-        test, n_test_dup = _duplicates(test, cfg.duplicates, test_source)
-        (dropped if cfg.duplicates == "drop" else kept).update(train_duplicates=n_train_dup,
-                                                              test_duplicates=n_test_dup)
-        train = table
-    else:
-        test_source = source
+
+def _split(cfg: DataConfig, source: str, table: pa.Table, given: Optional[pa.Table], dropped: Dict[str, int],
+           kept: Dict[str, int]) -> Tuple[pa.Table, pa.Table, str]:
+    """(train, test, the test rows' source name) by ``data.split``, repeated pairs handled by
+    ``data.duplicates`` (counted into `dropped` or `kept`)."""
+    if cfg.split != "given":
         table, n_dup = _duplicates(table, cfg.duplicates, source)
         (dropped if cfg.duplicates == "drop" else kept)["duplicates"] = n_dup
         if cfg.split == "random":
-            train, test = _split_random(table, cfg.test_fraction, cfg.seed)
-        else:
-            train, test = _split_temporal(table, cfg.test_fraction, source)
+            return (*_split_random(table, cfg.test_fraction, cfg.seed), source)
+        return (*_split_temporal(table, cfg.test_fraction, source), source)
+    if given is None:
+        given, test_dropped = read_interactions(cfg.test_path, cfg)
+        dropped["test_null_ids"] = test_dropped["null_ids"]
+    test = given
+    test_source = cfg.test_path or str(Path(cfg.path) / "test.txt")
+    train_source = str(Path(cfg.path) / "train.txt") if cfg.name == "lightgcn" else cfg.path
+    for name in ("user_id", "item_id"):
+        if table.schema.field(name).type != test.schema.field(name).type:
+            raise DataError(f"{test_source}: column {name!r} has type {test.schema.field(name).type} "
+                            f"but the train file {cfg.path} has {table.schema.field(name).type}")
+    test = test.select([c for c in test.column_names if c in table.column_names])
+    table = table.select([c for c in table.column_names if c in test.column_names])
+    table, n_train_dup = _duplicates(table, cfg.duplicates, train_source)
+    test, n_test_dup = _duplicates(test, cfg.duplicates, test_source)
+    (dropped if cfg.duplicates == "drop" else kept).update(train_duplicates=n_train_dup, test_duplicates=n_test_dup)
+    return table, test, test_source
+
+
+def _rows_table(cfg: DataConfig, table: pa.Table, users_vocab: pa.Array, items_vocab: pa.Array) -> pa.Table:
+    """Interactions with raw ids -> table rows (``user``, ``item``; hashed, or the position in the
+    vocabulary), the timestamp and weight kept."""
+    if cfg.id_mapping == "hash":
+        cols = {"user": pa.array(hash_rows(table["user_id"], cfg.seed, cfg.num_users)),
+                "item": pa.array(hash_rows(table["item_id"], cfg.seed, cfg.num_items))}
+    else:
+        cols = {"user": pc.cast(pc.index_in(table["user_id"], value_set=users_vocab), pa.int64()),
+                "item": pc.cast(pc.index_in(table["item_id"], value_set=items_vocab), pa.int64())}
+    for extra in ("timestamp", "weight"):
+        if extra in table.column_names:
+            cols[extra] = table[extra]
+    return pa.table(cols)
+
+
+def _prepare_tables(cfg: DataConfig) -> Tuple[Dict[str, pa.Table], dict]:
+    """The prepared dataset in memory: ({train, test, users, items} tables, manifest)."""
+    kept: Dict[str, int] = {}
+    source, table, given, dropped = _read_source(cfg)
+    n_raw = len(table) + dropped["null_ids"] + dropped.get("below_min_rating", 0)
+    train, test, test_source = _split(cfg, source, table, given, dropped, kept)
     if len(train) == 0:
         raise DataError(f"{source}: the training split is empty")
 
@@ -402,22 +420,8 @@ def _prepare_tables(cfg: DataConfig) -> Tuple[Dict[str, pa.Table], dict]:
             logger.info("%s: kept %d repeated interactions (%s; data.duplicates=keep)", source, count,
                         reason.replace("_", " "))
 
-    def rows_table(source_table: pa.Table, mask=None) -> pa.Table:
-        if mask is not None:
-            source_table = source_table.filter(mask)
-        if hashed:
-            cols = {"user": pa.array(hash_rows(source_table["user_id"], cfg.seed, cfg.num_users)),
-                    "item": pa.array(hash_rows(source_table["item_id"], cfg.seed, cfg.num_items))}
-        else:
-            cols = {"user": pc.cast(pc.index_in(source_table["user_id"], value_set=users_vocab), pa.int64()),
-                    "item": pc.cast(pc.index_in(source_table["item_id"], value_set=items_vocab), pa.int64())}
-        for extra in ("timestamp", "weight"):
-            if extra in source_table.column_names:
-                cols[extra] = source_table[extra]
-        return pa.table(cols)
-
-    train_t = rows_table(train)
-    test_t = rows_table(test, seen)
+    train_t = _rows_table(cfg, train, users_vocab, items_vocab)
+    test_t = _rows_table(cfg, test.filter(seen), users_vocab, items_vocab)
     if cfg.valid_fraction > 0:
         # Model selection data: a per-user holdout carved from the training split (never the test).
         held = _holdout_mask(train_t["user"].to_numpy(), cfg.valid_fraction, cfg.seed + 1)

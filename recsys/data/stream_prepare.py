@@ -364,27 +364,65 @@ def prepare_stream(cfg: DataConfig, tmp: Path, version: int, progress: Optional[
     column or row, and the reason) before anything but the raw synthetic log is written, except
     an empty test split, found in pass 2."""
     t0 = time.perf_counter()
+    src, source_name = _stream_source(cfg, tmp, progress)
+    vocab = _pass1(src, cfg, progress)
+    logger.info("pass 1: %d rows, %d distinct training users, %d items (%.1fs)", vocab.filtered.rows,
+                len(vocab.users), len(vocab.items), time.perf_counter() - t0)
+    out = _pass2(src, cfg, vocab, tmp, progress)
+    hash_stats = _write_ids(cfg, vocab, tmp)
+    for name, counts in out.counts.items():
+        np.save(tmp / f"{name}.npy", counts)
+    write_json_atomic(out.train.pieces, tmp / "train" / "pieces.json")
+    write_json_atomic(out.test.pieces, tmp / "test" / "pieces.json")
     if cfg.name == "synthetic":
-        source_name = "synthetic"
-        raw = tmp / "raw"
-        generate_stream(raw, cfg.num_users, cfg.num_items, cfg.num_interactions, cfg.latent_dim,
+        shutil.rmtree(tmp / "raw")
+    manifest = _manifest(cfg, version, source_name, vocab, out, hash_stats)
+    logger.info("streaming prepare: %d rows in %.1fs (%.0f rows/s)", vocab.filtered.rows, time.perf_counter() - t0,
+                vocab.filtered.rows / max(time.perf_counter() - t0, 1e-9))
+    return manifest
+
+
+def _stream_source(cfg: DataConfig, tmp: Path, progress: Optional[bool]) -> Tuple[Source, str]:
+    """The checked source (``data=synthetic``: its event log generated into ``tmp/raw`` first) and
+    its name in messages."""
+    if cfg.name == "synthetic":
+        t0 = time.perf_counter()
+        generate_stream(tmp / "raw", cfg.num_users, cfg.num_items, cfg.num_interactions, cfg.latent_dim,
                         cfg.popularity_exponent, cfg.affinity, cfg.seed, progress=progress)
-        src = _synthetic_source(raw)
         logger.info("generated %d synthetic interactions in %.1fs", cfg.num_interactions, time.perf_counter() - t0)
+        src, source_name = _synthetic_source(tmp / "raw"), "synthetic"
     else:
-        source_name = cfg.path
-        src = open_source(cfg.path, cfg.name, cfg)
-    total = parquet_rows(src.path) if src.what == "Parquet" else None
+        src, source_name = open_source(cfg.path, cfg.name, cfg), cfg.path
     if cfg.duplicates == "drop":  # a synthetic event log has repeats by design
         logger.log(logging.INFO if cfg.name == "synthetic" else logging.WARNING,
                    "%s: repeated (user, item) pairs are kept with data.loader=stream (a streaming prepare cannot find "
                    "them across the whole log; the repeats of a pair all fall on one side of the split); "
                    "data.loader=memory drops them", source_name)
+    return src, source_name
 
-    # ---- pass 1: split decided per row, distinct training ids (and test ids, to refuse unseen ones)
+
+@dataclass
+class _Vocabulary:
+    """What pass 1 found: the sorted distinct training ids, their lookup indexes, the table sizes,
+    and the rows read and left out."""
+
+    users: pa.Array
+    items: pa.Array
+    user_index: pd.Index
+    item_index: pd.Index
+    num_users: int
+    num_items: int
+    filtered: _Filtered
+    kept_rows: int
+
+
+def _pass1(src: Source, cfg: DataConfig, progress: Optional[bool]) -> _Vocabulary:
+    """Pass 1: the split decided per row, the distinct training ids (and the test ids, to refuse
+    unseen ones with ``data.unseen_test=error``); empty inputs refused."""
     filtered = _Filtered()
     train_ids = {r: DistinctIds(src.id_types[r]) for r in ("user_id", "item_id")}
     test_ids = {r: DistinctIds(src.id_types[r]) for r in ("user_id", "item_id")} if cfg.unseen_test == "error" else None
+    total = parquet_rows(src.path) if src.what == "Parquet" else None
     with _bar(total, "prepare 1/2: vocabulary", progress) as bar:
         for _, table in _batches(src, cfg, filtered):
             users, items = table["user_id"].combine_chunks(), table["item_id"].combine_chunks()
@@ -407,104 +445,122 @@ def prepare_stream(cfg: DataConfig, tmp: Path, version: int, progress: Optional[
     if test_ids is not None:
         _refuse_unseen(src.path, test_ids, users_seen, items_seen)
     del train_ids, test_ids  # their lookup tables: pass 2 builds its own, once
-    user_index, item_index = _as_index(users_seen), _as_index(items_seen)
     if cfg.id_mapping == "vocab":
         num_users, num_items = len(users_seen), len(items_seen)
     else:  # identity and hash: the declared table sizes
         num_users, num_items = cfg.num_users, cfg.num_items
-    logger.info("pass 1: %d rows, %d distinct training users, %d items (%.1fs)", filtered.rows, len(users_seen),
-                len(items_seen), time.perf_counter() - t0)
+    return _Vocabulary(users_seen, items_seen, _as_index(users_seen), _as_index(items_seen), num_users, num_items,
+                       filtered, kept_rows)
 
-    # ---- pass 2: encode, write row groups, count
+
+@dataclass
+class _Encoded:
+    """What pass 2 wrote and counted."""
+
+    train: RowGroupWriter
+    test: RowGroupWriter
+    counts: Dict[str, np.ndarray]
+    """item_counts, item_counts_all, user_counts, valid_user_counts, test_user_counts (the ``*.npy``)."""
+    unseen: Dict[str, int]
+    extras: List[str]
+    """The optional columns kept (timestamp, weight)."""
+
+
+def _pass2(src: Source, cfg: DataConfig, vocab: _Vocabulary, tmp: Path, progress: Optional[bool]) -> _Encoded:
+    """Pass 2: every row encoded to table rows, written as row groups, counted; an empty test split
+    refused."""
     fields = [("user", pa.int64()), ("item", pa.int64())]
     if cfg.valid_fraction > 0:
         fields.append(("valid", pa.bool_()))
     extras = [c for c in ("timestamp", "weight") if c in src.columns]
     fields += [(c, src.timestamp_type if c == "timestamp" else pa.float64()) for c in extras]
-    train_out = RowGroupWriter(tmp, "train", pa.schema(fields), cfg.row_group_size)
-    test_out = RowGroupWriter(tmp, "test", pa.schema(fields[:2]), cfg.row_group_size)
-    item_counts = np.zeros(num_items, dtype=np.int64)
-    item_counts_all = np.zeros(num_items, dtype=np.int64)
-    user_counts = np.zeros(num_users, dtype=np.int64)
-    valid_user_counts = np.zeros(num_users, dtype=np.int64)
-    test_user_counts = np.zeros(num_users, dtype=np.int64)
-    unseen = {"test_unseen_user": 0, "test_unseen_item": 0}
+    out = _Encoded(RowGroupWriter(tmp, "train", pa.schema(fields), cfg.row_group_size),
+                   RowGroupWriter(tmp, "test", pa.schema(fields[:2]), cfg.row_group_size),
+                   {name: np.zeros(vocab.num_items if name.startswith("item") else vocab.num_users, dtype=np.int64)
+                    for name in ("item_counts", "item_counts_all", "user_counts", "valid_user_counts",
+                                 "test_user_counts")},
+                   {"test_unseen_user": 0, "test_unseen_item": 0}, extras)
     n_test_raw = 0
-    with _bar(kept_rows, "prepare 2/2: encode", progress) as bar:
+    with _bar(vocab.kept_rows, "prepare 2/2: encode", progress) as bar:
         for f, table in _batches(src, cfg, _Filtered()):
-            users, items = table["user_id"].combine_chunks(), table["item_id"].combine_chunks()
-            hu, hi = id_hash(users), id_hash(items)
-            is_test, is_valid = split_masks(hu, hi, cfg.seed, cfg.test_fraction, cfg.valid_fraction)
-            pos_u, pos_i = _lookup(user_index, users), _lookup(item_index, items)
-            if cfg.id_mapping == "vocab":
-                _check_known(f, ~is_test, pos_u, pos_i, users, items)
-                rows_u, rows_i = pos_u, pos_i
-            elif cfg.id_mapping == "identity":
-                rows_u, rows_i = users.to_numpy(), items.to_numpy()
-            else:
-                rows_u, rows_i = rows_from_hash(hu, cfg.seed, num_users), rows_from_hash(hi, cfg.seed, num_items)
-            unseen_user = is_test & (pos_u < 0)
-            unseen_item = is_test & (pos_u >= 0) & (pos_i < 0)
-            unseen["test_unseen_user"] += int(unseen_user.sum())
-            unseen["test_unseen_item"] += int(unseen_item.sum())
-            n_test_raw += int(is_test.sum())
-            train, test = ~is_test, is_test & (pos_u >= 0) & (pos_i >= 0)
-            cols = {"user": rows_u[train], "item": rows_i[train]}
-            if cfg.valid_fraction > 0:
-                cols["valid"] = is_valid[train]
-            for c in extras:
-                cols[c] = table[c].filter(pa.array(train))
-            train_out.write(pa.table(cols, schema=train_out.schema))
-            test_out.write(pa.table({"user": rows_u[test], "item": rows_i[test]}, schema=test_out.schema))
-            _add_counts(user_counts, cols["user"])
-            _add_counts(item_counts_all, cols["item"])
-            _add_counts(item_counts, cols["item"][~is_valid[train]])
-            _add_counts(valid_user_counts, cols["user"][is_valid[train]])
-            _add_counts(test_user_counts, rows_u[test])
+            n_test_raw += _encode(f, table, cfg, vocab, out)
             bar.update(len(table))
-    train_out.close()
-    test_out.close()
-    n_test = int(test_user_counts.sum())
-    if n_test == 0:
+    out.train.close()
+    out.test.close()
+    if int(out.counts["test_user_counts"].sum()) == 0:
         raise DataError(f"{src.path}: the test split is empty ({n_test_raw} rows fell in it, data.test_fraction="
-                        f"{cfg.test_fraction}, and {sum(unseen.values())} had a user or item never seen in training)")
+                        f"{cfg.test_fraction}, and {sum(out.unseen.values())} had a user or item never seen in training)")
+    return out
 
-    # ---- vocabularies / hashed ids, counts, pieces
+
+def _encode(f: str, table: pa.Table, cfg: DataConfig, vocab: _Vocabulary, out: _Encoded) -> int:
+    """One batch of pass 2 (rows of file `f`): written and counted into `out`; returns how many of
+    its rows fell in the test split."""
+    users, items = table["user_id"].combine_chunks(), table["item_id"].combine_chunks()
+    hu, hi = id_hash(users), id_hash(items)
+    is_test, is_valid = split_masks(hu, hi, cfg.seed, cfg.test_fraction, cfg.valid_fraction)
+    pos_u, pos_i = _lookup(vocab.user_index, users), _lookup(vocab.item_index, items)
+    if cfg.id_mapping == "vocab":
+        _check_known(f, ~is_test, pos_u, pos_i, users, items)
+        rows_u, rows_i = pos_u, pos_i
+    elif cfg.id_mapping == "identity":
+        rows_u, rows_i = users.to_numpy(), items.to_numpy()
+    else:
+        rows_u, rows_i = rows_from_hash(hu, cfg.seed, vocab.num_users), rows_from_hash(hi, cfg.seed, vocab.num_items)
+    out.unseen["test_unseen_user"] += int((is_test & (pos_u < 0)).sum())
+    out.unseen["test_unseen_item"] += int((is_test & (pos_u >= 0) & (pos_i < 0)).sum())
+    train, test = ~is_test, is_test & (pos_u >= 0) & (pos_i >= 0)
+    cols = {"user": rows_u[train], "item": rows_i[train]}
+    if cfg.valid_fraction > 0:
+        cols["valid"] = is_valid[train]
+    for c in out.extras:
+        cols[c] = table[c].filter(pa.array(train))
+    out.train.write(pa.table(cols, schema=out.train.schema))
+    out.test.write(pa.table({"user": rows_u[test], "item": rows_i[test]}, schema=out.test.schema))
+    c = out.counts
+    _add_counts(c["user_counts"], cols["user"])
+    _add_counts(c["item_counts_all"], cols["item"])
+    _add_counts(c["item_counts"], cols["item"][~is_valid[train]])
+    _add_counts(c["valid_user_counts"], cols["user"][is_valid[train]])
+    _add_counts(c["test_user_counts"], rows_u[test])
+    return int(is_test.sum())
+
+
+def _write_ids(cfg: DataConfig, vocab: _Vocabulary, tmp: Path) -> Optional[Dict[str, Dict[str, float]]]:
+    """users.parquet / items.parquet (vocab: the ids of the rows; identity: 0..N-1; hash: every id
+    seen and its row); returns the hash collision figures (hash only)."""
     hash_stats = None
-    for which, seen, column, n in (("users", users_seen, "user_id", num_users),
-                                   ("items", items_seen, "item_id", num_items)):
+    for which, seen, column, n in (("users", vocab.users, "user_id", vocab.num_users),
+                                   ("items", vocab.items, "item_id", vocab.num_items)):
         if cfg.id_mapping == "hash":
             rows = rows_from_hash(id_hash(seen), cfg.seed, n)
             table = pa.table({column: seen, "row": rows})
             hash_stats = hash_stats or {}
             hash_stats[which] = collision_stats(rows)
+            logger.info("data.id_mapping=hash: %d distinct %s ids in %d rows used (of %d): collision rate %.4f",
+                        hash_stats[which]["distinct_ids"], which[:-1], hash_stats[which]["rows_used"], n,
+                        hash_stats[which]["collision_rate"])
         elif cfg.id_mapping == "identity":
             table = pa.table({column: pa.array(np.arange(n), pa.int64())})
         else:
             table = pa.table({column: seen})
         write_parquet_atomic(table, tmp / f"{which}.parquet")
-    for name, counts in (("item_counts", item_counts), ("item_counts_all", item_counts_all),
-                         ("user_counts", user_counts), ("valid_user_counts", valid_user_counts),
-                         ("test_user_counts", test_user_counts)):
-        np.save(tmp / f"{name}.npy", counts)
-    write_json_atomic(train_out.pieces, tmp / "train" / "pieces.json")
-    write_json_atomic(test_out.pieces, tmp / "test" / "pieces.json")
-    if cfg.name == "synthetic":
-        shutil.rmtree(tmp / "raw")
+    return hash_stats
 
+
+def _manifest(cfg: DataConfig, version: int, source_name: str, vocab: _Vocabulary, out: _Encoded,
+              hash_stats: Optional[Dict]) -> dict:
+    """The streamed dataset's manifest; the rows dropped are logged."""
+    filtered = vocab.filtered
     dropped = {"null_ids": filtered.null_ids}
     if cfg.rating_column:
         dropped["below_min_rating"] = filtered.below_min_rating
-    dropped.update(unseen)
+    dropped.update(out.unseen)
     for reason, count in dropped.items():
         if count:
             logger.warning("%s: dropped %d rows (%s)", source_name, count, reason.replace("_", " "))
-    if hash_stats:
-        for which, s in hash_stats.items():
-            logger.info("data.id_mapping=hash: %d distinct %s ids in %d rows used (of %d): collision rate %.4f",
-                        s["distinct_ids"], which[:-1], s["rows_used"], num_users if which == "users" else num_items,
-                        s["collision_rate"])
-    n_train = int(user_counts.sum())
+    counts = out.counts
+    n_train = int(counts["user_counts"].sum())
     manifest = {
         "version": version,
         "source": source_name,
@@ -512,26 +568,24 @@ def prepare_stream(cfg: DataConfig, tmp: Path, version: int, progress: Optional[
         "loader": "stream",
         "split": cfg.split,
         "id_mapping": cfg.id_mapping,
-        "schema": {"user_id": str(users_seen.type), "item_id": str(items_seen.type),
-                   "timestamp": "timestamp" in extras, "weight": "weight" in extras},
+        "schema": {"user_id": str(vocab.users.type), "item_id": str(vocab.items.type),
+                   "timestamp": "timestamp" in out.extras, "weight": "weight" in out.extras},
         "counts": {
             "raw_interactions": filtered.rows,
-            "num_users": num_users,
-            "num_items": num_items,
+            "num_users": vocab.num_users,
+            "num_items": vocab.num_items,
             "train_interactions": n_train,
-            "test_interactions": n_test,
-            "test_users": int(np.count_nonzero(test_user_counts)),
-            "valid_interactions": n_train - int(item_counts.sum()),
+            "test_interactions": int(counts["test_user_counts"].sum()),
+            "test_users": int(np.count_nonzero(counts["test_user_counts"])),
+            "valid_interactions": n_train - int(counts["item_counts"].sum()),
         },
         "dropped": dropped,
         "kept": {},
         "row_group_size": cfg.row_group_size,
-        "train_row_groups": len(train_out.pieces),
+        "train_row_groups": len(out.train.pieces),
     }
     if hash_stats:
         manifest["hash"] = hash_stats
-    logger.info("streaming prepare: %d rows in %.1fs (%.0f rows/s)", filtered.rows, time.perf_counter() - t0,
-                filtered.rows / max(time.perf_counter() - t0, 1e-9))
     return manifest
 
 
