@@ -28,7 +28,7 @@ demo: install
 test: install
 	$(BIN)/python -m pytest -q $(ARGS)
 
-# The scale benchmarks (README "Benchmarks"): tables printed, JSON + markdown under benchmarks/results/.
+# The scale benchmarks (docs/scale.md): tables printed, JSON + markdown under benchmarks/results/.
 bench: install
 	$(BIN)/python benchmarks/loader.py
 	$(BIN)/python benchmarks/memory.py
