@@ -32,16 +32,14 @@ from recsys.training.setup import load_trained
 def export_checkpoint(run_dir: Path, options: ExportConfig, device: str = "auto") -> Optional[Dict]:
     """Recompute every vector from the run's newest complete checkpoint (the weights the run tested;
     stacked when the run was) and write the export directory as training does at its end.
-    Collective; returns the manifest on rank 0."""
-    try:
-        run = load_trained(run_dir, device)
-        cfg = run.cfg
-        sets = run.data.eval_sets(cfg.eval.max_users) if cfg.model.stack_spectral_dim else None  # stacking validates
-        target = ExportTarget(run_dir / options.dir, options, run.meta.get("config_hash") or run.meta["run_hash"])
-        end = finish_run(run.model, run.data, sets, run.device, cfg.eval, stack=stack_options(cfg), evaluate=False,
-                         export=target)
-    finally:
-        destroy_distributed()
+    Collective (joins or creates the process group, as ``evaluate_run`` does; the command closes it);
+    returns the manifest on rank 0."""
+    run = load_trained(run_dir, device)
+    cfg = run.cfg
+    sets = run.data.eval_sets(cfg.eval.max_users) if cfg.model.stack_spectral_dim else None  # stacking validates
+    target = ExportTarget(run_dir / options.dir, options, run.meta.get("config_hash") or run.meta["run_hash"])
+    end = finish_run(run.model, run.data, sets, run.device, cfg.eval, stack=stack_options(cfg), evaluate=False,
+                     export=target)
     return end.export_manifest
 
 
@@ -71,7 +69,10 @@ def main(dcfg: DictConfig) -> None:
         if source == "vectors":
             manifest = export_run(run_dir / options.dir, options)
         else:
-            manifest = export_checkpoint(run_dir, options, cfg.train.device)
+            try:
+                manifest = export_checkpoint(run_dir, options, cfg.train.device)
+            finally:
+                destroy_distributed()
     if manifest is not None:
         print(f"export: {run_dir / options.dir} ({', '.join(manifest['files'])}) from the {source}", flush=True)
 
