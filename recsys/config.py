@@ -542,16 +542,13 @@ class Config:
 def memory_reason(cfg: Config) -> Optional[str]:
     """Why the model of `cfg` needs the dataset in memory (None when it can stream): its user tower
     pools each user's training items, or its item tower each item's users (history bags, built
-    from the whole dataset), or the spectral closed form is stacked (the training pairs). An
-    ``mf`` model has no bag, whatever ``model.history_weight`` says."""
+    from the whole dataset). An ``mf`` model has no bag, whatever ``model.history_weight`` says.
+    The spectral closed form streams (each rank reads its own users' training pairs)."""
     history, item_history = cfg.model.history_weights
     if history > 0 or item_history > 0:
         return (f"model={cfg.model.name} with history bags (model.history_weight={history}, "
                 f"model.item_history_weight={item_history}) needs each user's training items, held by the "
                 "memory loader only")
-    if cfg.model.stack_spectral_dim:
-        return (f"model.stack_spectral_dim={cfg.model.stack_spectral_dim} (stacking the spectral closed form) "
-                "needs the training pairs in memory, held by the memory loader only")
     return None
 
 

@@ -27,12 +27,16 @@ def rank_bounds(n: int, world: int) -> np.ndarray:
     return np.linspace(0, n, world + 1).round().astype(int)
 
 
-def local_share(rows: np.ndarray, rank: Optional[int] = None, world: Optional[int] = None) -> Tuple[np.ndarray, int]:
-    """Rank `rank`'s contiguous share of `rows` (this rank's by default), and the largest share of any rank."""
+def owned_share(rows: np.ndarray, num_rows: int, rank: Optional[int] = None,
+                world: Optional[int] = None) -> Tuple[np.ndarray, int]:
+    """The sorted `rows` that fall in this rank's part of a table of `num_rows` rows (``rank_bounds``:
+    the rows a rank owns: its users' training pairs, evaluation and export), and the largest
+    count of any rank (for collective calls of equal number). No communication: every rank
+    knows `rows`."""
     if rank is None or world is None:
         rank, world = rank_and_world()
-    bounds = rank_bounds(len(rows), world)
-    return rows[bounds[rank] : bounds[rank + 1]], int(np.diff(bounds).max())
+    cuts = np.searchsorted(rows, rank_bounds(num_rows, world))
+    return rows[cuts[rank] : cuts[rank + 1]], int(np.diff(cuts).max())
 
 
 def broadcast_object(obj: Any, src: int = 0) -> Any:

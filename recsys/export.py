@@ -3,14 +3,15 @@
     python -m recsys.export export.run_dir=outputs/DATE/TIME export.faiss=hnsw [export.npy=true]
 
 adds the serving artefacts to a finished run. With ``export.source=vectors`` (or ``auto`` when the
-run has exported vectors) it starts from the vectors the run exported (``export/items.parquet``,
-``users.parquet``, ``manifest.json``; their checksums are verified) and rebuilds the export
-directory atomically: the Parquet files are kept as they are, the ``.npy`` files and the index
+run has exported vectors) it starts from the vectors the run exported (the Parquet parts of
+``export/items/`` and ``users/``, or the ``items.parquet`` / ``users.parquet`` of older runs, and
+``manifest.json``; their checksums are verified) and rebuilds the export directory atomically,
+reading them a row group at a time: the Parquet files are kept as they are, the ``.npy`` files and the index
 are those the options ask for now (``recsys.exporter.export_run``). With
 ``export.source=checkpoint`` (or ``auto`` when the run has checkpoints but no export) it
 recomputes every vector from the run's newest complete checkpoint, with the config the checkpoint
 recorded, as training does at its end (``recsys.finish``: stacked with the spectral closed form
-when the run was), and writes the whole directory. Collective under torchrun.
+when the run was), and writes the whole directory, a part per rank. Collective under torchrun.
 """
 
 from __future__ import annotations

@@ -28,6 +28,7 @@ from recsys.data.source import DataSource
 from recsys.evaluation.metrics import evaluate_model, evaluate_popularity
 from recsys.evaluation.vectors import tower_norms
 from recsys.exporter import export_data
+from recsys.memory import PhasePeaks
 from recsys.stack import StackOptions, stack_spectral
 
 
@@ -73,17 +74,20 @@ class RunEnd:
 def finish_run(base, data: DataSource, sets: Optional[EvalSets], device: torch.device, eval_cfg: EvalConfig, *,
                stack: Optional[StackOptions] = None, evaluate: bool = True, valid: Optional[Dict] = None,
                evaluate_valid: bool = False, base_valid: Optional[Dict] = None, norms: bool = False,
-               export: Optional[ExportTarget] = None) -> RunEnd:
+               export: Optional[ExportTarget] = None, peaks: Optional[PhasePeaks] = None) -> RunEnd:
     """Stack (`stack`), evaluate (`evaluate`: the test split and, with ``eval.popularity``, the
     baseline; the validation metrics are `valid` when known, else those of the stacking's choice,
     else evaluated with `evaluate_valid`), compute the towers' norms (`norms`) and export
     (`export`). `base`: the trained (sharded) model, weights as tested; `base_valid`: its validation
     metrics when known (the stacking's w = 0); `sets`: the data's evaluation sets (needed to stack
-    or evaluate). The norms and the export use the whole training split's model inputs. Collective."""
+    or evaluate). The norms and the export use the whole training split's model inputs. `peaks`:
+    this rank's peak memory, marked after each part. Collective."""
     end = RunEnd(base, base)
+    mark = peaks.mark if peaks is not None else (lambda phase: None)
     if stack is not None:
         end.model, end.metrics["stack"] = stack_spectral(base, data, sets, stack, device, base_valid)
         valid = end.metrics["stack"].get("chosen_valid", valid)  # the tested model's (tables from the fit part)
+        mark("closed form")
     t0 = time.perf_counter()
     if evaluate:
         end.metrics["test"] = evaluate_model(end.model, sets.test, eval_cfg.ks, device, eval_cfg)
@@ -95,6 +99,7 @@ def finish_run(base, data: DataSource, sets: Optional[EvalSets], device: torch.d
             end.metrics["popularity"] = evaluate_popularity(data.item_counts(), sets.test, eval_cfg.ks, device,
                                                             eval_cfg)
     end.eval_s = time.perf_counter() - t0
+    mark("evaluation")
     if norms:  # the trained towers' (what was learnt), stacked or not
         end.norms = tower_norms(base, data.features(), data.num_users, data.num_items, device, eval_cfg.user_chunk)
     if export is not None:
@@ -102,4 +107,5 @@ def finish_run(base, data: DataSource, sets: Optional[EvalSets], device: torch.d
                                      options=export.options)
         if end.export_dir is not None:
             end.export_manifest = json.loads((end.export_dir / "manifest.json").read_text())
+        mark("export")
     return end

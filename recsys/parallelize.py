@@ -473,6 +473,32 @@ def local_table_bytes(model: nn.Module) -> int:
     return sum(storages.values())
 
 
+def local_optimizer_bytes(optimizer) -> int:
+    """Bytes of this rank's optimizer state (the local shards of the fused tables' state, and any
+    dense state), each storage counted once (like ``local_table_bytes``)."""
+    storages = {}
+
+    def visit(value) -> None:
+        if isinstance(value, dict):
+            for v in value.values():
+                visit(v)
+        elif isinstance(value, (list, tuple)):
+            for v in value:
+                visit(v)
+        else:
+            if isinstance(value, ShardedTensor):
+                tensors = [s.tensor for s in value.local_shards()]
+            elif isinstance(value, DTensor):
+                tensors = [value.to_local()]
+            else:
+                tensors = [value] if torch.is_tensor(value) else []
+            for t in tensors:
+                storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+
+    visit(optimizer.state_dict().get("state", {}))
+    return sum(storages.values())
+
+
 def local_tensors(model: nn.Module) -> List[torch.Tensor]:
     """This rank's storage of every state-dict entry (local shards of sharded tables)."""
     out: List[torch.Tensor] = []

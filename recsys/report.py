@@ -364,7 +364,7 @@ def write_summary(run_dir: Path, metrics: Mapping, ks: Sequence[int], figures: M
         export_dir = Path(export["dir"])
         export_dir = export_dir if export_dir.is_absolute() else run_dir / export_dir
         if export_dir.is_dir():
-            files += [("export", f) for f in sorted(export_dir.iterdir()) if f.is_file() and not f.name.startswith(".")]
+            files += [("export", f) for f in sorted(export_dir.iterdir()) if not f.name.startswith(".")]  # parts: dirs
     lines += ["## Files", ""]
     lines += [f"- {name}: {_link(f, run_dir)}" for name, f in files if Path(f).exists()]
     for key, value in export.items():

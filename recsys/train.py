@@ -32,7 +32,9 @@ from recsys.data.source import DataSource
 from recsys.distributed import all_gather_objects, rank_and_world
 from recsys.evaluation.metrics import epoch_evaluator
 from recsys.finish import ExportTarget, RunEnd, finish_run, stack_options
-from recsys.parallelize import describe_plan, destroy_distributed, init_distributed, restore_weights
+from recsys.memory import PhasePeaks
+from recsys.parallelize import (describe_plan, destroy_distributed, init_distributed, local_optimizer_bytes,
+                                local_table_bytes, restore_weights)
 from recsys.report import count_quantiles, metrics_table, run_plots, write_summary
 from recsys.spectral import closed_form_end, init_spectral
 from recsys.training.checkpoint import Checkpointer, find_resume, run_hash, table_shapes
@@ -51,6 +53,7 @@ def train(cfg: Config, run_dir: Path, config_hash: str = "") -> Dict:
     dist_info = init_distributed(cfg.train.device, cfg.train.timeout_minutes)
     rank, world, device = dist_info.rank, dist_info.world_size, dist_info.device
     log: Optional[TrainLog] = None
+    peaks = PhasePeaks()  # this rank's peak RSS by phase: <run_dir>/memory/rank-RRRRR.json
     try:
         # ---- setup: the run directory (another run's is refused), where to resume, data, model, sets
         run_dirs = sorted(set(all_gather_objects(str(run_dir.resolve()))))
@@ -68,12 +71,15 @@ def train(cfg: Config, run_dir: Path, config_hash: str = "") -> Dict:
         counts = describe_data(data)
         sharded = build_model(cfg, data.num_users, data.num_items, device, world, data.fit_item_counts())
         dmp, optimizer = sharded.dmp, sharded.optimizer
+        local_bytes = local_table_bytes(dmp) + local_optimizer_bytes(optimizer)  # weights + optimizer state
+        table_bytes = {"local_table_bytes": local_bytes, "total_table_bytes": sum(all_gather_objects(local_bytes))}
         if cfg.model.init == "spectral" and resume_from is None:  # closed-form tables from the fit interactions
-            init_spectral(dmp, *data.pairs(include_valid=False), data.num_users, data.num_items, cfg.model, cfg.seed,
-                          device)
+            init_spectral(dmp, data, False, cfg.model, cfg.seed, device)
         logger.info("world size %d, device %s, backend %s\n%s", world, device, dist_info.backend,
                     describe_plan(sharded.plan))
+        peaks.mark("setup")
         sets = data.eval_sets(cfg.eval.max_users, progress=rank == 0 and cfg.train.progress)
+        peaks.mark("evaluation sets")
         state = TrainState(loss_curve={"every_steps": cfg.train.log_every_steps, "step": [], "loss": []})
         t = cfg.train
         checkpointer = Checkpointer(run_dir, {
@@ -99,6 +105,7 @@ def train(cfg: Config, run_dir: Path, config_hash: str = "") -> Dict:
             closed_form_valid = timed(state, lambda: closed_form_end(dmp, model, data, sets, cfg.model, cfg.seed,
                                                                      device, cfg.eval))
         checkpointer.save_final(state, dmp, optimizer)
+        peaks.mark("training")
         wall = state.elapsed()
         log.close_bar()
         base_valid = None
@@ -112,11 +119,13 @@ def train(cfg: Config, run_dir: Path, config_hash: str = "") -> Dict:
         export = ExportTarget(run_dir / cfg.export.dir, cfg.export, config_hash) if cfg.export.enabled else None
         end = finish_run(model, data, sets, device, cfg.eval, stack=stack_options(cfg),
                          valid=base_valid if base_valid is not None else closed_form_valid, base_valid=base_valid,
-                         norms=cfg.log.plots, export=export)
+                         norms=cfg.log.plots, export=export, peaks=peaks)
         metrics = run_metrics(end, state, wall, data, sets.info, counts, rhash, checkpointer, cfg, run_dir, device)
         log.final(metrics, state.step)
         if rank == 0:
             write_results(run_dir, metrics, end, data, cfg)
+        peaks.mark("results")
+        peaks.write(run_dir / "memory", rank, world, **table_bytes)
         return metrics
     finally:
         if log is not None:
@@ -222,7 +231,7 @@ def write_results(run_dir: Path, metrics: Dict, end: RunEnd, data: DataSource, c
              f"{t['steps']} steps in {t['wall_s']:.1f}s ({t['interactions_per_s']:,.0f} interactions/s) on "
              f"{t['world_size']} rank(s); {metrics['test']['users']} test users", f"metrics: {run_dir / 'metrics.json'}"]
     if "export" in metrics:
-        lines.append(f"vectors: {metrics['export']['dir']}/items.parquet, users.parquet")
+        lines.append(f"vectors: {metrics['export']['dir']}/items/, users/ (Parquet parts)")
     print("\n".join(lines), flush=True)
     figures = {}
     if cfg.log.plots:

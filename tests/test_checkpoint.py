@@ -85,8 +85,8 @@ def test_sigkill_and_resume_gives_the_same_figures(reference, two_ranks, train_h
     assert got["train"]["loss_curve"] == want["train"]["loss_curve"]
     assert got["train"]["steps"] == want["train"]["steps"]
     for name in ("items", "users"):
-        assert np.array_equal(read_vectors(run_dir / "export" / f"{name}.parquet")[1],
-                              read_vectors(ref / "export" / f"{name}.parquet")[1])
+        assert np.array_equal(read_vectors(run_dir / "export", name)[1],
+                              read_vectors(ref / "export", name)[1])
     kept = list_checkpoints(run_dir)
     assert len(kept) == 3 and kept[0].name == f"step_{want['train']['steps']:09d}"
     # the torn directories were replaced by the resumed run's checkpoints of those steps, then pruned
@@ -165,8 +165,8 @@ def test_evaluate_and_export_from_the_checkpoint(reference, in_process):
                     exported / "checkpoints" / f"step_{want['train']['steps']:09d}")
     in_process(export_checkpoint, exported, ExportConfig(npy=True))
     for name in ("items", "users"):
-        ids, vecs = read_vectors(exported / "export" / f"{name}.parquet")
-        ref_ids, ref_vecs = read_vectors(ref / "export" / f"{name}.parquet")
+        ids, vecs = read_vectors(exported / "export", name)
+        ref_ids, ref_vecs = read_vectors(ref / "export", name)
         assert ids == ref_ids
         np.testing.assert_allclose(vecs, ref_vecs, atol=1e-6)
         assert np.array_equal(np.load(exported / "export" / f"{name}.npy"), vecs)

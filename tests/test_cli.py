@@ -81,7 +81,7 @@ def test_export_adds_an_index_to_a_run_from_another_directory(tmp_path, cli):
     assert list(cwd.iterdir()) == []  # no Hydra output directory or log file of its own
     manifest = json.loads((run_dir / "export" / "manifest.json").read_text())
     assert manifest["faiss"]["type"] == "hnsw" and manifest["faiss"]["recall"]["value"] > 0.9
-    assert np.array_equal(np.load(run_dir / "export" / "items.npy"), read_vectors(run_dir / "export" / "items.parquet")[1])
+    assert np.array_equal(np.load(run_dir / "export" / "items.npy"), read_vectors(run_dir / "export", "items")[1])
 
 
 def test_prepare_prints_the_report_and_refuses_bad_input_in_one_line(tmp_path, command):

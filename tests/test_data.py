@@ -50,12 +50,12 @@ def test_vocabulary_round_trip(tmp_path, user_ids, item_ids):
     user_vecs = np.arange(ds.num_users, dtype=np.float32)[:, None] * np.ones((1, 4), np.float32)
     item_vecs = np.arange(ds.num_items, dtype=np.float32)[:, None] * np.ones((1, 4), np.float32)
     exp = write_export(tmp_path / "export", users_vocab, user_vecs, items_vocab, item_vecs, False, "h")
-    ids, vecs = read_vectors(exp / "items.parquet")
-    assert pq.read_schema(exp / "items.parquet").field("item_id").type == raw_items.type
-    assert pq.read_schema(exp / "items.parquet").field("vector").type == pa.list_(pa.float32(), 4)
+    ids, vecs = read_vectors(exp, "items")
+    assert pq.read_schema(exp / "items" / "part-00000.parquet").field("item_id").type == raw_items.type
+    assert pq.read_schema(exp / "items" / "part-00000.parquet").field("vector").type == pa.list_(pa.float32(), 4)
     for raw, vec in zip(ids, vecs):
         assert items_vocab.to_pylist().index(raw) == vec[0]
-    ids, vecs = read_vectors(exp / "users.parquet")
+    ids, vecs = read_vectors(exp, "users")
     assert ids == users_vocab.to_pylist() and vecs[:, 0].tolist() == list(range(ds.num_users))
     manifest = json.loads((exp / "manifest.json").read_text())
     assert manifest["dimension"] == 4 and manifest["num_items"] == ds.num_items

@@ -68,7 +68,7 @@ def test_popularity_baseline_matches_brute_force(brute_force):
     counts += rng.random(num_items) * 0.1  # no ties: the ranking is unique
     expected = brute_force(np.tile(counts, (num_users, 1)), train, test, [5, 10])
     test_csr = to_csr(test, num_users)
-    split = EvalSplit(np.flatnonzero(test_csr.counts()), num_items, Features(), to_csr(train, num_users), test_csr)
+    split = EvalSplit(np.flatnonzero(test_csr.counts()), num_users, num_items, Features(), to_csr(train, num_users), test_csr)
     got = evaluate_popularity(counts, split, [5, 10], torch.device("cpu"), EvalConfig())
     for key, value in expected.items():
         assert got[key] == pytest.approx(value, abs=1e-6), key
@@ -89,7 +89,7 @@ import pyarrow as pa  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
 
 from recsys.data.eval_sets import BitmapSets, CSRSets, eval_users, load_eval_sets, sample_eval_users
-from recsys.distributed import local_share
+from recsys.distributed import owned_share, rank_bounds
 from recsys.evaluation.ranking import block_shape
 
 
@@ -239,17 +239,19 @@ def test_sample_of_evaluated_users_is_seeded_and_sorted():
     rng = np.random.default_rng(2)
     train, test = random_split(60, 30, rng)
     test_csr = to_csr(test, 60)
-    split = EvalSplit(eval_users(test_csr.counts(), 10), 30, Features(), to_csr(train, 60), test_csr)
+    split = EvalSplit(eval_users(test_csr.counts(), 10), 60, 30, Features(), to_csr(train, 60), test_csr)
     assert evaluate_popularity(np.arange(30.0), split, [5], torch.device("cpu"), EvalConfig())["users"] == 10
 
 
 @pytest.mark.parametrize("world", [1, 2, 3, 7, 20])
-def test_local_shares_cover_the_users_once(world):
+def test_owned_shares_cover_the_users_once(world):
     users = np.arange(0, 100, 7)
-    shares = [local_share(users, rank, world) for rank in range(world)]
+    shares = [owned_share(users, 100, rank, world) for rank in range(world)]
     assert np.array_equal(np.concatenate([s for s, _ in shares]), users)  # in order, each user once
-    sizes = [len(s) for s, _ in shares]
-    assert max(sizes) - min(sizes) <= 1 and all(m == max(sizes) for _, m in shares)
+    bounds = rank_bounds(100, world)  # each rank's users are those of its rows of the user table
+    for rank, (share, largest) in enumerate(shares):
+        assert ((share >= bounds[rank]) & (share < bounds[rank + 1])).all()
+        assert largest == max(len(s) for s, _ in shares)
 
 
 # ---- eval sets read from a streaming prepared dataset ---------------------------------------

@@ -10,6 +10,7 @@ from pathlib import Path
 import faiss
 import numpy as np
 import pyarrow as pa
+import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 import pytest
 
@@ -18,6 +19,15 @@ from recsys.errors import ConfigError, ExportError
 from recsys.exporter import export_run, read_vectors, write_export
 
 NUM_USERS, NUM_ITEMS, DIM, K = 300, 2000, 16, 20
+
+
+@pytest.fixture(autouse=True)
+def small_row_groups(monkeypatch):
+    """Parts of many row groups (128 rows each): the index, the recall measurement and the .npy
+    files are built a row group at a time, as from a large export."""
+    import recsys.exporter
+
+    monkeypatch.setattr(recsys.exporter, "ROW_GROUP_BYTES", 128 * (4 * DIM + 8))
 
 
 def make_export(run_dir: Path, normalized: bool, string_ids: bool, options=None) -> Path:
@@ -46,7 +56,8 @@ def sha256(path: Path) -> str:
 def check_files(export: Path) -> dict:
     """Every file is listed in the manifest with its checksum, and nothing else is there."""
     manifest = json.loads((export / "manifest.json").read_text())
-    assert sorted(p.name for p in export.iterdir()) == sorted([*manifest["files"], "manifest.json"])
+    found = [p.relative_to(export).as_posix() for p in export.rglob("*") if p.is_file()]
+    assert sorted(found) == sorted([*manifest["files"], "manifest.json"])
     for name, entry in manifest["files"].items():
         assert entry["sha256"] == sha256(export / name), name
     return manifest
@@ -79,8 +90,8 @@ def test_faiss_index_recall_matches_numpy(tmp_path, kind, normalized):
         assert index.hnsw.efSearch == entry["params"]["efSearch"] == options.hnsw_ef_search
 
     # Independent reference: numpy brute force on the Parquet vectors of the same sampled users.
-    _, user_vecs = read_vectors(export / "users.parquet")
-    item_ids, item_vecs = read_vectors(export / "items.parquet")
+    _, user_vecs = read_vectors(export, "users")
+    item_ids, item_vecs = read_vectors(export, "items")
     rows = sampled_rows(3, 200)
     queries = user_vecs[rows]
     scores = queries.astype(np.float64) @ item_vecs.astype(np.float64).T
@@ -106,8 +117,8 @@ def test_npy_and_ids_read_back_to_parquet(tmp_path, string_ids):
     manifest = check_files(export)
     assert "faiss" not in manifest
     for name in ("users", "items"):
-        table = pq.read_table(export / f"{name}.parquet")
-        ids, vectors = read_vectors(export / f"{name}.parquet")
+        table = ds.dataset(export / name).to_table()
+        ids, vectors = read_vectors(export, name)
         matrix = np.load(export / f"{name}.npy")  # plain numpy, no pickle
         id_list = np.load(export / f"{name}_ids.npy")
         assert matrix.dtype == np.float32 and matrix.shape == vectors.shape
@@ -123,14 +134,14 @@ def test_npy_and_ids_read_back_to_parquet(tmp_path, string_ids):
 
 def test_rerun_replaces_artefacts_and_keeps_parquet(tmp_path):
     export = make_export(tmp_path, True, False)
-    before = {n: sha256(export / n) for n in ("items.parquet", "users.parquet")}
+    before = {n: sha256(export / n) for n in ("items/part-00000.parquet", "users/part-00000.parquet")}
     export_run(export, ExportConfig(faiss="flat", npy=True, ann_k=K))
     assert (export / "items.faiss").exists()
     export_run(export, ExportConfig(faiss="none", npy=False))
     manifest = check_files(export)  # no stale index or .npy left behind
     assert set(manifest["files"]) == set(before) and "faiss" not in manifest
     assert {n: sha256(export / n) for n in before} == before
-    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary directories
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == [".export.lock"]  # no staging left
 
 
 def test_bad_exports_are_refused(tmp_path):
@@ -139,9 +150,9 @@ def test_bad_exports_are_refused(tmp_path):
     export = make_export(tmp_path, True, False)
     with pytest.raises(ConfigError, match="ivf_nlist=5000 is larger than the number of items"):
         export_run(export, ExportConfig(faiss="ivf", ivf_nlist=5000))
-    table = pq.read_table(export / "items.parquet")
-    pq.write_table(table.slice(0, 10), export / "items.parquet")
-    with pytest.raises(ExportError, match="items.parquet: sha256 does not match"):
+    table = ds.dataset(export / "items").to_table()
+    pq.write_table(table.slice(0, 10), export / "items" / "part-00000.parquet")
+    with pytest.raises(ExportError, match="part-00000.parquet: sha256 does not match"):
         export_run(export, ExportConfig(faiss="flat"))
     with pytest.raises(ConfigError, match="export.faiss must be one of"):
         ExportConfig(faiss="annoy")
@@ -153,10 +164,10 @@ def test_train_applies_the_export_options_and_exports_what_the_command_would(tin
     command (recsys.exporter.export_run) writes from the run's Parquet vectors."""
     export = tiny_run / "export"
     manifest = check_files(export)
-    users = pq.read_table(export / "users.parquet")
+    users = ds.dataset(export / "users").to_table()
     assert manifest["faiss"]["recall"]["users"] == min(1000, users.num_rows) and manifest["faiss"]["recall"]["k"] == 10
     assert 0.5 < manifest["faiss"]["recall"]["value"] <= 1.0
-    item_ids, item_vecs = read_vectors(export / "items.parquet")
+    item_ids, item_vecs = read_vectors(export, "items")
     assert np.load(export / "items_ids.npy").tolist() == item_ids
     assert faiss.read_index(str(export / "items.faiss")).ntotal == len(item_ids)
     metrics = json.loads((tiny_run / "metrics.json").read_text())  # the ANN figures are in metrics.json too
@@ -165,7 +176,33 @@ def test_train_applies_the_export_options_and_exports_what_the_command_would(tin
     again = tmp_path / "export"
     shutil.copytree(export, again)
     rebuilt = export_run(again, ExportConfig(npy=True, faiss="ivf", ann_k=10))
-    for name in ("users.npy", "items.npy", "users_ids.npy", "items_ids.npy", "users.parquet", "items.parquet"):
+    for name in ("users.npy", "items.npy", "users_ids.npy", "items_ids.npy", *manifest["parts"]["users"],
+                 *manifest["parts"]["items"]):
         assert rebuilt["files"][name] == manifest["files"][name], name  # byte for byte (sha256)
     for key in ("type", "factory", "params", "ntotal", "dimension", "labels"):
         assert rebuilt["faiss"][key] == manifest["faiss"][key], key
+
+
+def test_exports_of_the_single_file_layout_are_still_read(tmp_path):
+    """Runs exported before the parts: users.parquet / items.parquet and a manifest listing them."""
+    export = tmp_path / "old" / "export"
+    export.mkdir(parents=True)
+    rng = np.random.default_rng(1)
+    tables = {}
+    for name, id_name, n in (("users", "user_id", 30), ("items", "item_id", 50)):
+        vecs = rng.normal(size=(n, 4)).astype(np.float32)
+        ids = pa.array(np.arange(n, dtype=np.int64) * 3)
+        flat = pa.FixedSizeListArray.from_arrays(pa.array(vecs.reshape(-1)), 4)
+        pq.write_table(pa.table({id_name: ids, "vector": flat}), export / f"{name}.parquet")
+        tables[name] = (ids.to_pylist(), vecs)
+    files = {f"{n}.parquet": {"rows": len(tables[n][0]), "sha256": sha256(export / f"{n}.parquet")} for n in tables}
+    (export / "manifest.json").write_text(json.dumps({"dimension": 4, "num_users": 30, "num_items": 50,
+                                                      "normalized": False, "score": "dot", "files": files}))
+    for name, (ids, vecs) in tables.items():
+        got_ids, got = read_vectors(export, name)
+        assert got_ids == ids and np.array_equal(got, vecs)
+    manifest = export_run(export, ExportConfig(npy=True, faiss="flat", ann_k=5, ann_sample_users=10))
+    assert set(manifest["files"]) == {"users.parquet", "items.parquet", "users.npy", "items.npy", "users_ids.npy",
+                                      "items_ids.npy", "items.faiss"}
+    np.testing.assert_array_equal(np.load(export / "items.npy"), tables["items"][1])
+    assert manifest["faiss"]["recall"]["value"] == 1.0

@@ -72,7 +72,7 @@ def test_hash_mode_exports_every_raw_id_with_its_rows_vector(tmp_path, train_her
     assert export_manifest["id_mapping"] == "hash"
 
     for which, column, n in (("user", "user_id", NUM_USERS), ("item", "item_id", NUM_ITEMS)):
-        ids, vecs = read_vectors(run_dir / "export" / f"{which}s.parquet")
+        ids, vecs = read_vectors(run_dir / "export", f"{which}s")
         want_ids = sorted(set(log[column].to_pylist()))
         assert sorted(ids) == want_ids and len(ids) == len(want_ids)  # each distinct raw id once
         rows = hash_rows(pa.array(ids, log[column].type), seed, n)
@@ -93,8 +93,8 @@ def test_hash_mode_exports_every_raw_id_with_its_rows_vector(tmp_path, train_her
     shutil.copytree(ckpt, again / "checkpoints" / ckpt.name)
     in_process(export_checkpoint, again, ExportConfig(npy=True))
     for name in ("users", "items"):
-        ids, vecs = read_vectors(again / "export" / f"{name}.parquet")
-        ref_ids, ref_vecs = read_vectors(run_dir / "export" / f"{name}.parquet")
+        ids, vecs = read_vectors(again / "export", name)
+        ref_ids, ref_vecs = read_vectors(run_dir / "export", name)
         assert ids == ref_ids
         np.testing.assert_array_equal(vecs, ref_vecs)
     assert json.loads((again / "export" / "manifest.json").read_text())["hash"] == export_manifest["hash"]

@@ -13,7 +13,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "recsys"
 
 # Lowest first. A module may import its own layer (without a cycle) and any lower one.
 LAYERS = [
-    ("base", ["recsys", "recsys.atomic", "recsys.errors", "recsys.distributed", "recsys.logs"]),
+    ("base", ["recsys", "recsys.atomic", "recsys.errors", "recsys.distributed", "recsys.logs", "recsys.memory"]),
     ("config", ["recsys.config"]),
     ("data", ["recsys.data", "recsys.data.*"]),
     ("model and loss", ["recsys.model", "recsys.loss"]),

@@ -207,7 +207,7 @@ def test_two_ranks_train_on_a_streamed_dataset_and_resume(tmp_path, two_ranks):
     assert m0["test"] == m1["test"] == written["test"] and 0 < written["test"]["recall@20"] <= 1
     assert written["test"]["users"] == written["data"]["eval_users"] == 150 < written["data"]["eval_users_of"]
     assert "valid" in written["train"]["history"][0]
-    assert (run_dir / "export" / "items.parquet").exists()
+    assert (run_dir / "export" / "items" / "part-00000.parquet").exists()
 
     # resume from a checkpoint in the middle of epoch 1: the same figures as the uninterrupted run
     resumed = tmp_path / "resumed"

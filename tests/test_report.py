@@ -107,8 +107,8 @@ def test_plots_are_pngs(tmp_path):
 
 def test_summary_gathers_metrics_and_links_existing_files(tmp_path):
     run_dir = tmp_path / "run"
-    (run_dir / "export").mkdir(parents=True)
-    (run_dir / "export" / "items.parquet").write_bytes(b"x")
+    (run_dir / "export" / "items").mkdir(parents=True)
+    (run_dir / "export" / "items" / "part-00000.parquet").write_bytes(b"x")
     (run_dir / "metrics.json").write_text("{}")
     metrics = {
         "test": {"recall@10": 0.1234, "ndcg@10": 0.0567, "recall@20": 0.2345, "ndcg@20": 0.0789, "users": 321},
@@ -135,7 +135,7 @@ def test_summary_gathers_metrics_and_links_existing_files(tmp_path):
     assert "800 train, 100 valid, 250 test" in text and f"density {1150 / 5000:.3g}" in text
     assert "export ann.recall@10: 0.987" in text and "none.png" not in text
     found = links(text)
-    assert {"loss.png", "metrics.json", "export/items.parquet"} <= set(found)
+    assert {"loss.png", "metrics.json", "export/items"} <= set(found)
     for link in found:
         assert not Path(link).is_absolute() and (run_dir / link).exists(), link
 
@@ -206,7 +206,7 @@ def test_tiny_run_leaves_plots_summary_and_tensorboard(tiny_run):
         assert f"{metrics['test'][f'recall@{k}']:.4f}" in text and f"{metrics['popularity'][f'ndcg@{k}']:.4f}" in text
     for link in links(text):
         assert (run_dir / link).exists(), link
-    assert {"loss.png", "metrics.png", "popularity.png", "norms.png", "export/items.parquet"} <= set(links(text))
+    assert {"loss.png", "metrics.png", "popularity.png", "norms.png", "export/items"} <= set(links(text))
 
     acc = EventAccumulator(str(run_dir / "tensorboard"))
     acc.Reload()

@@ -98,3 +98,23 @@ def test_streamed_sets_are_read_in_one_pass_with_a_progress_bar_on_request(tmp_p
     data.eval_sets(40, progress=False)
     err = capsys.readouterr().err  # (the bars' labels; log records may mention "eval sets" too)
     assert "eval sets: train" not in err and "eval sets: test" not in err
+
+
+@pytest.mark.parametrize("loader", ["memory", "stream"])
+def test_each_rank_reads_its_own_users_pairs(tmp_path, loader):
+    """The closed form's input: the training pairs of users [lo, hi), with or without the validation
+    holdout (streamed: in one pass), equal the selection from all the prepared training rows."""
+    data = opened(config(tmp_path, loader))
+    if loader == "stream":  # the reference: the prepared Parquet rows, read whole
+        table = pq.read_table(sorted((data.path / "train").glob("*.parquet")))
+        rows = {True: (table["user"].to_numpy(), table["item"].to_numpy())}
+        fit = ~table["valid"].to_numpy(zero_copy_only=False)
+        rows[False] = (rows[True][0][fit], rows[True][1][fit])
+    else:
+        rows = {True: (data.dataset.train_users, data.dataset.train_items), False: (data.fit_users, data.fit_items)}
+    assert len(rows[False][0]) == data.num_fit < len(rows[True][0]) == data.manifest["counts"]["train_interactions"]
+    for include_valid, (all_u, all_i) in rows.items():
+        for lo, hi in ((0, 300), (0, 120), (120, 300), (77, 78), (150, 150)):
+            keep = (all_u >= lo) & (all_u < hi)
+            u, i = data.pairs(include_valid, lo, hi)
+            assert sorted(zip(u.tolist(), i.tolist())) == sorted(zip(all_u[keep].tolist(), all_i[keep].tolist()))

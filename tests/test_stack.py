@@ -11,6 +11,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 import torch
 
@@ -38,7 +39,7 @@ def stacked(tiny):
 def spectral_reference(users: np.ndarray, items: np.ndarray, num_users: int, num_items: int):
     """Unit spectral user vectors (sum of the user's items' context rows, pairs counted once) and
     spectral item vectors, in numpy from the closed form's tables."""
-    tables = spectral_tables(users, items, num_users, num_items, SPEC, alpha=0.0)
+    tables, _ = spectral_tables(users, items, 0, num_users, num_users, num_items, SPEC, alpha=0.0)
     history, item = tables["history"].numpy().astype(np.float64), tables["item"].numpy()
     keys = np.unique(users.astype(np.int64) * num_items + items)
     spec_u = np.zeros((num_users, SPEC))
@@ -70,8 +71,8 @@ def check_stacked(run_dir: Path, brute_force, history: bool = False) -> dict:
     best = max(grid, key=lambda key: (grid[key]["recall@20"], -float(key)))
     assert float(best) == w and metrics["valid"] == grid[str(w)]
 
-    user_ids, users = read_vectors(run_dir / "export" / "users.parquet")
-    item_ids, items = read_vectors(run_dir / "export" / "items.parquet")
+    user_ids, users = read_vectors(run_dir / "export", "users")
+    item_ids, items = read_vectors(run_dir / "export", "items")
     assert users.shape == (n_u, DIM + SPEC) and items.shape == (n_i, DIM + SPEC)
     manifest = json.loads((run_dir / "export" / "manifest.json").read_text())
     assert manifest["dimension"] == DIM + SPEC and manifest["score"] == "dot"
@@ -143,8 +144,8 @@ def test_evaluate_and_export_from_the_checkpoint_stack_the_same_way(runs, in_pro
     finally:
         torch.set_num_threads(threads)
     for name in ("users", "items"):
-        ids, vecs = read_vectors(run_dir / "again" / f"{name}.parquet")
-        ref_ids, ref = read_vectors(run_dir / "export" / f"{name}.parquet")
+        ids, vecs = read_vectors(run_dir / "again", name)
+        ref_ids, ref = read_vectors(run_dir / "export", name)
         assert ids == ref_ids
         # Recomputed from the checkpoint: the closed form and its scale are computed in float64 and
         # rounded to float32 once (recsys.spectral), so another summation order (threads, load) moves
@@ -184,7 +185,8 @@ def test_weight_selection(monkeypatch, weights, curve, chosen, tried):
 
     import recsys.stack as stack
 
-    monkeypatch.setattr(stack, "_broadcast_vectors", lambda *a, **k: (torch.zeros(4, 3), torch.zeros(5, 3)))
+    monkeypatch.setattr(stack, "spectral_vectors", lambda *a, **k: stack.SpectralVectors(torch.zeros(4, 3), 0,
+                                                                                         torch.zeros(5, 3)))
     monkeypatch.setattr(stack, "score_scale", lambda *a, **k: 10.0)
     seen = []
 
@@ -199,10 +201,10 @@ def test_weight_selection(monkeypatch, weights, curve, chosen, tried):
         num_users, num_items, num_fit = 4, 5, 7
         manifest = {"counts": {"train_interactions": 8}}
 
-        def pairs(self, include_valid=True):
+        def pairs(self, include_valid=True, lo=0, hi=None):
             return None
 
-    split = EvalSplit(np.arange(4), 5, Features(), None, None)
+    split = EvalSplit(np.arange(4), 4, 5, Features(), None, None)
     options = stack.StackOptions(dim=3, weights=weights, alpha=0.0, niter=1, seed=0,
                                  eval=EvalConfig(ks=[20], user_chunk=8))
     base = _Towers()
@@ -225,7 +227,6 @@ def test_one_weight_is_used_as_given(tmp_path, data_root, train_here, stacked):
 @pytest.mark.parametrize("extra,message", [
     (["data.valid_fraction=0"], "several weights are chosen among on the validation holdout"),
     (["model.stack_spectral_weights=[0.5,-1]"], "model.stack_spectral_weights must be positive"),
-    (["data.loader=stream"], "(stacking the spectral closed form) needs the training pairs in memory"),
     (["model.stack_spectral_weights=[]"], "model.stack_spectral_weights: give at least one weight"),
     (["data.valid_fraction=0.01"], "left no validation interaction"),
     (["model.stack_spectral_dim=600"], "model.stack_spectral_dim=600 is larger than the number of users (500)"),
@@ -236,3 +237,21 @@ def test_bad_stacking_options_are_refused(tmp_path, data_root, train_here, stack
     error = refused.value.__cause__ or refused.value
     assert isinstance(error, ConfigError) and message in str(error), repr(error)
     assert not (tmp_path / "bad").exists()
+
+
+def test_two_ranks_stack_a_streamed_dataset(tmp_path, data_root, two_ranks, train_here, stacked):
+    """data.loader=stream: each rank reads its own users' training pairs (one pass over train/) for
+    the distributed closed form; the exported spectral parts are the closed form of all the
+    streamed training pairs (numpy reference from the prepared Parquet files)."""
+    run_dir = tmp_path / "stream"
+    two_ranks(train_here, stacked(data_root, "data.loader=stream", "train.sharding_types=[row_wise]"), str(run_dir))
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["data"]["loader"] == "stream" and metrics["stack"]["chosen_weight"] > 0
+    train = pq.read_table(sorted((Path(metrics["data"]["path"]) / "train").glob("*.parquet")))
+    n_u, n_i = metrics["data"]["num_users"], metrics["data"]["num_items"]
+    unit_u, spec_i = spectral_reference(train["user"].to_numpy(), train["item"].to_numpy(), n_u, n_i)
+    _, users = read_vectors(run_dir / "export", "users")
+    _, items = read_vectors(run_dir / "export", "items")
+    np.testing.assert_allclose(items[:, DIM:], spec_i, atol=1e-5)
+    w, scale = metrics["stack"]["chosen_weight"], metrics["stack"]["test_scale"]
+    np.testing.assert_allclose(users[:, DIM:], w * scale * unit_u, atol=1e-5)

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 import pytest
 
@@ -26,13 +27,13 @@ def check_run_dir(run_dir: Path, world_size: int) -> dict:
     assert metrics["train"]["steps"] > 0 and metrics["train"]["interactions_per_s"] > 0
     assert metrics["train"]["world_size"] == world_size
     data = Path(metrics["data"]["path"])
-    items = pq.read_table(run_dir / "export" / "items.parquet")
+    items = ds.dataset(run_dir / "export" / "items").to_table()
     vocab = pq.read_table(data / "items.parquet")["item_id"]
     assert items.num_rows == metrics["data"]["num_items"] and items["item_id"].to_pylist() == vocab.to_pylist()
     assert items.schema.field("item_id").type == vocab.type  # raw string ids stay strings
-    ids, vectors = read_vectors(run_dir / "export" / "items.parquet")
+    ids, vectors = read_vectors(run_dir / "export", "items")
     assert vectors.shape == (len(ids), 16) and np.allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-5)
-    users = pq.read_table(run_dir / "export" / "users.parquet")
+    users = ds.dataset(run_dir / "export" / "users").to_table()
     assert users.num_rows == metrics["data"]["num_users"]
     manifest = json.loads((run_dir / "export" / "manifest.json").read_text())
     assert manifest["dimension"] == 16 and manifest["normalized"] is True and manifest["config_hash"]
@@ -70,9 +71,9 @@ def test_parquet_input_end_to_end(tmp_path, train_here):
     assert metrics == json.loads((run_dir / "metrics.json").read_text())
     dropped = metrics["data"]["dropped"]
     assert metrics["data"]["train_interactions"] + metrics["data"]["test_interactions"] + sum(dropped.values()) == n
-    ids, vectors = read_vectors(run_dir / "export" / "users.parquet")
+    ids, vectors = read_vectors(run_dir / "export", "users")
     assert all(isinstance(i, str) and i.startswith("user-") for i in ids) and vectors.shape[1] == 8
-    ids, _ = read_vectors(run_dir / "export" / "items.parquet")
+    ids, _ = read_vectors(run_dir / "export", "items")
     assert all(isinstance(i, int) and i % 1000 == 7 for i in ids)
 
 
@@ -112,8 +113,8 @@ def test_two_tower_on_lightgcn_files_with_validation_two_ranks(tmp_path, two_ran
     assert m["data"]["valid_interactions"] > 0
 
     # The exported vectors alone give the score: brute-force numpy Recall@20 from the export files.
-    user_ids, user_vecs = read_vectors(run_dir / "export" / "users.parquet")
-    item_ids, item_vecs = read_vectors(run_dir / "export" / "items.parquet")
+    user_ids, user_vecs = read_vectors(run_dir / "export", "users")
+    item_ids, item_vecs = read_vectors(run_dir / "export", "items")
     scores = user_vecs @ item_vecs.T
     col = {i: c for c, i in enumerate(item_ids)}
     for u, i in train_pairs:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Tuple
+from typing import Optional, Tuple
 
 import numpy as np
 import pyarrow as pa
@@ -145,18 +145,35 @@ class Dataset:
             raise ValueError(f"{self.path}: data.id_mapping=hash has no row -> id vocabulary; use id_rows({which!r})")
         return id_rows(self.path, which)[0]
 
-    def id_rows(self, which: str) -> Tuple[pa.Array, np.ndarray]:
-        """(raw ids, their rows) of ``users`` or ``items`` (see ``id_rows``)."""
-        return id_rows(self.path, which)
+    def id_rows(self, which: str, lo: int = 0, hi: Optional[int] = None) -> Tuple[pa.Array, np.ndarray]:
+        """(raw ids, their rows) of ``users`` or ``items``, table rows [lo, hi) (see ``id_rows``)."""
+        return id_rows(self.path, which, lo, hi)
 
 
-def id_rows(path: Path, which: str) -> Tuple[pa.Array, np.ndarray]:
+def id_rows(path: Path, which: str, lo: int = 0, hi: Optional[int] = None) -> Tuple[pa.Array, np.ndarray]:
     """(raw ids, their embedding rows) of a prepared dataset (either layout), ``which`` being
-    ``users`` or ``items``: vocab / identity: every row and its id (rows 0..N-1); hash: every raw
-    id seen in training and its hashed row (rows may repeat). The vector of raw id ids[k] is
-    row rows[k] of the table."""
+    ``users`` or ``items``, for the table rows [lo, hi) (None: to the end), sorted by row: vocab /
+    identity: every row and its id; hash: every raw id seen in training whose hashed row is in
+    the range (rows may repeat, or have no id). The vector of raw id ids[k] is row rows[k] of the
+    table. Reads the file a row group at a time and keeps the range only: each rank of an export
+    holds the ids of its own rows."""
     column = {"users": "user_id", "items": "item_id"}[which]
-    table = pq.read_table(Path(path) / f"{which}.parquet")
-    ids = table[column].combine_chunks()
-    rows = table["row"].to_numpy() if "row" in table.column_names else np.arange(len(ids), dtype=np.int64)
-    return ids, rows
+    pf = pq.ParquetFile(Path(path) / f"{which}.parquet")
+    hashed = "row" in pf.schema_arrow.names
+    hi = np.iinfo(np.int64).max if hi is None else hi
+    ids, rows, start = [], [], 0
+    for group in range(pf.num_row_groups):
+        n = pf.metadata.row_group(group).num_rows
+        if hashed or (start < hi and start + n > lo):
+            table = pf.read_row_group(group, columns=[column] + (["row"] if hashed else []))
+            r = table["row"].to_numpy().astype(np.int64) if hashed else np.arange(start, start + n, dtype=np.int64)
+            keep = (r >= lo) & (r < hi)
+            ids.append(table[column].combine_chunks().filter(pa.array(keep)))
+            rows.append(r[keep])
+        start += n
+    out_ids = pa.concat_arrays(ids) if ids else pa.array([], type=pf.schema_arrow.field(column).type)
+    out_rows = np.concatenate(rows) if rows else np.zeros(0, dtype=np.int64)
+    if hashed:
+        order = np.argsort(out_rows, kind="stable")
+        out_ids, out_rows = out_ids.take(pa.array(order)), out_rows[order]
+    return out_ids, out_rows

@@ -2,7 +2,7 @@
 
 The evaluated users are those with test (or validation) items, or a seeded sample of at most
 ``eval.max_users`` of them (``sample_eval_users``: the same on every rank and every run). Each
-rank keeps the sets of its own share of them (``recsys.distributed.local_share``). The sets are
+rank keeps the sets of its own users among them (``recsys.distributed.owned_share``). The sets are
 ``ItemSets``: a CSR over all user rows for in-memory data (``CSRSets``) or, for streamed data,
 the sets of the wanted users only, read in one pass over the prepared Parquet files
 (``load_split_sets``) and kept as a CSR of unique pairs or a packed bitmap, whichever is smaller.
@@ -229,7 +229,7 @@ def load_split_sets(prepared_dir, users: Dict[str, np.ndarray],
     ``test/`` for the test split), keeps the rows of each split's users (a boolean lookup by user
     row) and removes repeated pairs. Each set is a CSR of unique pairs or a packed bitmap,
     whichever is smaller: memory is bounded by the users' distinct pairs (and by users x items
-    bits), not by the number of interactions. Under torchrun, pass this rank's `local_share` of
+    bits), not by the number of interactions. Under torchrun, pass this rank's `owned_share` of
     the evaluated users. A progress bar per pass unless `progress` is False (None: on a terminal)."""
     root = Path(prepared_dir)
     if not (root / "manifest.json").is_file():
@@ -305,13 +305,16 @@ class EvalSplit:
     masked when ranking (their known interactions) and the relevant ones."""
 
     users: np.ndarray
-    """The evaluated user rows, sorted, the same on every rank (each rank scores its share)."""
+    """The evaluated user rows, sorted, the same on every rank (each rank scores its own:
+    ``recsys.distributed.owned_share``)."""
+    num_users: int
+    """Rows of the user table (which users are a rank's own)."""
     num_items: int
     """Items ranked: all of them."""
     features: Features
     """The model's inputs (the validation split: histories without the holdout)."""
     masked: Union[CSR, "ItemSets"]
-    """Items never ranked for a user: a CSR over all user rows, or sets covering this rank's share."""
+    """Items never ranked for a user: a CSR over all user rows, or sets covering this rank's own users."""
     relevant: Union[CSR, "ItemSets"]
     """The items to find: the same kinds."""
 

@@ -7,12 +7,13 @@ this interface, never asking which loader they have:
 - sizes and counts: ``num_users``, ``num_items``, ``num_fit`` (training interactions less the
   validation holdout), ``has_valid``, ``manifest``; ``fit_item_counts()`` (logQ),
   ``item_counts()`` (popularity), ``user_counts()``, ``steps_per_epoch(global_batch)``;
-- ``id_rows(which)``: the raw id of each table row (what the export writes);
+- ``id_rows(which, lo, hi)``: the raw id of each table row of a range (what a rank exports);
 - ``features(include_valid, training)``: the model's inputs (the bags of its ``FeatureSpec``);
 - ``eval_sets(max_users, progress)``: the test and validation ``EvalSets`` of this rank's share
   of the evaluated users (all with test / validation items, or a seeded sample of ``max_users``);
 - ``batches(options, epoch, skip, max_batches)``: an epoch's training batches from the (skip+1)-th;
-- ``pairs(include_valid)``: the training pairs, for the closed form (in memory only).
+- ``pairs(include_valid, lo, hi)``: the training pairs of the users [lo, hi), for the closed form
+  (each rank reads its own users').
 
 ``InMemorySource`` (``data.loader=memory``) holds the whole dataset in every rank's memory;
 ``StreamedSource`` (``data.loader=stream``) streams row groups and holds nothing that grows with
@@ -28,6 +29,7 @@ from typing import Dict, Iterator, Optional, Protocol, Tuple
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 
 from recsys.config import ConfigError
 from recsys.data.batches import BatchOptions, TrainBatches
@@ -35,7 +37,7 @@ from recsys.data.dataset import Dataset, id_rows
 from recsys.data.eval_sets import EvalSets, EvalSplit, load_split_sets, sampled_users
 from recsys.data.features import Batch, Features, FeatureSpec, make_features
 from recsys.data.loader import Pieces, StreamBatches, steps_per_epoch
-from recsys.distributed import local_share
+from recsys.distributed import owned_share
 
 
 class DataSource(Protocol):
@@ -57,12 +59,13 @@ class DataSource(Protocol):
     def item_counts(self) -> np.ndarray: ...
     def user_counts(self) -> np.ndarray: ...
     def steps_per_epoch(self, global_batch: int) -> int: ...
-    def id_rows(self, which: str) -> Tuple[pa.Array, np.ndarray]: ...
+    def id_rows(self, which: str, lo: int = 0, hi: Optional[int] = None) -> Tuple[pa.Array, np.ndarray]: ...
     def features(self, include_valid: bool = True, training: bool = False) -> Features: ...
     def eval_sets(self, max_users: int, progress: bool = False) -> EvalSets: ...
     def batches(self, options: BatchOptions, epoch: int, skip: int = 0,
                 max_batches: Optional[int] = None) -> Iterator[Batch]: ...
-    def pairs(self, include_valid: bool = True) -> Tuple[np.ndarray, np.ndarray]: ...
+    def pairs(self, include_valid: bool = True, lo: int = 0,
+              hi: Optional[int] = None) -> Tuple[np.ndarray, np.ndarray]: ...
 
 
 def open_source(path: Path, spec: FeatureSpec, memory_reason: Optional[str] = None) -> DataSource:
@@ -106,15 +109,20 @@ class InMemorySource:
     def steps_per_epoch(self, global_batch: int) -> int:
         return self.num_fit // global_batch
 
-    def id_rows(self, which: str) -> Tuple[pa.Array, np.ndarray]:
-        """(raw ids, their table rows) of ``users`` / ``items`` (``recsys.data.dataset.id_rows``)."""
-        return self.dataset.id_rows(which)
+    def id_rows(self, which: str, lo: int = 0, hi: Optional[int] = None) -> Tuple[pa.Array, np.ndarray]:
+        """(raw ids, their table rows) of ``users`` / ``items``, rows [lo, hi) (``recsys.data.dataset.id_rows``)."""
+        return self.dataset.id_rows(which, lo, hi)
 
-    def pairs(self, include_valid: bool = True) -> Tuple[np.ndarray, np.ndarray]:
-        """(users, items) of the training split (`include_valid`) or of its fit part."""
-        if include_valid:
-            return self.dataset.train_users, self.dataset.train_items
-        return self.fit_users, self.fit_items
+    def pairs(self, include_valid: bool = True, lo: int = 0,
+              hi: Optional[int] = None) -> Tuple[np.ndarray, np.ndarray]:
+        """(users, items) of the training split (`include_valid`) or of its fit part, of the
+        users [lo, hi) (None: to the end)."""
+        users, items = ((self.dataset.train_users, self.dataset.train_items) if include_valid
+                        else (self.fit_users, self.fit_items))
+        if lo == 0 and (hi is None or hi >= self.num_users):
+            return users, items
+        keep = (users >= lo) & (users < (self.num_users if hi is None else hi))
+        return users[keep], items[keep]
 
     def features(self, include_valid: bool = True, training: bool = False) -> Features:
         """The model's inputs (``make_features``, built once): with the validation holdout in the
@@ -130,11 +138,12 @@ class InMemorySource:
         d = self.dataset
         test_csr = d.test_csr()
         users, of = sampled_users(test_csr.counts(), max_users, "test")
-        test = EvalSplit(users, self.num_items, self.features(), d.train_csr(), test_csr)
+        test = EvalSplit(users, self.num_users, self.num_items, self.features(), d.train_csr(), test_csr)
         valid = None
         if d.has_valid:
             valid_csr = d.valid_csr()
-            valid = EvalSplit(sampled_users(valid_csr.counts(), max_users, "validation")[0], self.num_items,
+            valid = EvalSplit(sampled_users(valid_csr.counts(), max_users, "validation")[0], self.num_users,
+                              self.num_items,
                               self.features(include_valid=False), d.train_csr(include_valid=False), valid_csr)
         return EvalSets(test, valid, {"eval_users": len(users), "eval_users_of": of})
 
@@ -180,31 +189,49 @@ class StreamedSource:
     def steps_per_epoch(self, global_batch: int) -> int:
         return steps_per_epoch(self.pieces, global_batch)
 
-    def id_rows(self, which: str) -> Tuple[pa.Array, np.ndarray]:
-        """(raw ids, their table rows) of ``users`` / ``items`` (``recsys.data.dataset.id_rows``)."""
-        return id_rows(self.path, which)
+    def id_rows(self, which: str, lo: int = 0, hi: Optional[int] = None) -> Tuple[pa.Array, np.ndarray]:
+        """(raw ids, their table rows) of ``users`` / ``items``, rows [lo, hi) (``recsys.data.dataset.id_rows``)."""
+        return id_rows(self.path, which, lo, hi)
 
-    def pairs(self, include_valid: bool = True) -> Tuple[np.ndarray, np.ndarray]:
-        raise ConfigError(f"{self.path} is prepared for streaming: the closed form needs the training pairs in "
-                          "memory; use data.loader=memory")
+    def pairs(self, include_valid: bool = True, lo: int = 0,
+              hi: Optional[int] = None) -> Tuple[np.ndarray, np.ndarray]:
+        """(users, items) of the training split (`include_valid`) or of its fit part, of the
+        users [lo, hi): one pass over ``train/``, a row group at a time, keeping those users' rows
+        (what one rank's share of the closed form needs)."""
+        hi = self.num_users if hi is None else hi
+        users, items = [], []
+        columns = ["user", "item"] + (["valid"] if self.pieces.has_valid and not include_valid else [])
+        for path in sorted((self.path / "train").glob("*.parquet")):
+            pf = pq.ParquetFile(path)
+            for group in range(pf.num_row_groups):
+                table = pf.read_row_group(group, columns=columns)
+                u = table["user"].to_numpy()
+                keep = (u >= lo) & (u < hi)
+                if "valid" in columns:
+                    keep &= ~table["valid"].to_numpy(zero_copy_only=False)
+                users.append(u[keep].astype(np.int64))
+                items.append(table["item"].to_numpy()[keep].astype(np.int64))
+        if not users:
+            return np.zeros(0, np.int64), np.zeros(0, np.int64)
+        return np.concatenate(users), np.concatenate(items)
 
     def features(self, include_valid: bool = True, training: bool = False) -> Features:
         """The model's inputs: the ids only (a streamed model has no history bags)."""
         return Features()
 
     def eval_sets(self, max_users: int, progress: bool = False) -> EvalSets:
-        """The sets of this rank's share of the evaluated users (a seeded sample of at most
+        """The sets of this rank's own evaluated users (``owned_share``) (a seeded sample of at most
         `max_users` of those with test / validation items), read in one pass over ``train/`` and
         one over ``test/`` (with a progress bar when `progress`)."""
         test_users, of = sampled_users(np.load(self.path / "test_user_counts.npy"), max_users, "test")
-        wanted = {"test": local_share(test_users)[0]}
+        wanted = {"test": owned_share(test_users, self.num_users)[0]}
         valid_users = None
         if self.has_valid:
             valid_users, _ = sampled_users(np.load(self.path / "valid_user_counts.npy"), max_users, "validation")
-            wanted["valid"] = local_share(valid_users)[0]
+            wanted["valid"] = owned_share(valid_users, self.num_users)[0]
         sets = load_split_sets(self.path, wanted, progress=progress)
-        test = EvalSplit(test_users, self.num_items, Features(), *sets["test"])
-        valid = EvalSplit(valid_users, self.num_items, Features(), *sets["valid"]) if self.has_valid else None
+        test = EvalSplit(test_users, self.num_users, self.num_items, Features(), *sets["test"])
+        valid = EvalSplit(valid_users, self.num_users, self.num_items, Features(), *sets["valid"]) if self.has_valid else None
         return EvalSets(test, valid, {"eval_users": len(test_users), "eval_users_of": of})
 
     def batches(self, options: BatchOptions, epoch: int, skip: int = 0,

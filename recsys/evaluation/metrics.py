@@ -1,7 +1,8 @@
 """Evaluating a model: Recall@K / NDCG@K of a (sharded) two-tower model and of the popularity
 baseline on an ``EvalSplit``, and the per-epoch evaluation the training loop is given.
 
-Every rank evaluates its share of the split's users (``recsys.distributed.local_share``) with
+Every rank evaluates the split's users that are its own (``recsys.distributed.owned_share``: the
+users of its rows of the user table, whose sets it read) with
 the metric kernel (``recsys.evaluation.ranking``); the item vectors are computed a share per rank
 and gathered (``recsys.evaluation.vectors``). Collective.
 """
@@ -15,7 +16,7 @@ import torch
 
 from recsys.config import EvalConfig
 from recsys.data.eval_sets import EvalSets, EvalSplit, as_item_sets
-from recsys.distributed import local_share
+from recsys.distributed import owned_share
 from recsys.evaluation.ranking import ranking_metric_sums, reduce_means
 from recsys.evaluation.vectors import all_vectors, item_tower, tower_outputs, user_tower
 
@@ -29,7 +30,7 @@ def evaluate_model(model, split: EvalSplit, ks: Sequence[int], device: torch.dev
     dim, chunk, n = model.embedding_dim, options.user_chunk, split.num_items
     masked, relevant = as_item_sets(split.masked, n), as_item_sets(split.relevant, n)
     item_vecs = all_vectors(item_tower(model, split.features, device), n, dim, device, chunk)
-    local, max_local = local_share(np.asarray(split.users, dtype=np.int64))
+    local, max_local = owned_share(np.asarray(split.users, dtype=np.int64), split.num_users)
     user_vecs = tower_outputs(user_tower(model, split.features, device), local, -(-max_local // chunk), chunk, dim,
                               device)
     sums = ranking_metric_sums(user_vecs, item_vecs, local, masked, relevant, ks, chunk, options.item_chunk,
@@ -43,7 +44,7 @@ def evaluate_popularity(item_counts: np.ndarray, split: EvalSplit, ks: Sequence[
     the same evaluator and users as ``evaluate_model``."""
     n = len(item_counts)
     masked, relevant = as_item_sets(split.masked, n), as_item_sets(split.relevant, n)
-    local, _ = local_share(np.asarray(split.users, dtype=np.int64))
+    local, _ = owned_share(np.asarray(split.users, dtype=np.int64), split.num_users)
     item_vecs = torch.from_numpy(np.asarray(item_counts, dtype=np.float32))[:, None].to(device)
     user_vecs = torch.ones(len(local), 1, device=device)
     sums = ranking_metric_sums(user_vecs, item_vecs, local, masked, relevant, ks, options.user_chunk,
