@@ -349,3 +349,49 @@ def test_all_scores_equal_rank_by_item_row(brute_force):
                        torch.device("cpu"))
     for key, value in expected.items():
         assert got[key] == pytest.approx(value, abs=1e-12), key
+
+
+class FixedTowers:
+    """A model of fixed vectors: user row u -> users[u], item row i -> items[i]."""
+
+    def __init__(self, users: np.ndarray, items: np.ndarray) -> None:
+        self.users, self.items = torch.from_numpy(users), torch.from_numpy(items)
+        self.embedding_dim, self.normalize = users.shape[1], False
+
+    def user_vectors(self, batch):
+        return self.users[batch.user_ids]
+
+    def item_vectors(self, batch):
+        return self.items[batch.item_ids]
+
+
+def evaluate_on_this_rank(num_users: int, num_items: int, seed: int):
+    """Model and popularity metrics of a random split, each rank scoring its own users."""
+    from recsys.evaluation.metrics import evaluate_model
+    from recsys.parallelize import destroy_distributed, init_distributed
+
+    init_distributed("cpu")
+    rng = np.random.default_rng(seed)
+    train, test = random_split(num_users, num_items, rng)
+    test_csr = to_csr(test, num_users)
+    split = EvalSplit(np.flatnonzero(test_csr.counts()), num_users, num_items, Features(), to_csr(train, num_users),
+                      test_csr)
+    model = FixedTowers(rng.normal(size=(num_users, 5)).astype(np.float32),
+                        rng.normal(size=(num_items, 5)).astype(np.float32))
+    options = EvalConfig(ks=[5, 10], user_chunk=4)
+    out = {"model": evaluate_model(model, split, [5, 10], torch.device("cpu"), options),
+           "popularity": evaluate_popularity(rng.integers(0, 50, num_items).astype(np.float64), split, [5, 10],
+                                             torch.device("cpu"), options)}
+    destroy_distributed()
+    return out
+
+
+def test_two_ranks_evaluate_their_own_users_to_the_same_metrics(ranks):
+    """Each rank scores the evaluated users of its rows of the user table: the means over ranks are
+    those of one rank (the same per-user figures, summed in another order: float64, 1e-12)."""
+    one, two = ranks(1, evaluate_on_this_rank, 61, 40, 0)[0], ranks(2, evaluate_on_this_rank, 61, 40, 0)
+    assert two[0] == two[1]
+    for kind in ("model", "popularity"):
+        assert one[kind]["users"] == two[0][kind]["users"] > 0
+        for key, value in one[kind].items():
+            assert two[0][kind][key] == pytest.approx(value, abs=1e-12), (kind, key)

@@ -13,6 +13,7 @@ import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 import pytest
 
+from recsys.distributed import rank_bounds
 from recsys.exporter import read_vectors
 
 KS = (10, 20, 50)
@@ -37,6 +38,10 @@ def check_run_dir(run_dir: Path, world_size: int) -> dict:
     assert users.num_rows == metrics["data"]["num_users"]
     manifest = json.loads((run_dir / "export" / "manifest.json").read_text())
     assert manifest["dimension"] == 16 and manifest["normalized"] is True and manifest["config_hash"]
+    for name in ("users", "items"):  # a part per rank, the rows of each
+        parts = manifest["parts"][name]
+        assert parts == [f"{name}/part-{r:05d}.parquet" for r in range(world_size)]
+        assert [manifest["files"][p]["rows"] for p in parts] == np.diff(rank_bounds(manifest[f"num_{name}"], world_size)).tolist()
     return metrics
 
 
