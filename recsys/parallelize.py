@@ -431,16 +431,21 @@ def table_weights(model: nn.Module) -> Dict[str, object]:
 
 @torch.no_grad()
 def init_tables(model: nn.Module, std: float, seed: int) -> None:
-    """Fill every table (full tensor or local shards) with its sharding-independent init."""
+    """Fill every table (full tensor or local shards) with its sharding-independent init, one
+    init block of rows at a time (no copy of a whole shard)."""
     for index, (name, weight) in enumerate(sorted(table_weights(model).items())):
+        dim = weight.size(1)
         if isinstance(weight, ShardedTensor):
-            for shard in weight.local_shards():
-                (r0, c0), (nr, nc) = shard.metadata.shard_offsets, shard.metadata.shard_sizes
-                dim = weight.size(1)
-                rows = init_rows(index, r0, nr, dim, std, seed)
-                shard.tensor.copy_(rows[:, c0 : c0 + nc])
+            shards = [(s.tensor, s.metadata.shard_offsets, s.metadata.shard_sizes) for s in weight.local_shards()]
         else:
-            weight.copy_(init_rows(index, 0, weight.shape[0], weight.shape[1], std, seed))
+            shards = [(weight, (0, 0), tuple(weight.shape))]
+        for tensor, (r0, c0), (nr, nc) in shards:
+            start = r0
+            while start < r0 + nr:
+                stop = min(r0 + nr, (start // _INIT_BLOCK + 1) * _INIT_BLOCK)  # within one init block
+                rows = init_rows(index, start, stop - start, dim, std, seed)
+                tensor[start - r0 : stop - r0].copy_(rows[:, c0 : c0 + nc])
+                start = stop
 
 
 @torch.no_grad()
