@@ -75,18 +75,27 @@ def all_gather_objects(obj: Any) -> List[Any]:
 
 
 def gather_padded(x: torch.Tensor, sizes: List[int], dst: Optional[int] = None) -> Optional[torch.Tensor]:
-    """Concatenate rank-local row blocks of different sizes on every rank (or on `dst` only)."""
+    """Concatenate rank-local row blocks of different sizes on every rank (or on `dst` only).
+
+    Everywhere: one ``all_gather_into_tensor`` into the result's own buffer, each rank's block then
+    moved down over the padding in place, so that the result is the one copy held (plus one block)."""
     world = len(sizes)
     if world == 1:
         return x
-    padded = torch.zeros(max(sizes), *x.shape[1:], dtype=x.dtype, device=x.device)
+    longest = max(sizes)
+    padded = torch.zeros(longest, *x.shape[1:], dtype=x.dtype, device=x.device)
     padded[: len(x)] = x
     if dst is None:
-        parts = [torch.empty_like(padded) for _ in range(world)]
-        dist.all_gather(parts, padded)
-    else:
-        parts = [torch.empty_like(padded) for _ in range(world)] if dist.get_rank() == dst else None
-        dist.gather(padded, parts, dst=dst)
-        if parts is None:
-            return None
+        out = torch.empty(world * longest, *x.shape[1:], dtype=x.dtype, device=x.device)
+        dist.all_gather_into_tensor(out, padded)
+        offset = 0
+        for r, n in enumerate(sizes):
+            if offset != r * longest:
+                out[offset : offset + n] = out[r * longest : r * longest + n].clone()
+            offset += n
+        return out[:offset]
+    parts = [torch.empty_like(padded) for _ in range(world)] if dist.get_rank() == dst else None
+    dist.gather(padded, parts, dst=dst)
+    if parts is None:
+        return None
     return torch.cat([p[:n] for p, n in zip(parts, sizes)])

@@ -130,3 +130,25 @@ def test_sharded_step_matches_unsharded(ranks, world_size, sharding_type, varian
         moved = (ref["after"][name] - ref["before"][name]).abs().sum(1) > 0
         assert moved.any()
         torch.testing.assert_close(torch.from_numpy(out["after"][name]), ref["after"][name], rtol=1e-5, atol=1e-6)
+
+
+def gather_on_this_rank(sizes):
+    """gather_padded of this rank's block (rows 100 * rank + 0, 1, ...), everywhere and on rank 0."""
+    from recsys.distributed import gather_padded
+    from recsys.parallelize import destroy_distributed, init_distributed
+
+    info = init_distributed("cpu")
+    block = (torch.arange(sizes[info.rank] * 2, dtype=torch.float32).reshape(-1, 2) + 100 * info.rank)
+    out = {"everywhere": gather_padded(block, sizes), "rank0": gather_padded(block, sizes, dst=0)}
+    destroy_distributed()
+    return out
+
+
+@pytest.mark.parametrize("sizes", [[3, 5], [5, 3], [0, 4], [4, 0], [4, 4]])
+def test_gather_padded_concatenates_uneven_blocks(ranks, sizes):
+    want = np.concatenate([np.arange(n * 2, dtype=np.float32).reshape(-1, 2) + 100 * r for r, n in enumerate(sizes)])
+    out = ranks(2, gather_on_this_rank, sizes)
+    for rank, got in enumerate(out):
+        np.testing.assert_array_equal(got["everywhere"], want)
+        assert (got["rank0"] is None) == (rank == 1)
+    np.testing.assert_array_equal(out[0]["rank0"], want)
