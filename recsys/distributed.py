@@ -27,6 +27,33 @@ def rank_bounds(n: int, world: int) -> np.ndarray:
     return np.linspace(0, n, world + 1).round().astype(int)
 
 
+def own_rows(num_rows: int) -> Tuple[int, int]:
+    """This rank's rows [lo, hi) of a table of `num_rows` rows (``rank_bounds``): the rows it
+    exports and, of the user table, the users whose pairs and evaluation it handles."""
+    rank, world = rank_and_world()
+    bounds = rank_bounds(num_rows, world)
+    return int(bounds[rank]), int(bounds[rank + 1])
+
+
+def all_reduce_sum(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """The sum of CPU tensor `t` over ranks, on the CPU (the collective runs on the process
+    group's `device`: NCCL needs CUDA tensors); `t` itself on one rank."""
+    if rank_and_world()[1] == 1:
+        return t
+    x = t.to(device)
+    dist.all_reduce(x)
+    return x.cpu()
+
+
+def broadcast_from_rank0(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Rank 0's CPU tensor `t` on every rank (the same bits everywhere), on the CPU."""
+    if rank_and_world()[1] == 1:
+        return t
+    x = t.to(device)
+    dist.broadcast(x, src=0)
+    return x.cpu()
+
+
 def owned_share(rows: np.ndarray, num_rows: int, rank: Optional[int] = None,
                 world: Optional[int] = None) -> Tuple[np.ndarray, int]:
     """The sorted `rows` that fall in this rank's part of a table of `num_rows` rows (``rank_bounds``:

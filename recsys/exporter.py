@@ -67,7 +67,7 @@ import torch
 from recsys.atomic import write_json_atomic
 from recsys.config import ConfigError, ExportConfig
 from recsys.data.source import DataSource
-from recsys.distributed import all_gather_objects, from_rank0, rank_and_world, rank_bounds
+from recsys.distributed import all_gather_objects, from_rank0, own_rows, rank_and_world, rank_bounds
 from recsys.errors import ExportError
 from recsys.evaluation.vectors import item_tower, tower_outputs, user_tower
 
@@ -306,8 +306,7 @@ def export_model(model, features, id_rows: IdRows, num_users: int, num_items: in
     towers = {"users": user_tower(model, features, device), "items": item_tower(model, features, device)}
     mine, error = {}, None
     for (name, id_name), count in zip(TABLES, (num_users, num_items)):
-        bounds = rank_bounds(count, world)
-        lo, hi = int(bounds[rank]), int(bounds[rank + 1])
+        lo, hi = own_rows(count)
         ids, rows = pa.array([], pa.int64()), np.zeros(0, np.int64)
         if error is None:
             try:
@@ -315,7 +314,7 @@ def export_model(model, features, id_rows: IdRows, num_users: int, num_items: in
             except Exception as e:  # raised on every rank below
                 error = e
         entry, failed = _write_share(tmp / name / PART.format(rank), towers[name], id_name, ids, np.asarray(rows), lo,
-                                     hi, int(np.diff(bounds).max()), model.embedding_dim, chunk, device)
+                                     hi, int(np.diff(rank_bounds(count, world)).max()), model.embedding_dim, chunk, device)
         mine[name], error = (f"{name}/{PART.format(rank)}", entry), error or failed
     everyone = all_gather_objects((mine, error))
     errors = [e for _, e in everyone if e is not None]
@@ -368,18 +367,27 @@ def vector_files(export_dir: Path, name: str, manifest: Optional[Dict] = None) -
     return list(manifest["parts"][name]) if manifest.get("layout") == "parts" else [f"{name}.parquet"]
 
 
-def _blocks(path: Path) -> Iterator[Tuple[pa.Array, np.ndarray]]:
+def _blocks(path: Path, groups: Optional[Iterable[int]] = None,
+            vectors: bool = True) -> Iterator[Tuple[pa.Array, Optional[np.ndarray]]]:
+    """(ids, vectors) of the row groups `groups` (None: all) of a vectors file; ``vectors=False``
+    reads the id column only (vectors None)."""
     pf = pq.ParquetFile(path)
-    for group in range(pf.num_row_groups):
-        table = pf.read_row_group(group)
-        vec = table["vector"].combine_chunks()
-        yield table.column(0).combine_chunks(), vec.values.to_numpy().reshape(-1, vec.type.list_size)
+    columns = None if vectors else [pf.schema_arrow.names[0]]
+    for group in range(pf.num_row_groups) if groups is None else groups:
+        table = pf.read_row_group(group, columns=columns)
+        vecs = None
+        if vectors:
+            vec = table["vector"].combine_chunks()
+            vecs = vec.values.to_numpy().reshape(-1, vec.type.list_size)
+        yield table.column(0).combine_chunks(), vecs
 
 
-def iter_vectors(export_dir: Path, name: str, manifest: Optional[Dict] = None) -> Iterator[Tuple[pa.Array, np.ndarray]]:
-    """(raw ids, [n, D] float32 vectors) of table `name`, a row group at a time, in row order."""
+def iter_vectors(export_dir: Path, name: str, manifest: Optional[Dict] = None,
+                 vectors: bool = True) -> Iterator[Tuple[pa.Array, Optional[np.ndarray]]]:
+    """(raw ids, [n, D] float32 vectors) of table `name`, a row group at a time, in row order
+    (``vectors=False``: the ids only)."""
     for file in vector_files(export_dir, name, manifest):
-        yield from _blocks(Path(export_dir) / file)
+        yield from _blocks(Path(export_dir) / file, vectors=vectors)
 
 
 def read_vectors(export_dir: Path, name: str) -> Tuple[list, np.ndarray]:
@@ -401,7 +409,7 @@ def read_vectors(export_dir: Path, name: str) -> Tuple[list, np.ndarray]:
 def _npy_id_dtype(directory: Path, name: str, manifest: Dict) -> np.dtype:
     """The numpy dtype of table `name`'s raw ids (``ids_array``'s, widest string over all parts)."""
     dtype = None
-    for ids, _ in iter_vectors(directory, name, manifest):
+    for ids, _ in iter_vectors(directory, name, manifest, vectors=False):
         part = ids_array(ids, name).dtype
         dtype = part if dtype is None or part.itemsize > dtype.itemsize else dtype
     return dtype if dtype is not None else np.dtype("<U1")
@@ -427,7 +435,7 @@ def _add_npy(directory: Path, manifest: Dict) -> None:
         _write_npy(directory / f"{name}.npy", (count, manifest["dimension"]), np.float32,
                    (vecs for _, vecs in iter_vectors(directory, name, manifest)))
         _write_npy(directory / f"{name}_ids.npy", (count,), _npy_id_dtype(directory, name, manifest),
-                   (ids_array(ids, name) for ids, _ in iter_vectors(directory, name, manifest)))
+                   (ids_array(ids, name) for ids, _ in iter_vectors(directory, name, manifest, vectors=False)))
         for f in (f"{name}.npy", f"{name}_ids.npy"):
             files[f] = {"rows": count, "sha256": _sha256(directory / f)}
 
@@ -468,21 +476,30 @@ class _Vectors:
         self.count, self.dim = manifest[f"num_{name}"], manifest["dimension"]
         self.deviation = 0.0
 
+    def _prepared(self, vecs: np.ndarray) -> np.ndarray:
+        vecs = np.ascontiguousarray(vecs, dtype=np.float32)
+        if self.cosine:
+            vecs, deviation = _unit_norm(vecs)
+            self.deviation = max(self.deviation, deviation)
+        return vecs
+
     def __iter__(self) -> Iterator[np.ndarray]:
         for _, vecs in iter_vectors(self.directory, self.name, self.manifest):
-            vecs = np.ascontiguousarray(vecs, dtype=np.float32)
-            if self.cosine:
-                vecs, deviation = _unit_norm(vecs)
-                self.deviation = max(self.deviation, deviation)
-            yield vecs
+            yield self._prepared(vecs)
 
     def rows(self, wanted: np.ndarray) -> np.ndarray:
-        """The vectors of the sorted rows `wanted`, read block by block."""
+        """The vectors of the sorted rows `wanted`, reading only the row groups that hold them."""
         out, start = np.zeros((len(wanted), self.dim), np.float32), 0
-        for vecs in self:
-            a, b = np.searchsorted(wanted, [start, start + len(vecs)])
-            out[a:b] = vecs[wanted[a:b] - start]
-            start += len(vecs)
+        for file in vector_files(self.directory, self.name, self.manifest):
+            path = self.directory / file
+            meta = pq.ParquetFile(path).metadata
+            for group in range(meta.num_row_groups):
+                n = meta.row_group(group).num_rows
+                a, b = np.searchsorted(wanted, [start, start + n])
+                if b > a:
+                    _, vecs = next(_blocks(path, [group]))
+                    out[a:b] = self._prepared(vecs)[wanted[a:b] - start]
+                start += n
         return out
 
 

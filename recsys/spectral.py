@@ -44,37 +44,18 @@ from typing import Dict, Optional, Tuple
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from torch.distributed._shard.sharded_tensor import ShardedTensor
 
 from recsys.config import EvalConfig, ModelConfig
 from recsys.data.eval_sets import EvalSets
 from recsys.data.source import DataSource
-from recsys.distributed import all_gather_objects, rank_and_world, rank_bounds
+from recsys.distributed import (all_gather_objects, all_reduce_sum, broadcast_from_rank0, own_rows,
+                                rank_and_world)
 from recsys.evaluation.metrics import evaluate_model
 from recsys.parallelize import table_weights
 
 logger = logging.getLogger(__name__)
 CPU = torch.device("cpu")
-
-
-def _all_reduce(t: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """The sum of CPU tensor `t` over ranks, on the CPU (the collective runs on the process
-    group's `device`: NCCL needs CUDA tensors); `t` itself on one rank."""
-    if rank_and_world()[1] == 1:
-        return t
-    x = t.to(device)
-    dist.all_reduce(x)
-    return x.cpu()
-
-
-def _from_rank0(t: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """Rank 0's CPU tensor `t` on every rank (the same bits everywhere)."""
-    if rank_and_world()[1] == 1:
-        return t
-    x = t.to(device)
-    dist.broadcast(x, src=0)
-    return x.cpu()
 
 
 def tsqr(y: torch.Tensor) -> torch.Tensor:
@@ -99,7 +80,7 @@ def normalized_rows(users: np.ndarray, items: np.ndarray, lo: int, hi: int, num_
     keys = np.unique((users.astype(np.int64) - lo) * num_items + items)
     u, i = keys // num_items, keys % num_items
     du = np.bincount(u, minlength=hi - lo).astype(np.float64)
-    di = _all_reduce(torch.from_numpy(np.bincount(i, minlength=num_items).astype(np.float64)), device).numpy()
+    di = all_reduce_sum(torch.from_numpy(np.bincount(i, minlength=num_items).astype(np.float64)), device).numpy()
     values = 1.0 / np.sqrt(du[u] * di[i])
     matrix = torch.sparse_coo_tensor(torch.from_numpy(np.stack([u, i])), torch.from_numpy(values),
                                      (hi - lo, num_items), check_invariants=True).coalesce()
@@ -124,9 +105,9 @@ def spectral_factors(users: np.ndarray, items: np.ndarray, lo: int, hi: int, num
     sketch = torch.randn(num_items, q, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
     basis = tsqr(a @ sketch)  # this rank's rows of an orthonormal basis of A's range
     for _ in range(niter):
-        item_basis = torch.linalg.qr(_from_rank0(_all_reduce(at @ basis, device), device))[0]
+        item_basis = torch.linalg.qr(broadcast_from_rank0(all_reduce_sum(at @ basis, device), device))[0]
         basis = tsqr(a @ item_basis)
-    bt = _all_reduce(at @ basis, device)  # (Q^T A)^T, [items x q]
+    bt = all_reduce_sum(at @ basis, device)  # (Q^T A)^T, [items x q]
     v, s = torch.empty(num_items, rank, dtype=torch.float64), torch.empty(rank, dtype=torch.float64)
     if rank_and_world()[0] == 0:
         left, values, _ = torch.linalg.svd(bt, full_matrices=False)  # B^T = V S W^T
@@ -134,7 +115,7 @@ def spectral_factors(users: np.ndarray, items: np.ndarray, lo: int, hi: int, num
         signs = torch.sign(left.gather(0, left.abs().argmax(0, keepdim=True)))[0]
         v.copy_(left * torch.where(signs == 0, 1.0, signs))
         s.copy_(values[:rank])
-    return _from_rank0(s, device).numpy(), _from_rank0(v, device).numpy(), di, keys
+    return broadcast_from_rank0(s, device).numpy(), broadcast_from_rank0(v, device).numpy(), di, keys
 
 
 def spectral_tables(users: np.ndarray, items: np.ndarray, lo: int, hi: int, num_users: int, num_items: int,
@@ -179,19 +160,12 @@ def load_tables(model: torch.nn.Module, full: Dict[str, torch.Tensor], zero: Tup
             tensor.copy_(values[r0 : r0 + nr, c0 : c0 + nc])
 
 
-def own_users(num_users: int) -> Tuple[int, int]:
-    """This rank's rows [lo, hi) of the user table (``rank_bounds``): the users whose pairs it reads."""
-    rank, world = rank_and_world()
-    bounds = rank_bounds(num_users, world)
-    return int(bounds[rank]), int(bounds[rank + 1])
-
-
 def init_spectral(model: torch.nn.Module, data: DataSource, include_valid: bool, mc: ModelConfig, seed: int,
                   device: torch.device) -> None:
     """Fill a (sharded) two-tower's tables with :func:`spectral_tables` of the data's training
     pairs (`include_valid`: with the validation holdout, or its fit part only): each rank reads
     its users' pairs and writes its own shards (`mc`: dimension, alpha, iterations). Collective."""
-    lo, hi = own_users(data.num_users)
+    lo, hi = own_rows(data.num_users)
     users, items = data.pairs(include_valid, lo, hi)
     tables, _ = spectral_tables(users, items, lo, hi, data.num_users, data.num_items, mc.embedding_dim,
                                 mc.spectral_alpha, mc.spectral_niter, seed, device=device)

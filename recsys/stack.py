@@ -23,7 +23,7 @@ exported are then recomputed from the whole training split, as ``model.spectral_
 the closed form alone. One weight needs no validation split (it is used as given).
 
 No rank holds the world: the closed form is computed over all ranks (``recsys.spectral``), each
-rank reading the training pairs of its own users (its rows of the user table, ``own_users``:
+rank reading the training pairs of its own users (its rows of the user table, ``own_rows``:
 the users it evaluates and exports) and keeping the spectral vectors of those users only; the
 item side ([items x D]) is the same on every rank. Either loader works (a streamed dataset is
 read in one pass per rank).
@@ -38,17 +38,16 @@ from typing import Dict, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from torch import nn
 
 from recsys.config import EvalConfig
 from recsys.data.eval_sets import EvalSets
 from recsys.data.features import Batch
 from recsys.data.source import DataSource
-from recsys.distributed import owned_share
+from recsys.distributed import all_reduce_sum, own_rows, owned_share
 from recsys.evaluation.metrics import evaluate_model
 from recsys.evaluation.vectors import all_vectors, item_tower, tower_outputs, user_tower
-from recsys.spectral import CPU, own_users, spectral_tables
+from recsys.spectral import CPU, spectral_tables
 
 logger = logging.getLogger(__name__)
 
@@ -107,7 +106,7 @@ def spectral_vectors(data: DataSource, include_valid: bool, dim: int, alpha: flo
     table, user = sum of the ``history`` rows of its items, scaled to norm 1 (users without pairs:
     0), this rank's users only. Computed in float64 and rounded to float32 once, at the end, so
     that a recomputation gives the same vectors (``recsys.spectral``'s docstring). Collective."""
-    lo, hi = own_users(data.num_users)
+    lo, hi = own_rows(data.num_users)
     users, items = data.pairs(include_valid, lo, hi)
     tables, keys = spectral_tables(users, items, lo, hi, data.num_users, data.num_items, dim, alpha, niter, seed,
                                    dtype=torch.float64, device=device)
@@ -117,13 +116,6 @@ def spectral_vectors(data: DataSource, include_valid: bool, dim: int, alpha: flo
     user_vecs = torch.sparse.mm(history, tables["history"])
     user_vecs = user_vecs / user_vecs.norm(dim=1, keepdim=True).clamp_min(1e-12)
     return SpectralVectors(user_vecs.float(), lo, tables["item"].float())
-
-
-def _all_reduce_sums(values, device: torch.device) -> np.ndarray:
-    t = torch.tensor(values, dtype=torch.float64, device=device)
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(t)
-    return t.cpu().numpy()
 
 
 def _std(total: float, squares: float, count: float) -> float:
@@ -152,7 +144,7 @@ def score_scale(base: nn.Module, features, spec: SpectralVectors, num_users: int
         for k, scores in enumerate((user_vecs @ items[start:start + block].T, unit @ spec_items[start:start + block].T)):
             sums[2 * k] += scores.sum().item()
             sums[2 * k + 1] += (scores * scores).sum().item()
-    sums = _all_reduce_sums(sums.tolist(), device)
+    sums = all_reduce_sum(torch.from_numpy(sums), device).numpy()
     count = float(len(sample) * num_items)
     return _std(sums[0], sums[1], count) / max(_std(sums[2], sums[3], count), 1e-12)
 

@@ -137,11 +137,12 @@ def test_the_closed_form_does_not_depend_on_the_number_of_threads():
 def distributed_svd_rank(num_users: int, num_items: int, k: int, seed: int, niter: int):
     """On each rank: the pairs of its own users only, the distributed closed form's factors."""
     from recsys.parallelize import destroy_distributed, init_distributed
-    from recsys.spectral import own_users, spectral_factors
+    from recsys.distributed import own_rows
+    from recsys.spectral import spectral_factors
 
     init_distributed("cpu")
     u, i, _ = _pairs(num_users, num_items, 0.15, seed)
-    lo, hi = own_users(num_users)
+    lo, hi = own_rows(num_users)
     mine = (u >= lo) & (u < hi)
     s, v, di, _ = spectral_factors(u[mine], i[mine], lo, hi, num_users, num_items, k, niter=niter, seed=3)
     destroy_distributed()

@@ -196,21 +196,21 @@ class StreamedSource:
     def pairs(self, include_valid: bool = True, lo: int = 0,
               hi: Optional[int] = None) -> Tuple[np.ndarray, np.ndarray]:
         """(users, items) of the training split (`include_valid`) or of its fit part, of the
-        users [lo, hi): one pass over ``train/``, a row group at a time, keeping those users' rows
-        (what one rank's share of the closed form needs)."""
+        users [lo, hi): one pass over the training row groups (``Pieces``), keeping those users'
+        rows (what one rank's share of the closed form needs)."""
         hi = self.num_users if hi is None else hi
-        users, items = [], []
+        users, items, files = [], [], {}
         columns = ["user", "item"] + (["valid"] if self.pieces.has_valid and not include_valid else [])
-        for path in sorted((self.path / "train").glob("*.parquet")):
-            pf = pq.ParquetFile(path)
-            for group in range(pf.num_row_groups):
-                table = pf.read_row_group(group, columns=columns)
-                u = table["user"].to_numpy()
-                keep = (u >= lo) & (u < hi)
-                if "valid" in columns:
-                    keep &= ~table["valid"].to_numpy(zero_copy_only=False)
-                users.append(u[keep].astype(np.int64))
-                items.append(table["item"].to_numpy()[keep].astype(np.int64))
+        for path, group in zip(self.pieces.files, self.pieces.row_groups):
+            if path not in files:
+                files[path] = pq.ParquetFile(path)
+            table = files[path].read_row_group(int(group), columns=columns)
+            u = table["user"].to_numpy()
+            keep = (u >= lo) & (u < hi)
+            if "valid" in columns:
+                keep &= ~table["valid"].to_numpy(zero_copy_only=False)
+            users.append(u[keep].astype(np.int64))
+            items.append(table["item"].to_numpy()[keep].astype(np.int64))
         if not users:
             return np.zeros(0, np.int64), np.zeros(0, np.int64)
         return np.concatenate(users), np.concatenate(items)
