@@ -54,10 +54,9 @@ class DataConfig:
     separator: str = ","
     """``csv``: the field separator (one character)."""
     split: str = "random"
-    """``random`` (per-user random holdout), ``temporal`` (global time cut-off) or ``given``.
-    With ``loader=stream`` only ``random``, decided per (user, item) pair: an interaction is test
-    iff a seeded hash of its pair is below ``test_fraction`` (all repeats of a pair on one side;
-    the validation holdout likewise, among training pairs)."""
+    """``random`` (per-user random holdout: each user's interactions in a seeded pseudo-random
+    order, the first floor(n * test_fraction) held out; the same rows at every size, for every
+    loader and engine), ``temporal`` (global time cut-off) or ``given``."""
     test_fraction: float = 0.2
     """Share of each user's interactions (random) or of the log by time (temporal) held out."""
     valid_fraction: float = 0.0
@@ -66,8 +65,7 @@ class DataConfig:
     duplicates: str = "drop"
     """Repeated (user, item) pairs: ``drop`` all but the first (the earliest with timestamps;
     counted in the manifest's ``dropped``), ``keep`` them (counted in its ``kept``) or ``error``
-    (refuse the input, naming the first repeated pair). ``loader=stream`` cannot find repeats across
-    the whole log: it keeps them (``drop`` logs a warning; ``error`` is refused)."""
+    (refuse the input, naming the first repeated pair)."""
     null_ids: str = "drop"
     """Rows with a null user or item id: ``drop`` them (counted in the manifest's ``dropped``) or
     ``error`` (refuse the input, naming the file and row)."""
@@ -83,17 +81,27 @@ class DataConfig:
     ``hash``: ids of any type hashed (seeded with ``seed``) into ``num_users`` / ``num_items``
     rows, for unbounded id spaces; no vocabulary is needed to train, distinct ids sharing a row
     are counted (the collision rate is in the manifest and the log)."""
+    engine: str = "duckdb"
+    """What prepares the data: ``duckdb`` (embedded, in process) or ``spark`` (a local Spark session
+    here; on a cluster run ``spark-submit jobs/spark/prepare.py`` with the same overrides). Both
+    write the same dataset (not part of its identity)."""
+    engine_threads: int = 0
+    """Threads of the preparation engine (0: all cores of the host)."""
+    engine_memory: str = "50%"
+    """Memory limit of the preparation engine: ``NN%`` of the host's memory or a size (``8GB``);
+    beyond it the engine spills to disk in the staging directory."""
     loader: str = "auto"
-    """``memory``: the prepared interactions are loaded into every rank's memory (all readers,
-    every model). ``stream``: prepared as Parquet row groups and streamed (each rank reads a
+    """How the prepared rows are read (one prepared dataset serves both): ``memory``: loaded into
+    every rank's memory (every model). ``stream``: its row groups streamed (each rank reads a
     disjoint share, bounded shuffle buffer, loader workers); memory stays bounded whatever the
-    number of interactions (``synthetic``, ``parquet`` and ``csv`` sources; mf models). ``auto``:
-    ``stream`` when a synthetic or Parquet source has at least ``stream_min_rows`` rows."""
+    number of interactions (models without history bags). ``auto``: ``stream`` when a synthetic
+    or Parquet source has at least ``stream_min_rows`` rows."""
     stream_min_rows: int = 5_000_000
     """``loader=auto``: the number of source rows from which the streaming loader is used."""
-    row_group_size: int = 1_000_000
-    """``loader=stream``: rows per Parquet row group of the prepared files (the unit of reading and
-    of the per-epoch shuffle of the read order)."""
+    row_group_size: int = 1_048_576
+    """Rows per Parquet row group of the prepared training and test files (the streaming loader's
+    unit of reading and of the per-epoch shuffle of the read order). A multiple of 2,048 (DuckDB's
+    vector) is written as is; other sizes are cut again after the engine, which costs a copy."""
     num_workers: int = 1
     """``loader=stream``: loader worker processes per rank (0: read in the training process)."""
     shuffle_buffer: int = 1_000_000
@@ -125,6 +133,8 @@ class DataConfig:
         _check(self.id_mapping in ("vocab", "identity", "hash"),
                f"data.id_mapping must be vocab, identity or hash, got {self.id_mapping!r}")
         _check(self.loader in ("auto", "memory", "stream"), f"data.loader must be auto, memory or stream, got {self.loader!r}")
+        _check(self.engine in ("duckdb", "spark"), f"data.engine must be duckdb or spark, got {self.engine!r}")
+        _check(self.engine_threads >= 0, f"data.engine_threads must be >= 0, got {self.engine_threads}")
         _check(self.row_group_size > 0, f"data.row_group_size must be positive, got {self.row_group_size}")
         _check(self.stream_min_rows >= 0, f"data.stream_min_rows must be >= 0, got {self.stream_min_rows}")
         _check(self.num_workers >= 0, f"data.num_workers must be >= 0, got {self.num_workers}")
@@ -132,16 +142,6 @@ class DataConfig:
         if self.id_mapping == "hash":
             _check(self.num_users > 0 and self.num_items > 0,
                    "data.id_mapping=hash needs data.num_users and data.num_items (the table sizes) positive")
-        if self.loader == "stream":
-            _check(self.name in ("synthetic", "parquet", "csv"),
-                   f"data.loader=stream reads synthetic, parquet and csv sources; data={self.name} needs "
-                   "data.loader=memory")
-            _check(self.split == "random",
-                   f"data.split={self.split} needs the whole log in memory (data.loader=stream splits at random, "
-                   "per (user, item) pair); use data.loader=memory")
-            _check(self.duplicates != "error",
-                   "data.duplicates=error needs the whole log in memory to find repeated pairs; use "
-                   "data.loader=memory (or data.duplicates=keep: data.loader=stream keeps repeats)")
         if self.id_mapping == "identity":
             _check(self.name != "synthetic", "data=synthetic makes its own ids: data.id_mapping=identity is for files")
             _check(self.num_users > 0 and self.num_items > 0,

@@ -13,7 +13,6 @@ users) into the prepared dataset's directory.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Dict, Tuple
 
@@ -23,23 +22,27 @@ from omegaconf import DictConfig
 
 from recsys import cli
 from recsys.atomic import write_json_atomic, write_text_atomic
-from recsys.config import Config
-from recsys.data.dataset import Dataset
+from recsys.config import Config, ConfigError
 from recsys.data.prepare import data_config, prepare
-from recsys.report import dataset_report, format_dataset_report, plot_popularity, stream_report
+
+try:  # pyspark is an optional extra (recsys[spark]): data.engine=spark only
+    from recsys.data import spark_engine
+except ImportError:
+    spark_engine = None
+from recsys.report import format_dataset_report, plot_popularity, stream_report
 
 
 def prepare_report(cfg: Config) -> Tuple[Path, Dict, str]:
     """Prepare (or reuse) the dataset as training with this config would (``data.loader`` resolved
     for its model), write its report files beside it; (directory, report, text)."""
-    path = prepare(data_config(cfg))
-    if json.loads((path / "manifest.json").read_text()).get("loader") == "stream":  # counts only: no pass over the log
-        report = stream_report(path)
-        item_counts, user_counts = np.load(path / "item_counts_all.npy"), np.load(path / "user_counts.npy")
-    else:
-        dataset = Dataset.load(path)
-        report = dataset_report(dataset)
-        item_counts, user_counts = dataset.item_counts(), np.bincount(dataset.train_users, minlength=dataset.num_users)
+    engine = None
+    if cfg.data.engine == "spark":
+        if spark_engine is None:
+            raise ConfigError("data.engine=spark needs pyspark (pip install 'recsys[spark]') and Java 17")
+        engine = spark_engine.spark_runner(spark_engine.local_session(cfg.data.engine_threads))
+    path = prepare(data_config(cfg), engine=engine)
+    report = stream_report(path)  # from the prepared counts: no pass over the rows
+    item_counts, user_counts = np.load(path / "item_counts_all.npy"), np.load(path / "user_counts.npy")
     png = plot_popularity(item_counts, path / "popularity.png", user_counts,
                           title=f"Popularity in the training data of {path.name}")
     report["popularity_plot"] = str(png)

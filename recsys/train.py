@@ -207,7 +207,7 @@ def run_metrics(end: RunEnd, state: TrainState, wall: float, data: DataSource, e
                         "loss_curve": state.loss_curve}
     metrics["eval"] = {"wall_s": round(end.eval_s, 3), "per_epoch_wall_s": round(state.valid_s, 3)}
     metrics["data"] = {"path": str(data.path), **counts, "dropped": data.manifest["dropped"],
-                       "loader": data.manifest.get("loader", "memory"), **eval_info}
+                       "loader": data.loader, **eval_info}
     if "hash" in data.manifest:  # data.id_mapping=hash: distinct ids, rows used, collision rate
         metrics["data"]["hash"] = data.manifest["hash"]
     metrics["run_hash"] = rhash

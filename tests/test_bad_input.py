@@ -361,25 +361,24 @@ def test_cli_batch_not_divisible_by_world_size(tmp_path, cli):
 
 
 def test_interrupted_prepare_leaves_no_dataset_and_its_leftovers_are_not_reused(tmp_path, monkeypatch):
+    import recsys.data.engine as engine
     import recsys.data.prepare as data
 
     path = good_log(tmp_path / "log.parquet")
     cfg = DataConfig(name="parquet", root=str(tmp_path / "prepared"), path=str(path))
-    real = data.write_parquet_atomic
+    real = engine.write_pieces
     written = []
 
-    def dies_on_the_third_file(table, dest):
-        if len(written) == 2:
-            raise KeyboardInterrupt  # as if the job were stopped while writing
-        written.append(dest.name)
-        real(table, dest)
+    def dies_after_the_rows(root, part):  # train/ and test/ written by the engine, the rest not yet
+        written.extend(sorted(p.name for p in root.iterdir() if not p.name.startswith("_")))
+        raise KeyboardInterrupt  # as if the job were stopped while writing
 
-    monkeypatch.setattr(data, "write_parquet_atomic", dies_on_the_third_file)
+    monkeypatch.setattr(engine, "write_pieces", dies_after_the_rows)
     with pytest.raises(KeyboardInterrupt):
         prepare(cfg)
-    assert written == ["train.parquet", "test.parquet"]
+    assert written == ["test", "train"]
     assert list((tmp_path / "prepared").iterdir()) == []  # the half-written temporary directory is gone
-    monkeypatch.setattr(data, "write_parquet_atomic", real)
+    monkeypatch.setattr(engine, "write_pieces", real)
 
     # A SIGKILLed prepare leaves its temporary directory: never taken for the dataset, removed later.
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
@@ -387,11 +386,12 @@ def test_interrupted_prepare_leaves_no_dataset_and_its_leftovers_are_not_reused(
     out = data.prepared_dir(cfg)
     stale = out.with_name(f".{out.name}.tmp-{socket.gethostname()}-{dead.pid}")
     stale.mkdir()
-    (stale / "train.parquet").write_bytes(b"half")
+    (stale / "manifest.json").write_bytes(b"half")
     out = prepare(cfg)
     assert sorted(p.name for p in (tmp_path / "prepared").iterdir()) == [out.name]
-    assert sorted(p.name for p in out.iterdir()) == ["items.parquet", "manifest.json", "test.parquet", "train.parquet",
-                                                     "users.parquet"]
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        ["items.parquet", "manifest.json", "test", "train", "users.parquet", "item_counts.npy", "item_counts_all.npy",
+         "user_counts.npy", "valid_user_counts.npy", "test_user_counts.npy"])
     ref = prepare(DataConfig(name="parquet", root=str(tmp_path / "ref"), path=str(path)))  # uninterrupted
-    for name in ("train", "test", "users", "items"):
+    for name in ("train/part-00000", "test/part-00000", "users", "items"):
         assert pq.read_table(out / f"{name}.parquet").equals(pq.read_table(ref / f"{name}.parquet"))

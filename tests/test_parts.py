@@ -114,7 +114,7 @@ def test_a_job_killed_at_its_end_leaves_no_half_export_and_the_rerun_completes(w
     """Killed (SIGKILL, both ranks) inside the stacked closed form or with every part written but
     not committed: no export directory a reader would take, and the rerun (resuming from the final
     checkpoint) stacks and exports."""
-    overrides = tiny(data_root, "data.valid_fraction=0.1", "model.stack_spectral_dim=16", "train.epochs=2",
+    overrides = tiny(data_root, "data.valid_fraction=0.1", "model.stack_spectral_dim=16", "train.epochs=3",
                      f"train.max_steps={STEPS}", "train.sharding_types=[row_wise]", "log.plots=false")
     run_dir, marker = tmp_path / "run", tmp_path / "stopped"
     job = start_ranks(train_stopping_in, 2, train_here, where, str(marker), overrides, str(run_dir))

@@ -7,6 +7,7 @@ import json
 import logging
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
@@ -26,7 +27,8 @@ def config(tmp_path, loader: str, model: str = "mf", max_users: int = 40) -> Con
 
 def opened(cfg: Config):
     reason = memory_reason(cfg)
-    return open_source(prepare(loader_config(cfg.data, reason)), feature_spec(cfg.model, cfg.seed), reason)
+    data = loader_config(cfg.data, reason)
+    return open_source(prepare(data), feature_spec(cfg.model, cfg.seed), data.loader, reason)
 
 
 @pytest.mark.parametrize("loader", ["memory", "stream"])
@@ -54,7 +56,7 @@ def test_features_are_each_users_training_items_in_time_order(tmp_path):
     cfg = config(tmp_path, "memory", model="two_tower")
     data = opened(cfg)
     # numpy reference from the prepared file: each user's training rows, by timestamp (file order on ties)
-    train = pq.read_table(data.path / "train.parquet")
+    train = pa.concat_tables([pq.read_table(f) for f in sorted((data.path / "train").glob("part-*.parquet"))])
     order = np.argsort(train["timestamp"].to_numpy(), kind="stable")
     users, items = train["user"].to_numpy()[order], train["item"].to_numpy()[order]
     valid = train["valid"].to_numpy(zero_copy_only=False)[order]

@@ -1,7 +1,8 @@
 """A prepared dataset in memory (``data.loader=memory``): rows, not raw ids.
 
-``Dataset.load`` reads the in-memory layout of ``recsys.data.prepare`` whole: every training
-interaction in time order with its validation flag, the test interactions, the manifest. ``CSR``
+``Dataset.load`` reads a prepared dataset (``recsys.data.layout``) whole: every training
+interaction in time order (the prepared order when there are no timestamps) with its validation
+flag, the test interactions, the manifest. ``CSR``
 holds per-row lists (each user's items; each item's users). ``id_rows`` maps table rows back to
 raw ids for both layouts (what the export writes).
 """
@@ -79,13 +80,10 @@ class Dataset:
     def load(path: Path) -> "Dataset":
         path = Path(path)
         manifest = json.loads((path / "manifest.json").read_text())
-        if manifest.get("loader") == "stream":
-            raise ValueError(f"{path}: a streamed dataset (data.loader=stream) is read in row groups by the streaming "
-                             "loader, not loaded whole")
-        train = pq.read_table(path / "train.parquet")
+        train = _read_parts(path / "train")
         if "timestamp" in train.column_names:
             train = train.take(np.argsort(train["timestamp"].to_numpy(), kind="stable"))
-        test = pq.read_table(path / "test.parquet", columns=["user", "item"])
+        test = _read_parts(path / "test", columns=["user", "item"])
         valid = (train["valid"].to_numpy(zero_copy_only=False) if "valid" in train.column_names
                  else np.zeros(len(train), dtype=bool))
         return Dataset(
@@ -148,6 +146,14 @@ class Dataset:
     def id_rows(self, which: str, lo: int = 0, hi: Optional[int] = None) -> Tuple[pa.Array, np.ndarray]:
         """(raw ids, their rows) of ``users`` or ``items``, table rows [lo, hi) (see ``id_rows``)."""
         return id_rows(self.path, which, lo, hi)
+
+
+def _read_parts(directory: Path, columns: Optional[list] = None) -> pa.Table:
+    """The Parquet parts of a prepared directory (``train/``, ``test/``) in order, as one table."""
+    files = sorted(directory.glob("part-*.parquet"))
+    if not files:
+        raise FileNotFoundError(f"{directory}: no part-*.parquet files (not a prepared dataset of this version?)")
+    return pa.concat_tables([pq.read_table(f, columns=columns) for f in files])
 
 
 def id_rows(path: Path, which: str, lo: int = 0, hi: Optional[int] = None) -> Tuple[pa.Array, np.ndarray]:

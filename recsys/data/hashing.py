@@ -1,31 +1,95 @@
-"""Hashing raw ids: stable across files, ranks, processes and runs.
+"""Integer arithmetic on raw ids that every engine computes identically.
 
-A 64-bit hash of each raw id (splitmix64's finaliser on integer ids, SipHash on the UTF-8 of
-string ids) that does not depend on the file, the rank, the run or the batch. It gives the
-streamed split (an interaction is test iff hash(user, item, seed) < test_fraction, so the repeats
-of a pair land on one side) and, with ``data.id_mapping=hash``, the rows (hash(id, seed) mod the
-table size; both preparations use the same function).
+The preparation runs on DuckDB or on Spark (``recsys.data.steps``); both must give the same
+split and the same hashed rows. Each engine's own hash function differs, so none is used: a raw
+id first becomes a non-negative integer *code* (an integer id is itself; a string id is the
+first 60 bits of the MD5 of its UTF-8 bytes, a function both engines and Python share), and
+everything else is arithmetic modulo the prime P = 2^31 - 1 on codes, with every intermediate
+product below 2^62 (no overflow in a 64-bit signed integer, which DuckDB refuses and Spark's ANSI
+mode refuses too):
+
+    mix(x)            = ((x mod P)^2 mod P * 1103515245 + 12345) mod P
+    split_key(u, i, s) = mix(mix(mix(r(u) + S(s)) + r(i)))        r(x) = x mod P (non-negative)
+    hash_row(x, s, N)  = (mix(mix(r(x) + S1(s)) + q(x)) * P + mix(mix(q(x) + S2(s)) + r(x))) mod N
+                         q(x) = ((x - r(x)) / P) mod P: the code's next 31 bits
+
+``split_key`` orders each user's interactions for the per-user random holdout (and the rows of
+the prepared training files); ``hash_row`` is ``data.id_mapping=hash``. This module is the
+Python reference of those SQL expressions (tests compare the engines to it; a serving system
+can hash a new id without an engine). ``mix64`` and ``seeded_key`` seed the synthetic generator.
 """
 
 from __future__ import annotations
 
-from typing import Dict, Tuple
+import hashlib
+from typing import Dict
 
 import numpy as np
-import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 
+P = 2_147_483_647
+"""The prime modulus (2^31 - 1): products of two residues stay below 2^62."""
+_A, _B = 1_103_515_245, 12_345
 _MASK = (1 << 64) - 1
 _C1 = np.uint64(0xBF58476D1CE4E5B9)
 _C2 = np.uint64(0x94D049BB133111EB)
-_SIPHASH_KEY = "0123456789123456"  # SipHash's key for string ids (pandas' default, pinned here)
-_ROWS, _SPLIT = 1, 2  # purposes of the seeded keys
+
+
+def seed_term(seed: int, purpose: int) -> int:
+    """The residue that seeds one use (purpose 0: the split key, 1 and 2: hashed rows) of `seed`."""
+    return (seed * 40_503 + purpose * 69_069 + 1) % P
+
+
+def mix(x: np.ndarray) -> np.ndarray:
+    """mix(x) on int64 arrays (or Python ints), exactly as the SQL of ``recsys.data.steps``."""
+    r = x % P
+    return (r * r % P * _A + _B) % P
+
+
+def id_codes(ids) -> np.ndarray:
+    """The non-negative-or-integer code of each raw id (Arrow array, no nulls): an integer id is
+    itself (int64); a string id is the first 60 bits of the MD5 of its UTF-8 bytes."""
+    if isinstance(ids, pa.ChunkedArray):
+        ids = ids.combine_chunks()
+    if pa.types.is_integer(ids.type):
+        return ids.cast(pa.int64()).to_numpy().copy()
+    encoded = pc.dictionary_encode(ids)
+    strings = encoded.dictionary.to_pylist()
+    codes = np.fromiter((int(hashlib.md5(s.encode()).hexdigest()[:15], 16) for s in strings), np.int64, len(strings))
+    return codes[encoded.indices.to_numpy()]
+
+
+def _residues(codes: np.ndarray):
+    codes = np.asarray(codes, dtype=np.int64)
+    r = codes % P  # numpy's % is non-negative for a positive modulus, like ((x % P) + P) % P in SQL
+    q = ((codes - r) // P) % P
+    return r, q
+
+
+def split_key(user_codes: np.ndarray, item_codes: np.ndarray, seed: int) -> np.ndarray:
+    """The seeded pseudo-random key of each (user, item) pair (int64 in [0, P))."""
+    ru, _ = _residues(user_codes)
+    ri, _ = _residues(item_codes)
+    return mix(mix(mix(ru + seed_term(seed, 0)) + ri))
+
+
+def hash_rows(ids, seed: int, num_rows: int) -> np.ndarray:
+    """The row of each raw id with ``data.id_mapping=hash`` (same id -> same row, in every engine,
+    file and run)."""
+    return rows_from_codes(id_codes(ids), seed, num_rows)
+
+
+def rows_from_codes(codes: np.ndarray, seed: int, num_rows: int) -> np.ndarray:
+    r, q = _residues(codes)
+    hi = mix(mix(r + seed_term(seed, 1)) + q)
+    lo = mix(mix(q + seed_term(seed, 2)) + r)
+    return (hi * P + lo) % num_rows
 
 
 def mix64(x: np.ndarray, inplace: bool = False) -> np.ndarray:
     """splitmix64's finaliser on uint64 (a bijection that scrambles every bit); a new array
-    unless `inplace`."""
+    unless `inplace`. (The synthetic generator's hash; not used by the preparation.)"""
     x = x if inplace else x.copy()
     t = np.empty_like(x)
     for shift, mult in ((30, _C1), (27, _C2), (31, None)):
@@ -37,56 +101,9 @@ def mix64(x: np.ndarray, inplace: bool = False) -> np.ndarray:
 
 
 def seeded_key(seed: int, purpose: int) -> np.uint64:
-    """A 64-bit key for (seed, purpose)."""
+    """A 64-bit key for (seed, purpose) (the synthetic generator's)."""
     raw = (seed * 0x9E3779B97F4A7C15 + purpose * 0xD1B54A32D192ED03 + 0x2545F4914F6CDD1D) & _MASK
     return mix64(np.array([raw], dtype=np.uint64))[0]
-
-
-def id_hash(ids) -> np.ndarray:
-    """uint64 hash of each raw id (integer or string Arrow array, no nulls), seed-independent:
-    integer ids through splitmix64 (int32 and int64 of one value agree), string ids through
-    SipHash of their UTF-8 bytes (each distinct string of the batch hashed once)."""
-    if isinstance(ids, pa.ChunkedArray):
-        ids = ids.combine_chunks()
-    if pa.types.is_integer(ids.type):
-        return mix64(ids.cast(pa.int64()).to_numpy().view(np.uint64))  # a copy: Arrow's buffer stays
-    encoded = pc.dictionary_encode(ids)
-    strings = encoded.dictionary.to_numpy(zero_copy_only=False)
-    hashes = mix64(pd.util.hash_array(strings, encoding="utf8", hash_key=_SIPHASH_KEY, categorize=False), True)
-    return hashes[encoded.indices.to_numpy()]
-
-
-def rows_from_hash(hashes: np.ndarray, seed: int, num_rows: int) -> np.ndarray:
-    """Rows of ``data.id_mapping=hash``: hash(id, seed) mod num_rows (int64)."""
-    x = mix64(hashes ^ seeded_key(seed, _ROWS), inplace=True)
-    x %= np.uint64(num_rows)
-    return x.view(np.int64)
-
-
-def hash_rows(ids, seed: int, num_rows: int) -> np.ndarray:
-    """The row of each raw id with ``data.id_mapping=hash`` (same id -> same row, in every file and run)."""
-    return rows_from_hash(id_hash(ids), seed, num_rows)
-
-
-def _pair_uniform(user_hash: np.ndarray, item_hash: np.ndarray, seed: int) -> np.ndarray:
-    """A uniform [0, 1) number per (user, item) pair, seeded."""
-    x = item_hash * _C2  # odd multiplier: a bijection, so (u, i) and (i, u) differ
-    x ^= user_hash
-    x ^= seeded_key(seed, _SPLIT)
-    mix64(x, inplace=True)
-    x >>= np.uint64(11)
-    return x.astype(np.float64) * (1.0 / (1 << 53))
-
-
-def split_masks(user_hash: np.ndarray, item_hash: np.ndarray, seed: int, test_fraction: float,
-                valid_fraction: float) -> Tuple[np.ndarray, np.ndarray]:
-    """(is_test, is_valid) per row: test iff hash(user, item, seed) < test_fraction; validation iff
-    a train row with hash(user, item, seed + 1) < valid_fraction. Every repeat of a pair falls
-    on the same side."""
-    is_test = _pair_uniform(user_hash, item_hash, seed) < test_fraction
-    if valid_fraction <= 0:
-        return is_test, np.zeros(len(is_test), dtype=bool)
-    return is_test, ~is_test & (_pair_uniform(user_hash, item_hash, seed + 1) < valid_fraction)
 
 
 def collision_stats(rows: np.ndarray) -> Dict[str, float]:

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import io
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Tuple
 
@@ -32,7 +33,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import pyarrow.dataset as ds
+import pyarrow.parquet as pq
 
+from recsys.config import DataConfig
 from recsys.errors import DataError
 
 __all__ = ["DataError"]  # raised here for every file problem (defined with the other user errors)
@@ -252,6 +255,99 @@ def _read_file(f: str, file_format, what: str, fmt: str, user_column: str, item_
     except (pa.ArrowInvalid, OSError) as e:
         raise DataError(f"{f}: cannot be read as {what} (corrupt or truncated?): {_one_line(e)}") from None
     return table.rename_columns(list(columns.keys())), columns
+
+
+# ---------------------------------------------------------------------------------------------
+# The files of a source and their schemas, checked before any row is read
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Source:
+    """The files of a ``parquet`` / ``csv`` source with the column of each role, checked."""
+
+    path: str
+    files: List[str]
+    file_format: ds.FileFormat
+    what: str
+    columns: Dict[str, str]
+    """role (user_id, item_id[, timestamp, weight, rating]) -> the files' column name."""
+    id_types: Dict[str, pa.DataType]
+    """user_id / item_id -> int64 or string (what every batch is cast to)."""
+    timestamp_type: Optional[pa.DataType]
+    timestamp_is_time: bool = False
+    """Whether the timestamp column holds dates or timestamps (read as epoch seconds)."""
+
+
+def parquet_rows(path: str) -> Optional[int]:
+    """Rows of a Parquet file or directory from the files' metadata (unreadable files count 0);
+    None when the path does not exist."""
+    p = Path(path)
+    if not p.exists():
+        return None
+    try:
+        files = ds.dataset(str(p), format="parquet", exclude_invalid_files=False).files if p.is_dir() else [str(p)]
+    except (pa.ArrowInvalid, OSError):
+        return None
+    total = 0
+    for f in files:
+        try:
+            total += pq.read_metadata(f).num_rows
+        except (pa.ArrowInvalid, OSError):
+            pass
+    return total
+
+
+def check_source(path: str, fmt: str, cfg: DataConfig) -> Source:
+    """Check every file's columns and types (from its schema, without reading the rows): a missing
+    column, an id type other than integers or strings, files disagreeing on the columns or on the
+    id types are refused naming the file and the column."""
+    p = Path(path)
+    files, file_format, what = source_files(p, fmt, cfg.separator)
+    first: Optional[Tuple[str, Dict[str, str], Dict[str, pa.DataType]]] = None
+    any_float_time = any_time = False
+    for f in files:
+        try:
+            schema = ds.dataset(f, format=file_format).schema
+        except (pa.ArrowInvalid, OSError) as e:
+            hint = ""
+            if fmt == "csv":
+                with open(f, "rb") as fh:
+                    hint = " (it is a Parquet file: data=parquet?)" if fh.read(4) == b"PAR1" else ""
+            raise DataError(f"{f}: cannot be read as {what}{hint}: {_one_line(e)}") from None
+        columns = column_roles(f, schema, fmt, cfg.user_column, cfg.item_column, cfg.timestamp_column,
+                               cfg.weight_column, cfg.rating_column)
+        types = {}
+        for role in ("user_id", "item_id"):
+            t = schema.field(columns[role]).type
+            if cfg.id_mapping == "identity" and not pa.types.is_integer(t):
+                key = "num_users" if role == "user_id" else "num_items"
+                raise DataError(f"{f}: column {columns[role]!r} has type {t}; data.id_mapping=identity needs integer "
+                                f"{ROLE_WORD[role]} ids 0..data.{key}-1 (use data.id_mapping=vocab for other ids)")
+            types[role] = pa.int64() if pa.types.is_integer(t) else pa.string()
+        if "timestamp" in columns:
+            t = schema.field(cfg.timestamp_column).type
+            if not (pa.types.is_timestamp(t) or pa.types.is_date(t) or pa.types.is_integer(t)
+                    or pa.types.is_floating(t)):
+                raise DataError(f"{f}: timestamp column has type {t}; expected integers, floats or timestamps "
+                                "(set data.timestamp_column=null to ignore it)")
+            any_float_time |= pa.types.is_floating(t)
+            any_time |= pa.types.is_timestamp(t) or pa.types.is_date(t)
+        if first is None:
+            first = (f, columns, types, schema)
+            continue
+        if set(columns) != set(first[1]):
+            raise DataError(f"{f}: has columns {sorted(columns)} but {first[0]} has {sorted(first[1])} (after the "
+                            "column mapping); every file must have the same ones")
+        for role in ("user_id", "item_id"):
+            if types[role] != first[2][role]:
+                t, t0 = schema.field(columns[role]).type, first[3].field(first[1][role]).type
+                raise DataError(f"{f}: column {columns[role]!r} has type {t} but {first[0]} has {t0}; every file "
+                                "must give the ids the same type")
+    timestamp_type = None
+    if "timestamp" in first[1]:
+        timestamp_type = pa.float64() if any_float_time else pa.int64()
+    return Source(str(p), files, file_format, what, first[1], first[2], timestamp_type, any_time)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,6 +1,6 @@
 """Data sources: a prepared dataset as training, evaluation and export read it, whichever loader.
 
-``open_source`` opens a prepared directory as the loader it was prepared for and returns a
+``open_source`` opens a prepared directory with the loader asked for and returns a
 ``DataSource``; training, the end of a run (``recsys.finish``) and the checkpoint readers use only
 this interface, never asking which loader they have:
 
@@ -68,16 +68,18 @@ class DataSource(Protocol):
               hi: Optional[int] = None) -> Tuple[np.ndarray, np.ndarray]: ...
 
 
-def open_source(path: Path, spec: FeatureSpec, memory_reason: Optional[str] = None) -> DataSource:
-    """The prepared dataset at `path` as it was prepared (its manifest's ``loader``), with the model
-    inputs of `spec`. `memory_reason` (``recsys.config.memory_reason``): why the run needs the data
-    in memory; a streamed dataset is then refused."""
+def open_source(path: Path, spec: FeatureSpec, loader: str = "memory",
+                memory_reason: Optional[str] = None) -> DataSource:
+    """The prepared dataset at `path` read by `loader` (``memory`` or ``stream``: the resolved
+    ``data.loader``; both read the same prepared layout), with the model inputs of `spec`.
+    `memory_reason` (``recsys.config.memory_reason``): why the run needs the data in memory;
+    streaming is then refused."""
     path = Path(path)
     manifest = json.loads((path / "manifest.json").read_text())
-    if manifest.get("loader") != "stream":
+    if loader != "stream":
         return InMemorySource(path, spec)
     if memory_reason:
-        raise ConfigError(f"{path} is prepared for streaming: {memory_reason}; use data.loader=memory")
+        raise ConfigError(f"data.loader=stream: {memory_reason}; use data.loader=memory")
     return StreamedSource(path, manifest, spec)
 
 
@@ -168,8 +170,8 @@ class StreamedSource:
 
     def __init__(self, path: Path, manifest: Dict, spec: FeatureSpec) -> None:
         if spec.any_bag:
-            raise ConfigError(f"{path} is prepared for streaming: history bags need each user's training items, "
-                              "held by the memory loader only; use data.loader=memory")
+            raise ConfigError("data.loader=stream: history bags need each user's training items, held by the memory "
+                              "loader only; use data.loader=memory")
         self.path, self.manifest = Path(path), manifest
         counts = manifest["counts"]
         self.num_users, self.num_items = counts["num_users"], counts["num_items"]

@@ -1,11 +1,9 @@
 """Synthetic interaction logs with planted structure: what the demo, the tests and the benchmarks train on.
 
-Two generators (one generative model for every size is the next step, with the engine-based
-preparation): ``synthetic_table``, an in-memory table (each user draws items without
-replacement, Gumbel top-k) used below ``data.stream_min_rows`` rows, and ``generate_stream``, an
-event log (with repeats) written in row groups for any number of rows, used by the streaming
-preparation. Both are seeded and plant a structure a dot-product model can learn and a
-popularity ranking cannot.
+One generative model for every size (``generate_stream``): a seeded event log (with repeats,
+which the preparation handles like any source's: ``data.duplicates``) written as Parquet row
+groups, in memory O(items + one row group) whatever the number of rows. Crossing
+``data.stream_min_rows`` changes how the prepared rows are read, never the data.
 """
 
 from __future__ import annotations
@@ -28,64 +26,7 @@ GROUPS_PER_FILE = 16
 
 
 # ---------------------------------------------------------------------------------------------
-# In memory: Gumbel top-k without replacement
-# ---------------------------------------------------------------------------------------------
-
-
-def synthetic_table(
-    num_users: int,
-    num_items: int,
-    num_interactions: int,
-    latent_dim: int,
-    popularity_exponent: float,
-    seed: int,
-    affinity: float = 3.0,
-    user_chunk: int = 2048,
-) -> pa.Table:
-    """A seeded implicit-feedback log (user_id int64, item_id string, timestamp int64).
-
-    Each user draws items without replacement from softmax(log popularity + affinity * u.v)
-    (Gumbel top-k), where u, v are planted latent vectors: a dot-product model can learn the
-    structure, a popularity ranking cannot. Raw ids are deliberately not contiguous: user ids
-    are large integers, item ids are strings.
-    """
-    rng = np.random.default_rng(seed)
-    user_vec = rng.standard_normal((num_users, latent_dim)).astype(np.float32) / latent_dim**0.25
-    item_vec = rng.standard_normal((num_items, latent_dim)).astype(np.float32) / latent_dim**0.25
-    log_pop = (-popularity_exponent * np.log(rng.permutation(num_items) + 1.0)).astype(np.float32)
-
-    mean = num_interactions / num_users
-    counts = rng.lognormal(mean=np.log(mean) - 0.5 * 0.6**2, sigma=0.6, size=num_users)
-    counts = np.clip(np.rint(counts * num_interactions / counts.sum()), 2, num_items // 2).astype(np.int64)
-
-    raw_user_ids = np.sort(rng.choice(10 * num_users + 1000, size=num_users, replace=False)).astype(np.int64) + 100_000
-    users, items = [], []
-    for start in range(0, num_users, user_chunk):
-        stop = min(start + user_chunk, num_users)
-        logits = log_pop + affinity * (user_vec[start:stop] @ item_vec.T)
-        logits += rng.gumbel(size=logits.shape).astype(np.float32)
-        k = int(counts[start:stop].max())
-        top = np.argpartition(-logits, k - 1, axis=1)[:, :k]
-        order = np.argsort(-np.take_along_axis(logits, top, axis=1), axis=1)
-        top = np.take_along_axis(top, order, axis=1)
-        keep = np.arange(k)[None, :] < counts[start:stop, None]
-        users.append(np.repeat(np.arange(start, stop), counts[start:stop]))
-        items.append(top[keep])
-    user_rows = np.concatenate(users)
-    item_rows = np.concatenate(items)
-    timestamps = rng.integers(1_600_000_000, 1_632_000_000, size=len(user_rows))
-    item_names = np.array([f"item_{i:07d}" for i in range(num_items)], dtype=object)
-    return pa.table(
-        {
-            "user_id": pa.array(raw_user_ids[user_rows], pa.int64()),
-            "item_id": pa.array(item_names[item_rows], pa.string()),
-            "timestamp": pa.array(timestamps, pa.int64()),
-        }
-    )
-
-
-# ---------------------------------------------------------------------------------------------
-# Streamed: an event log in row groups
+# An event log in row groups
 # ---------------------------------------------------------------------------------------------
 
 GEN_CHUNK = 1 << 18

@@ -73,7 +73,7 @@ _METADATA = ".metadata"  # DCP's index of the tensor files
 _VOLATILE = {
     "train": {"resume", "overwrite", "progress", "checkpoint_every_steps", "checkpoint_every_minutes",
               "checkpoint_at_end", "keep_checkpoints", "log_every_steps", "device", "timeout_minutes"},
-    "data": {"root"},
+    "data": {"root", "engine", "engine_threads", "engine_memory"},  # every engine prepares the same dataset
     "eval": {"user_chunk", "item_chunk", "score_budget_mb", "ks", "popularity", "test_every_epoch", "run_dir"},
     "log": None,  # the whole group
     "export": None,

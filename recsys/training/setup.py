@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from recsys.config import Config, memory_reason
-from recsys.data.prepare import prepare_everywhere
+from recsys.data.prepare import data_config, prepare_everywhere
 from recsys.data.source import DataSource, open_source
 from recsys.model import build_task, feature_spec
 from recsys.parallelize import PlacedPlan, init_distributed, init_tables, restore_weights, shard_model
@@ -34,7 +34,8 @@ def open_data(cfg: Config, data_dir: Optional[Path] = None, progress: Optional[b
     for its model), or the prepared `data_dir`, opened with the model's inputs. Collective."""
     if data_dir is None or not (Path(data_dir) / "manifest.json").is_file():
         data_dir = prepare_everywhere(cfg, progress)
-    return open_source(Path(data_dir), feature_spec(cfg.model, cfg.seed), memory_reason(cfg))
+    return open_source(Path(data_dir), feature_spec(cfg.model, cfg.seed), data_config(cfg, quiet=True).loader,
+                       memory_reason(cfg))
 
 
 @dataclasses.dataclass

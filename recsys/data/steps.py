@@ -1,0 +1,289 @@
+"""The preparation as relational steps, written once in SQL that DuckDB and Spark both run.
+
+An engine (``recsys.data.engine`` for DuckDB, ``recsys.data.spark_engine`` for Spark) registers
+the source as a relation ``raw`` (and ``raw_test`` for ``data.split=given``) with the columns
+``user_id``, ``item_id`` (BIGINT or STRING), optional ``timestamp`` (BIGINT seconds or DOUBLE),
+``weight``, ``rating`` (DOUBLE), and ``_file``, ``_row`` (where each row comes from, for
+messages), then runs ``Steps.tables()`` in order (each ``CREATE``-d as a table: the engine
+materialises it, spilling to disk under its memory limit) and reads the outputs of
+``Steps.outputs()``. Only the few constructs whose spelling differs (hex to integer, integer
+division) come from a ``Dialect``; everything else is the same text on both engines.
+
+What the steps compute (``recsys.data.prepare`` documents the layout):
+
+1. ``clean``: rows with both ids (null ids counted), ``rating >= data.min_rating`` (others counted).
+2. ``pairs`` (and ``pairs_test``): ``data.duplicates=drop`` keeps one row per (user, item): the
+   earliest timestamp (ties: the smallest weight); ``keep`` keeps all; ``error`` refuses repeats.
+3. ``split``: ``is_test`` per row. ``random``: each user's rows ordered by the seeded
+   ``split_key`` (``recsys.data.hashing``: integer arithmetic on the ids, identical on every
+   engine and at every size), the first floor(n * test_fraction) are test. ``temporal``: the
+   rows ordered by (timestamp, user, item, weight), the last n - round(n * (1 - test_fraction))
+   are test. ``given``: the test relation.
+4. ``train``: the training rows with ``valid`` (the same per-user rule with seed + 1 and
+   ``data.valid_fraction``).
+5. ``users`` / ``items``: every id of the training split with its ``row`` and training count:
+   ``vocab`` numbers them by descending count then raw id (the hot rows first), ``identity``
+   keeps the id, ``hash`` hashes it (``hash_row``).
+6. ``test``: the test rows whose user and item have a row (the others counted as unseen).
+7. Outputs: ``train_rows`` (user, item rows[, valid][, timestamp][, weight], ordered by
+   ``split_key`` of the rows: a seeded shuffle, so the streaming loader reads mixed row groups),
+   ``test_rows``, the vocabularies, and the per-row counts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import List, Optional, Tuple
+
+from recsys.data.hashing import P, seed_term
+
+
+@dataclass(frozen=True)
+class Dialect:
+    """What the engines spell differently."""
+
+    name: str
+
+    def hex60(self, hex_text: str) -> str:
+        """The integer of the first 15 hex digits of a hex string (60 bits)."""
+        if self.name == "spark":
+            return f"CAST(conv(substr({hex_text}, 1, 15), 16, 10) AS BIGINT)"
+        return f"CAST(('0x' || substr({hex_text}, 1, 15)) AS BIGINT)"
+
+    def idiv(self, a: str, b: str) -> str:
+        return f"(({a}) div ({b}))" if self.name == "spark" else f"(({a}) // ({b}))"
+
+
+DUCKDB, SPARK = Dialect("duckdb"), Dialect("spark")
+
+
+def _mix(x: str) -> str:
+    return f"(((({x}) % {P}) * (({x}) % {P})) % {P} * 1103515245 + 12345) % {P}"
+
+
+def _residue(x: str) -> str:
+    return f"(((({x}) % {P}) + {P}) % {P})"
+
+
+@dataclass(frozen=True)
+class Options:
+    """What the steps need to know of the configuration and the source."""
+
+    string_users: bool
+    string_items: bool
+    timestamp: bool
+    weight: bool
+    split: str  # random | temporal | given
+    test_fraction: float
+    valid_fraction: float
+    duplicates: str  # drop | keep | error
+    id_mapping: str  # vocab | identity | hash
+    num_users: int
+    num_items: int
+    seed: int
+    min_rating: Optional[float] = None
+    rating: bool = False
+
+
+class Steps:
+    """The SQL of each step for one configuration and dialect (module docstring)."""
+
+    def __init__(self, o: Options, dialect: Dialect) -> None:
+        self.o, self.d = o, dialect
+
+    # -- expressions ---------------------------------------------------------------------------
+
+    def code(self, column: str, string: bool) -> str:
+        """The integer code of a raw id column (``recsys.data.hashing.id_codes``)."""
+        return self.d.hex60(f"md5({column})") if string else column
+
+    def split_key(self, user_code: str, item_code: str, seed: int) -> str:
+        """``recsys.data.hashing.split_key`` in SQL."""
+        return _mix(_mix(_mix(f"{_residue(user_code)} + {seed_term(seed, 0)}") + f" + {_residue(item_code)}"))
+
+    def hash_row(self, code: str, num_rows: int) -> str:
+        """``recsys.data.hashing.rows_from_codes`` in SQL."""
+        r = _residue(code)
+        q = _residue(self.d.idiv(f"{code} - {r}", str(P)))
+        hi = _mix(_mix(f"{r} + {seed_term(self.o.seed, 1)}") + f" + {q}")
+        lo = _mix(_mix(f"{q} + {seed_term(self.o.seed, 2)}") + f" + {r}")
+        return f"((({hi}) * {P} + ({lo})) % {num_rows})"
+
+    def _raw_key(self, seed: int) -> str:
+        return self.split_key(self.code("user_id", self.o.string_users), self.code("item_id", self.o.string_items), seed)
+
+    @property
+    def extras(self) -> List[str]:
+        return [c for c, on in (("timestamp", self.o.timestamp), ("weight", self.o.weight)) if on]
+
+    def _ties(self) -> str:
+        """The order that settles ties between rows of one pair (deterministic on every engine)."""
+        return "".join(f", {c}" for c in self.extras)
+
+    # -- source checks and counts ---------------------------------------------------------------
+
+    def clean_filter(self) -> str:
+        rating = f" AND rating >= CAST({self.o.min_rating!r} AS DOUBLE)" if self.o.rating and self.o.min_rating is not None else ""
+        return f"user_id IS NOT NULL AND item_id IS NOT NULL{rating}"
+
+    def raw_counts(self, relation: str = "raw") -> str:
+        """(rows, rows with a null id, rows with ids but below min_rating)."""
+        below = "0"
+        if self.o.rating and self.o.min_rating is not None:
+            below = (f"sum(CASE WHEN user_id IS NOT NULL AND item_id IS NOT NULL AND (rating IS NULL OR "
+                     f"rating < CAST({self.o.min_rating!r} AS DOUBLE)) THEN 1 ELSE 0 END)")
+        return (f"SELECT count(*) AS rows_, sum(CASE WHEN user_id IS NULL OR item_id IS NULL THEN 1 ELSE 0 END) "
+                f"AS nulls, {below} AS below FROM {relation}")
+
+    def first_null(self, relation: str = "raw") -> str:
+        return (f"SELECT _file, _row, user_id IS NULL AS user_null FROM {relation} "
+                "WHERE user_id IS NULL OR item_id IS NULL ORDER BY _file, _row LIMIT 1")
+
+    def nulls_in_file(self, relation: str, file: str) -> str:
+        return (f"SELECT count(*) FROM {relation} WHERE _file = {_quote(file)} AND "
+                "(user_id IS NULL OR item_id IS NULL)")
+
+    def first_out_of_range(self, relation: str = "raw") -> str:
+        """The first row (file order) whose identity id is out of [0, N), and the count in its file."""
+        bad = (f"(user_id < 0 OR user_id >= {self.o.num_users} OR item_id < 0 OR item_id >= {self.o.num_items})")
+        return (f"SELECT _file, _row, user_id, item_id, (user_id < 0 OR user_id >= {self.o.num_users}) AS user_bad "
+                f"FROM {relation} WHERE {bad} ORDER BY _file, _row LIMIT 1")
+
+    def out_of_range_in_file(self, relation: str, file: str, user: bool) -> str:
+        col, n = ("user_id", self.o.num_users) if user else ("item_id", self.o.num_items)
+        return f"SELECT count(*) FROM {relation} WHERE _file = {_quote(file)} AND ({col} < 0 OR {col} >= {n})"
+
+    # -- the steps ------------------------------------------------------------------------------
+
+    def _dedup(self, source: str) -> str:
+        cols = ", ".join(["user_id", "item_id", *self.extras])
+        clean = f"(SELECT {cols} FROM {source} WHERE {self.clean_filter()})"
+        if self.o.duplicates != "drop":
+            return f"SELECT {cols} FROM {clean} c"
+        if not self.o.weight:  # one hash aggregate: the earliest timestamp of each pair
+            ts = ", min(timestamp) AS timestamp" if self.o.timestamp else ""
+            return f"SELECT user_id, item_id{ts} FROM {clean} c GROUP BY user_id, item_id"
+        order = "timestamp, weight" if self.o.timestamp else "weight"
+        return (f"SELECT {cols} FROM (SELECT {cols}, row_number() OVER (PARTITION BY user_id, item_id ORDER BY "
+                f"{order}) AS _n FROM {clean} c) d WHERE _n = 1")
+
+    def repeats(self, relation: str) -> str:
+        """(rows, distinct pairs) of a clean relation (the repeats: their difference)."""
+        return (f"SELECT (SELECT count(*) FROM {relation} WHERE {self.clean_filter()}) AS n, "
+                f"(SELECT count(*) FROM (SELECT user_id, item_id FROM {relation} WHERE {self.clean_filter()} "
+                "GROUP BY user_id, item_id) g) AS pairs")
+
+    def first_repeat(self, relation: str) -> str:
+        """The first row (file order) that repeats an earlier (user, item) pair."""
+        return (f"SELECT user_id, item_id FROM (SELECT user_id, item_id, _file, _row, row_number() OVER (PARTITION BY "
+                f"user_id, item_id ORDER BY _file, _row) AS _n FROM {relation} WHERE {self.clean_filter()}) r "
+                "WHERE _n = 2 ORDER BY _file, _row LIMIT 1")
+
+    def _holdout(self, relation: str, fraction: float, seed: int, flag: str) -> str:
+        """Per-user random holdout: `flag` is true for the floor(n * fraction) rows of each user
+        that come first in split_key order (ties: item, then timestamp and weight). The key is a
+        column of a subquery: one sort key computed once per row."""
+        cols = ", ".join(["user_id", "item_id", *self.extras])
+        return (f"SELECT {cols}, row_number() OVER (PARTITION BY user_id ORDER BY _k, item_id{self._ties()}) <= "
+                f"floor(count(*) OVER (PARTITION BY user_id) * CAST({fraction!r} AS DOUBLE)) AS {flag} "
+                f"FROM (SELECT {cols}, {self._raw_key(seed)} AS _k FROM {relation} h) k")
+
+    def _temporal(self, relation: str, train_rows: int) -> str:
+        """Global time cut-off: the first `train_rows` rows by (timestamp, user, item, weight) train."""
+        cols = ", ".join(f"p.{c}" for c in ["user_id", "item_id", *self.extras])
+        weight = ", p.weight" if self.o.weight else ""
+        return (f"SELECT {cols}, c._before + row_number() OVER (PARTITION BY p.timestamp ORDER BY p.user_id, p.item_id"
+                f"{weight}) > {train_rows} AS is_test FROM {relation} p JOIN (SELECT timestamp, sum(_c) OVER (ORDER BY "
+                "timestamp ROWS BETWEEN UNBOUNDED PRECEDING AND CURRENT ROW) - _c AS _before FROM (SELECT timestamp, "
+                f"count(*) AS _c FROM {relation} GROUP BY timestamp) t) c ON p.timestamp = c.timestamp")
+
+    def _vocab(self, role: str) -> str:
+        col, n = ("user_id", self.o.num_users) if role == "user" else ("item_id", self.o.num_items)
+        string = self.o.string_users if role == "user" else self.o.string_items
+        counts = f"SELECT {col}, count(*) AS n FROM train GROUP BY {col}"
+        if self.o.id_mapping == "vocab":
+            return f"SELECT {col}, CAST(row_number() OVER (ORDER BY n DESC, {col}) - 1 AS BIGINT) AS row, n FROM ({counts}) c"
+        if self.o.id_mapping == "identity":
+            return f"SELECT {col}, CAST({col} AS BIGINT) AS row, n FROM ({counts}) c"
+        return f"SELECT {col}, CAST({self.hash_row(self.code(col, string), n)} AS BIGINT) AS row, n FROM ({counts}) c"
+
+    def tables(self, train_rows: Optional[int] = None) -> List[Tuple[str, ...]]:
+        """(name, SQL[, "view"]) of each table (or view: no need to materialise) to create, in order. ``split=temporal`` needs `train_rows`:
+        round(len(pairs) * (1 - test_fraction)), known after ``pairs`` (``tables_before_split``)."""
+        o = self.o
+        out = []
+        if o.split == "given":
+            cols = ", ".join(["user_id", "item_id", *self.extras])
+            out += [("pairs", self._dedup("raw")), ("pairs_test", self._dedup("raw_test")),
+                    ("split", f"SELECT {cols}, false AS is_test FROM pairs UNION ALL SELECT {cols}, true AS is_test "
+                              "FROM pairs_test")]
+        elif o.split == "random":  # the holdout straight from the repeats' aggregate: one table less
+            out += [("split", self._holdout(f"({self._dedup('raw')})", o.test_fraction, o.seed, "is_test"))]
+        else:
+            out += [("pairs", self._dedup("raw")), ("split", self._temporal("pairs", train_rows))]
+        cols = ", ".join(["user_id", "item_id", *self.extras])
+        fit = f"SELECT {cols} FROM split WHERE NOT is_test"
+        if o.valid_fraction > 0:
+            out.append(("train", self._holdout(f"({fit})", o.valid_fraction, o.seed + 1, "valid")))
+        else:
+            out.append(("train", f"SELECT {cols}, false AS valid FROM split WHERE NOT is_test", "view"))
+        out += [("users", self._vocab("user")), ("items", self._vocab("item"))]
+        return out
+
+    # -- outputs --------------------------------------------------------------------------------
+
+    def train_rows(self) -> str:
+        extras = "".join(f", t.{c}" for c in self.extras)
+        valid = ", t.valid" if self.o.valid_fraction > 0 else ""
+        cols = "user, item" + valid.replace("t.", "") + extras.replace("t.", "")
+        key = self.split_key("u.row", "i.row", self.o.seed + 2)
+        return (f"SELECT {cols} FROM (SELECT u.row AS user, i.row AS item{valid}{extras}, {key} AS _k FROM train t "
+                "JOIN users u ON t.user_id = u.user_id JOIN items i ON t.item_id = i.item_id) e "
+                f"ORDER BY _k, {cols}")
+
+    def test_rows(self) -> str:
+        return ("SELECT u.row AS user, i.row AS item FROM split t JOIN users u ON t.user_id = u.user_id "
+                "JOIN items i ON t.item_id = i.item_id WHERE t.is_test ORDER BY user, item")
+
+    def unseen(self) -> str:
+        """(test rows, with an unseen user, with a seen user and an unseen item)."""
+        return ("SELECT count(*) AS n, sum(CASE WHEN u.row IS NULL THEN 1 ELSE 0 END) AS users, "
+                "sum(CASE WHEN u.row IS NOT NULL AND i.row IS NULL THEN 1 ELSE 0 END) AS items "
+                "FROM split t LEFT JOIN users u ON t.user_id = u.user_id LEFT JOIN items i ON t.item_id = i.item_id "
+                "WHERE t.is_test")
+
+    def first_unseen(self, role: str) -> str:
+        """The distinct unseen test ids of a role: how many, and the smallest."""
+        col, other = ("user_id", "") if role == "user" else ("item_id", " AND t.user_id IN (SELECT user_id FROM users)")
+        vocab = "users" if role == "user" else "items"
+        return (f"SELECT count(DISTINCT t.{col}), min(t.{col}) FROM split t WHERE t.is_test AND t.{col} NOT IN "
+                f"(SELECT {col} FROM {vocab}){other}")
+
+    def vocab_rows(self, role: str) -> str:
+        col = "user_id" if role == "user" else "item_id"
+        table = "users" if role == "user" else "items"
+        if self.o.id_mapping == "hash":
+            return f"SELECT {col}, row FROM {table} ORDER BY row, {col}"
+        return f"SELECT {col} FROM {table} ORDER BY row"
+
+    def collisions(self, role: str) -> str:
+        """distinct ids, rows used, ids sharing a row (``collision_stats``)."""
+        table = "users" if role == "user" else "items"
+        return (f"SELECT sum(k) AS ids, count(*) AS rows_used, sum(CASE WHEN k > 1 THEN k ELSE 0 END) AS sharing "
+                f"FROM (SELECT row, count(*) AS k FROM {table} GROUP BY row) g")
+
+    def counts(self) -> List[Tuple[str, str, str]]:
+        """(file name, role, SQL of (row, count)) of each per-row count written as ``<name>.npy``."""
+        enc_train = "train t JOIN users u ON t.user_id = u.user_id JOIN items i ON t.item_id = i.item_id"
+        out = [("user_counts", "user", "SELECT row, sum(n) FROM users GROUP BY row"),
+               ("item_counts_all", "item", "SELECT row, sum(n) FROM items GROUP BY row")]
+        if self.o.valid_fraction > 0:  # else: item_counts = item_counts_all, no validation rows
+            out += [("item_counts", "item", f"SELECT i.row, count(*) FROM {enc_train} WHERE NOT t.valid GROUP BY i.row"),
+                    ("valid_user_counts", "user", f"SELECT u.row, count(*) FROM {enc_train} WHERE t.valid GROUP BY u.row")]
+        out.append(("test_user_counts", "user", "SELECT u.row, count(*) FROM split t JOIN users u ON t.user_id = "
+                    "u.user_id JOIN items i ON t.item_id = i.item_id WHERE t.is_test GROUP BY u.row"))
+        return out
+
+
+def _quote(text: str) -> str:
+    return "'" + text.replace("'", "''") + "'"
