@@ -5,7 +5,7 @@
 Inputs: the synthetic event log written as Parquet (``recsys.data.synthetic.generate_stream``,
 users = rows / 10, items = rows / 100), prepared as a ``data=parquet`` source; and the LightGCN
 Gowalla files from ``../shared/data/gowalla`` when present. Each preparation runs in a fresh
-process (peak RSS: ``ru_maxrss`` of the process and of its children, e.g. Spark's JVM):
+process (peak RSS: ``ru_maxrss`` of the process plus the peak of its live children, e.g. Spark's JVM):
 
 - ``duckdb``: this code, ``data.engine_threads`` 0 (all cores) and 1 (at the smallest size), and
   with ``data.engine_memory=1GB`` at 100M rows (it spills beyond);
@@ -49,7 +49,14 @@ t = time.perf_counter()
 out = prepare(DataConfig(**kw), progress=False, **({"engine": runner} if runner else {}))
 dt = time.perf_counter() - t
 m = json.loads((out / "manifest.json").read_text())
-peak = max(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)
+import os
+peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+for pid in os.listdir("/proc"):  # live children (Spark's JVM): their own peaks, added
+    try:
+        if pid.isdigit() and int(open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[1]) == os.getpid():
+            peak += int(next(ln for ln in open(f"/proc/{pid}/status") if ln.startswith("VmHWM")).split()[1])
+    except (OSError, StopIteration, ValueError):
+        pass
 print("RESULT", json.dumps({"seconds": dt, "peak_mb": peak / 1024, "rows": m["counts"]["raw_interactions"],
                             "train": m["counts"]["train_interactions"], "test": m["counts"]["test_interactions"]}))
 """

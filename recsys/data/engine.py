@@ -39,7 +39,7 @@ from tqdm import tqdm
 from recsys.config import DataConfig
 from recsys.data.layout import counts_npy, cut_row_groups, write_pieces
 from recsys.data.readers import (ROLE_WORD, DataError, Source, _one_line, check_source, read_lightgcn,
-                                 read_movielens, source_files)
+                                 read_movielens)
 from recsys.data.steps import DUCKDB, Dialect, Options, Steps
 from recsys.data.synthetic import generate_stream
 
@@ -243,7 +243,7 @@ class DuckDBEngine(Engine):
 
     def __init__(self, tmp: Path, threads: int, memory_limit: str) -> None:
         self.con = duckdb.connect(str(tmp / "_engine.duckdb"))
-        threads = threads or os.cpu_count() or 1
+        threads = threads or len(os.sched_getaffinity(0)) or 1  # the cores this process may use
         self.con.execute(f"SET threads = {int(threads)}")
         self.con.execute(f"SET memory_limit = '{memory_limit}'")
         self.con.execute(f"SET temp_directory = '{tmp / '_spill'}'")
@@ -303,10 +303,16 @@ class DuckDBEngine(Engine):
 
 
 def memory_limit(setting: str) -> str:
-    """``data.engine_memory``: ``NN%`` of this host's memory, or an absolute size (``8GB``)."""
+    """``data.engine_memory``: ``NN%`` of this host's memory (or of its container's limit), or an
+    absolute size (``8GB``)."""
     setting = str(setting).strip()
     if setting.endswith("%"):
         total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        try:  # a container's memory limit (cgroup v2), when lower
+            limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+            total = min(total, int(limit)) if limit.isdigit() else total
+        except OSError:
+            pass
         return f"{max(int(total * float(setting[:-1]) / 100 / 2**20), 64)}MB"
     return setting
 

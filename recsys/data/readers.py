@@ -1,9 +1,10 @@
-"""Readers: raw interaction files in their own formats -> one Arrow table.
+"""Readers: the front ends that check raw files in their own formats before the engine reads them.
 
-Every reader returns a table with columns ``user_id``, ``item_id`` (int64 or string) and, when
-the source has them, ``timestamp`` (int64) and ``weight``/``rating``, plus the counts of rows it
-dropped and why. ``recsys.data.prepare.prepare`` then builds vocabularies and splits the same way for all
-formats. Supported sources:
+``check_source`` checks a Parquet or CSV source's files from their schemas (no row read): the
+column of each role, the id types, files agreeing. The preparation engine (``recsys.data.engine``)
+then reads Parquet in place and CSV through a batch-at-a-time conversion. The text formats with a
+fixed layout are read here into Arrow tables (``user_id``, ``item_id`` int64, ``timestamp``) that
+the engine receives as Parquet:
 
 - ``parquet`` / ``csv``: a file or a directory of files with named columns (``data.user_column``,
   ``data.item_column``, optional ``data.timestamp_column``, ``data.weight_column``,
@@ -15,9 +16,8 @@ formats. Supported sources:
   turns ratings into implicit feedback.
 
 A file that is not in its format raises ``DataError`` naming the file, and the line or column.
-Files of a directory are read and checked one by one, so an error names the file at fault. Rows
-with a null id are dropped and counted (``null_ids="drop"``) or refused (``"error"``); with
-``id_limits`` (``data.id_mapping=identity``) integer ids must lie in [0, num_users) / [0, num_items).
+Files of a directory are checked one by one, so an error names the file at fault. (Null ids and
+identity ids out of range are found by the engine's checks, naming the file and row.)
 """
 
 from __future__ import annotations
@@ -100,21 +100,6 @@ def _clean_ids(table: pa.Table, where: Callable[[int], str], columns: Dict[str, 
     return table, int(n_null)
 
 
-def _timestamps(table: pa.Table, source: str) -> pa.Table:
-    """Timestamps (integers, floats, dates or timestamps) as int64 seconds."""
-    if "timestamp" not in table.column_names:
-        return table
-    t = table.schema.field("timestamp").type
-    i = table.schema.get_field_index("timestamp")
-    if pa.types.is_timestamp(t) or pa.types.is_date(t):
-        return table.set_column(i, "timestamp", pc.cast(table["timestamp"], pa.timestamp("s")).cast(pa.int64()))
-    if pa.types.is_integer(t) or pa.types.is_floating(t):
-        return table.set_column(i, "timestamp", table["timestamp"].cast(pa.int64() if pa.types.is_integer(t)
-                                                                        else pa.float64()))
-    raise DataError(f"{source}: timestamp column has type {t}; expected integers, floats or timestamps "
-                    "(set data.timestamp_column=null to ignore it)")
-
-
 def _not_empty(table: pa.Table, source: str, n_null: int) -> pa.Table:
     if len(table) == 0:
         raise DataError(f"{source}: no interactions (after dropping {n_null} rows with null ids)")
@@ -165,49 +150,6 @@ def source_files(path: Path, fmt: str, separator: str = ",") -> Tuple[List[str],
     return files, file_format, what
 
 
-def read_columns(path: str, fmt: str, user_column: str, item_column: str, timestamp_column: Optional[str],
-                 weight_column: Optional[str], rating_column: Optional[str], min_rating: Optional[float],
-                 separator: str = ",", null_ids: str = "drop",
-                 id_limits: Optional[Tuple[int, int]] = None) -> Tuple[pa.Table, Dict[str, int]]:
-    """A Parquet or CSV file, or a directory of them, with named columns.
-
-    Each file is read and checked on its own, so an error names the file (and its row), whatever
-    the others hold; every file must give the ids the same type (integers or strings)."""
-    p = Path(path)
-    files, file_format, what = source_files(p, fmt, separator)
-    tables, n_null, first = [], 0, None
-    for f in files:
-        table, columns = _read_file(f, file_format, what, fmt, user_column, item_column, timestamp_column,
-                                    weight_column, rating_column)
-        if first is None:
-            first = (f, table.schema)
-        if set(table.column_names) != set(first[1].names):
-            raise DataError(f"{f}: has columns {sorted(table.column_names)} but {first[0]} has "
-                            f"{sorted(first[1].names)} (after the column mapping); every file must have the same ones")
-        for name in ("user_id", "item_id"):
-            t, t0 = table.schema.field(name).type, first[1].field(name).type
-            if pa.types.is_integer(t) != pa.types.is_integer(t0):
-                raise DataError(f"{f}: column {columns[name]!r} has type {t} but {first[0]} has {t0}; every file "
-                                "must give the ids the same type")
-        table, n = _clean_ids(table, lambda r, f=f: f if r < 0 else f"{f}, row {r + 1}", columns, null_ids, id_limits)
-        n_null += n
-        table = _timestamps(table, f)
-        for role in ("weight", "rating"):
-            if role in table.column_names:
-                table = table.set_column(table.schema.get_field_index(role), role, table[role].cast(pa.float64()))
-        tables.append(table)
-    if "timestamp" in tables[0].column_names and len({t.schema.field("timestamp").type for t in tables}) > 1:
-        tables = [t.set_column(t.schema.get_field_index("timestamp"), "timestamp", t["timestamp"].cast(pa.float64()))
-                  for t in tables]  # integer seconds in some files, fractional in others
-    table = pa.concat_tables(tables) if len(tables) > 1 else tables[0]
-    _not_empty(table, str(p), n_null)
-    table, n_below = _apply_min_rating(table, min_rating, str(p))
-    dropped = {"null_ids": n_null}
-    if rating_column:
-        dropped["below_min_rating"] = n_below
-    return table, dropped
-
-
 def column_roles(f: str, schema: pa.Schema, fmt: str, user_column: str, item_column: str,
                  timestamp_column: Optional[str], weight_column: Optional[str],
                  rating_column: Optional[str]) -> Dict[str, str]:
@@ -234,27 +176,6 @@ def column_roles(f: str, schema: pa.Schema, fmt: str, user_column: str, item_col
                 raise DataError(f"{f}: {role} column {col!r} has type {t}; expected numbers")
             columns[role] = col
     return columns
-
-
-def _read_file(f: str, file_format, what: str, fmt: str, user_column: str, item_column: str,
-               timestamp_column: Optional[str], weight_column: Optional[str],
-               rating_column: Optional[str]) -> Tuple[pa.Table, Dict[str, str]]:
-    """One file's columns, renamed to their roles (user_id, item_id[, timestamp, weight, rating])."""
-    try:
-        dataset = ds.dataset(f, format=file_format)
-        schema = dataset.schema
-    except (pa.ArrowInvalid, OSError) as e:
-        hint = ""
-        if fmt == "csv":
-            with open(f, "rb") as fh:
-                hint = " (it is a Parquet file: data=parquet?)" if fh.read(4) == b"PAR1" else ""
-        raise DataError(f"{f}: cannot be read as {what}{hint}: {_one_line(e)}") from None
-    columns = column_roles(f, schema, fmt, user_column, item_column, timestamp_column, weight_column, rating_column)
-    try:
-        table = dataset.to_table(columns=list(columns.values()))
-    except (pa.ArrowInvalid, OSError) as e:
-        raise DataError(f"{f}: cannot be read as {what} (corrupt or truncated?): {_one_line(e)}") from None
-    return table.rename_columns(list(columns.keys())), columns
 
 
 # ---------------------------------------------------------------------------------------------

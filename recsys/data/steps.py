@@ -232,14 +232,25 @@ class Steps:
 
     # -- outputs --------------------------------------------------------------------------------
 
+    def _rows(self, alias: str) -> str:
+        """FROM clause and (user, item) row expressions of the training rows: vocab rows come from a
+        join with the vocabularies; identity and hashed rows are functions of the id (no join)."""
+        if self.o.id_mapping == "vocab":
+            return (f"train {alias} JOIN users u ON {alias}.user_id = u.user_id JOIN items i ON {alias}.item_id = "
+                    "i.item_id"), "u.row", "i.row"
+        if self.o.id_mapping == "identity":
+            return f"train {alias}", f"{alias}.user_id", f"{alias}.item_id"
+        return (f"train {alias}", self.hash_row(self.code(f"{alias}.user_id", self.o.string_users), self.o.num_users),
+                self.hash_row(self.code(f"{alias}.item_id", self.o.string_items), self.o.num_items))
+
     def train_rows(self) -> str:
         extras = "".join(f", t.{c}" for c in self.extras)
         valid = ", t.valid" if self.o.valid_fraction > 0 else ""
         cols = "user, item" + valid.replace("t.", "") + extras.replace("t.", "")
-        key = self.split_key("u.row", "i.row", self.o.seed + 2)
-        return (f"SELECT {cols} FROM (SELECT u.row AS user, i.row AS item{valid}{extras}, {key} AS _k FROM train t "
-                "JOIN users u ON t.user_id = u.user_id JOIN items i ON t.item_id = i.item_id) e "
-                f"ORDER BY _k, {cols}")
+        source, user, item = self._rows("t")
+        key = self.split_key("user", "item", self.o.seed + 2)
+        return (f"SELECT {cols} FROM (SELECT *, {key} AS _k FROM (SELECT CAST({user} AS BIGINT) AS user, "
+                f"CAST({item} AS BIGINT) AS item{valid}{extras} FROM {source}) r) e ORDER BY _k, {cols}")
 
     def test_rows(self) -> str:
         return ("SELECT u.row AS user, i.row AS item FROM split t JOIN users u ON t.user_id = u.user_id "
@@ -274,12 +285,12 @@ class Steps:
 
     def counts(self) -> List[Tuple[str, str, str]]:
         """(file name, role, SQL of (row, count)) of each per-row count written as ``<name>.npy``."""
-        enc_train = "train t JOIN users u ON t.user_id = u.user_id JOIN items i ON t.item_id = i.item_id"
+        source, user, item = self._rows("t")
         out = [("user_counts", "user", "SELECT row, sum(n) FROM users GROUP BY row"),
                ("item_counts_all", "item", "SELECT row, sum(n) FROM items GROUP BY row")]
         if self.o.valid_fraction > 0:  # else: item_counts = item_counts_all, no validation rows
-            out += [("item_counts", "item", f"SELECT i.row, count(*) FROM {enc_train} WHERE NOT t.valid GROUP BY i.row"),
-                    ("valid_user_counts", "user", f"SELECT u.row, count(*) FROM {enc_train} WHERE t.valid GROUP BY u.row")]
+            out += [("item_counts", "item", f"SELECT {item} AS r, count(*) FROM {source} WHERE NOT t.valid GROUP BY r"),
+                    ("valid_user_counts", "user", f"SELECT {user} AS r, count(*) FROM {source} WHERE t.valid GROUP BY r")]
         out.append(("test_user_counts", "user", "SELECT u.row, count(*) FROM split t JOIN users u ON t.user_id = "
                     "u.user_id JOIN items i ON t.item_id = i.item_id WHERE t.is_test GROUP BY u.row"))
         return out
