@@ -385,6 +385,7 @@ def run_steps(engine: Engine, cfg: DataConfig, staged: Staged, tmp: Path, versio
 
 def _run(engine: Engine, steps: Steps, o: Options, cfg: DataConfig, staged: Staged, tmp: Path, version: int,
          bar: tqdm) -> dict:
+    start = time.perf_counter()
     dropped, kept, n_raw, n_clean = _check_source(engine, steps, cfg, staged, bar)
     for name, sql, *view in steps.tables():
         if name == "split" and o.split == "temporal":
@@ -413,6 +414,7 @@ def _run(engine: Engine, steps: Steps, o: Options, cfg: DataConfig, staged: Stag
     test_counts = np.load(tmp / "test_user_counts.npy", mmap_mode="r")
     counts["test_users"] = int(np.count_nonzero(test_counts))
     counts["valid_interactions"] = int(np.load(tmp / "valid_user_counts.npy", mmap_mode="r").sum())
+    bar.set_postfix_str(f"{n_raw / max(time.perf_counter() - start, 1e-9):,.0f} rows/s")
     bar.update(bar.total - bar.n)
     for reason, count in dropped.items():
         if count:
