@@ -124,7 +124,8 @@ def spark():
         pytest.skip("Spark needs Java 17: install a JDK (e.g. apt-get install openjdk-17-jre-headless) for these tests")
     from recsys.data.spark_engine import local_session
     session = local_session(2)
-    session.conf.set("spark.sql.shuffle.partitions", "2")
+    session.conf.set("spark.sql.shuffle.partitions", "1")
+    session.conf.set("spark.sql.adaptive.enabled", "false")
     yield session
     session.stop()
     del pyspark
