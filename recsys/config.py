@@ -63,9 +63,10 @@ class DataConfig:
     """Share of each user's training interactions held out for model selection (epochs, early
     stopping); 0: no validation split. The test split is never used for selection."""
     duplicates: str = "drop"
-    """Repeated (user, item) pairs: ``drop`` all but the first (the earliest with timestamps;
-    counted in the manifest's ``dropped``), ``keep`` them (counted in its ``kept``) or ``error``
-    (refuse the input, naming the first repeated pair)."""
+    """Repeated (user, item) pairs: ``drop`` all but one (the earliest timestamp; among equal or
+    missing timestamps the smallest weight; counted in the manifest's ``dropped``), ``keep`` them
+    (counted in its ``kept``) or ``error`` (refuse the input, naming the first repeated pair in file
+    order)."""
     null_ids: str = "drop"
     """Rows with a null user or item id: ``drop`` them (counted in the manifest's ``dropped``) or
     ``error`` (refuse the input, naming the file and row)."""

@@ -170,3 +170,24 @@ def test_history_features_bags_dropout_and_target_exclusion():
     # evaluation (no rng): the whole bag
     b = Features(big, shared=False, dropout=0.3).batch(np.array([0]), np.array([0]))
     assert b.history_counts.item() == 10_000
+
+
+def test_given_split_applies_min_rating_to_both_files(tmp_path):
+    train = write(tmp_path, "train.parquet", user_id=pa.array([1, 1, 2, 2]), item_id=pa.array([1, 2, 1, 3]),
+                  r=pa.array([5.0, 2.0, 4.0, 5.0]))
+    test = write(tmp_path, "test.parquet", user_id=pa.array([1, 2, 2]), item_id=pa.array([3, 2, 1]),
+                 r=pa.array([4.0, 1.0, 5.0]))
+    out = prepare(parquet_cfg(tmp_path, train, test_path=test, split="given", rating_column="r", min_rating=3.0))
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["dropped"]["below_min_rating"] == 1 and m["dropped"]["test_below_min_rating"] == 1
+    ds = Dataset.load(out)
+    users, items = ds.vocab("users").to_pylist(), ds.vocab("items").to_pylist()
+    assert sorted((users[u], items[i]) for u, i in zip(ds.test_users, ds.test_items)) == [(1, 3), (2, 1)]
+
+
+def test_timestamps_are_whole_seconds_floored(tmp_path):
+    ts = pa.array([1_600_000_000_700_000, 1_600_000_001_200_000, 1_600_000_002_900_000], pa.timestamp("us"))
+    path = write(tmp_path, "log.parquet", user_id=pa.array([1, 2, 1]), item_id=pa.array([1, 2, 2]), timestamp=ts)
+    out = prepare(parquet_cfg(tmp_path, path, split="temporal", test_fraction=0.34))
+    train = pa.concat_tables([pq.read_table(f) for f in sorted((out / "train").glob("part-*.parquet"))])
+    assert sorted(train["timestamp"].to_pylist()) == [1_600_000_000, 1_600_000_001]

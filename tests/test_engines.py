@@ -26,8 +26,10 @@ from recsys.data.source import InMemorySource, StreamedSource
 from recsys.data.features import FeatureSpec
 
 
-def uneven_log(directory: Path, strings: bool, sizes=(1, 53, 340, 1206), users=120, items=60, seed=0) -> Path:
-    """Files of uneven sizes with repeats, a few null ids and timestamps (ties included)."""
+def uneven_log(directory: Path, strings: bool, sizes=(1, 53, 340, 1206), users=120, items=60, seed=0,
+               weights: bool = False) -> Path:
+    """Files of uneven sizes with repeats, a few null ids and timestamps (ties included); with
+    `weights`, a weight column, and missing timestamps and weights (they sort last on every engine)."""
     rng = np.random.default_rng(seed)
     directory.mkdir(parents=True)
     for k, n in enumerate(sizes):
@@ -38,10 +40,18 @@ def uneven_log(directory: Path, strings: bool, sizes=(1, 53, 340, 1206), users=1
         ii = [f"sku-{x}é" for x in i] if strings else i.tolist()
         if n > 10:
             uu[3], ii[5] = None, None
-        pq.write_table(pa.table({"user_id": pa.array(uu, pa.string() if strings else pa.int64()),
-                                 "item_id": pa.array(ii, pa.string() if strings else pa.int32()),
-                                 "timestamp": pa.array(ts, pa.int64())}), directory / f"part-{k}.parquet",
-                       row_group_size=50)
+        cols = {"user_id": pa.array(uu, pa.string() if strings else pa.int64()),
+                "item_id": pa.array(ii, pa.string() if strings else pa.int32()),
+                "timestamp": pa.array(ts, pa.int64())}
+        if weights:
+            w = rng.integers(1, 4, n).astype(float).tolist()
+            t = ts.tolist()
+            for j in range(0, n, 7):
+                w[j] = None
+            for j in range(3, n, 11):
+                t[j] = None
+            cols["weight"], cols["timestamp"] = pa.array(w, pa.float64()), pa.array(t, pa.int64())
+        pq.write_table(pa.table(cols), directory / f"part-{k}.parquet", row_group_size=50)
     return directory
 
 
@@ -112,6 +122,13 @@ def test_hashed_rows_equal_the_python_reference(tmp_path):
     assert mix(np.array([P - 1]))[0] == ((P - 1) ** 2 % P * 1103515245 + 12345) % P
     assert hash_rows(pa.array(["a", "b"]), 0, 1 << 20).tolist() == hash_rows(pa.array(["a", "b"]), 0, 1 << 20).tolist()
     assert hash_rows(pa.array([7, -5, 1 << 40]), 0, 1000).min() >= 0
+    # the SQL on the extreme int64 ids (no overflow) equals the numpy reference
+    import duckdb
+    from recsys.data.steps import DUCKDB, Options, Steps
+    steps = Steps(Options(False, False, False, False, "random", 0.2, 0.0, "drop", "hash", 64, 32, 5), DUCKDB)
+    ids = [-(1 << 63), -(1 << 63) + 1, -1, 0, P, (1 << 63) - 1]
+    got = [duckdb.sql(f"SELECT {steps.hash_row(f'CAST({x} AS BIGINT)', 1 << 40)}").fetchall()[0][0] for x in ids]
+    assert got == hash_rows(pa.array(ids, pa.int64()), 5, 1 << 40).tolist()
 
 
 # ---- Spark gives DuckDB's answer ---------------------------------------------------------------------
@@ -150,9 +167,9 @@ def same_dataset(a: Path, b: Path) -> None:
 @pytest.mark.parametrize("mapping", ["vocab", "hash"])
 def test_spark_equals_duckdb(tmp_path, spark, mapping):
     from recsys.data.spark_engine import spark_runner
-    path = uneven_log(tmp_path / "log", strings=True, sizes=(40, 300, 700))
+    path = uneven_log(tmp_path / "log", strings=True, sizes=(40, 300, 700), weights=mapping == "vocab")
     kw = dict(name="parquet", path=str(path), id_mapping=mapping, num_users=64, num_items=32, valid_fraction=0.1,
-              row_group_size=64)
+              row_group_size=64, weight_column="weight" if mapping == "vocab" else None)
     a = prepare(DataConfig(root=str(tmp_path / "duckdb"), **kw), progress=False)
     b = prepare(DataConfig(root=str(tmp_path / "spark"), **kw), progress=False, engine=spark_runner(spark))
     assert a.name == b.name  # one identity: training finds a Spark-prepared dataset

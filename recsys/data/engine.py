@@ -144,8 +144,11 @@ def _csv_relation(src: Source, directory: Path, progress: Optional[bool]) -> Rel
                     table = table.set_column(table.schema.get_field_index(role), role, table[role].cast(src.id_types[role]))
                 if "timestamp" in table.column_names:
                     ts, t = table["timestamp"], table.schema.field("timestamp").type
-                    if pa.types.is_timestamp(t) or pa.types.is_date(t):
+                    if pa.types.is_date(t):
                         ts = pa.compute.cast(ts, pa.timestamp("s")).cast(pa.int64())
+                    elif pa.types.is_timestamp(t):  # whole seconds, as the engines read them
+                        per_second = {"s": 1, "ms": 1_000, "us": 1_000_000, "ns": 1_000_000_000}[t.unit]
+                        ts = pa.compute.divide(ts.cast(pa.int64()), per_second)
                     table = table.set_column(table.schema.get_field_index("timestamp"), "timestamp",
                                              ts.cast(src.timestamp_type))
                 for role in ("weight", "rating"):
@@ -246,7 +249,7 @@ class DuckDBEngine(Engine):
         threads = threads or len(os.sched_getaffinity(0)) or 1  # the cores this process may use
         self.con.execute(f"SET threads = {int(threads)}")
         self.con.execute(f"SET memory_limit = '{memory_limit}'")
-        self.con.execute(f"SET temp_directory = '{tmp / '_spill'}'")
+        self.con.execute(f"SET temp_directory = {_sql_string(str(tmp / '_spill'))}")
         self.con.execute("SET preserve_insertion_order = false")  # every output has its ORDER BY
         self.con.execute("SET enable_progress_bar = false")
         self.threads = threads
@@ -271,11 +274,11 @@ class DuckDBEngine(Engine):
 
     def write_parquet(self, sql: str, directory: Path, row_group_size: int) -> None:
         directory.mkdir(parents=True, exist_ok=True)
-        self.con.execute(f"COPY ({sql}) TO '{directory / 'part-00000.parquet'}' (FORMAT parquet, "
+        self.con.execute(f"COPY ({sql}) TO {_sql_string(str(directory / 'part-00000.parquet'))} (FORMAT parquet, "
                          f"ROW_GROUP_SIZE {int(row_group_size)})")
 
     def write_file(self, sql: str, path: Path) -> None:
-        self.con.execute(f"COPY ({sql}) TO '{path}' (FORMAT parquet)")
+        self.con.execute(f"COPY ({sql}) TO {_sql_string(str(path))} (FORMAT parquet)")
 
     def register(self, name: str, relation: Relation, keep: List[str]) -> None:
         """``name`` as a view of the relation's files with the roles' columns (cast) and
@@ -286,7 +289,7 @@ class DuckDBEngine(Engine):
             if role in ("user_id", "item_id"):
                 select.append(f"CAST({col} AS {'BIGINT' if kind == 'int' else 'VARCHAR'}) AS {role}")
             elif role == "timestamp":
-                expr = {"time": f"CAST(epoch({col}) AS BIGINT)", "float": f"CAST({col} AS DOUBLE)",
+                expr = {"time": f"CAST(floor(epoch({col})) AS BIGINT)", "float": f"CAST({col} AS DOUBLE)",
                         "int": f"CAST({col} AS BIGINT)"}[kind]
                 select.append(f"{expr} AS timestamp")
             else:
@@ -295,11 +298,15 @@ class DuckDBEngine(Engine):
             select += ["_file", "_row"]
             args = ""
         else:
-            select += ["filename AS _file", "file_row_number + 1 AS _row"]
-            args = ", filename = true, file_row_number = true"
-        files = "[" + ", ".join("'" + f.replace("'", "''") + "'" for f in relation.files) + "]"
+            select += ["_recsys_file AS _file", "file_row_number + 1 AS _row"]
+            args = ", filename = '_recsys_file', file_row_number = true"
+        files = "[" + ", ".join(_sql_string(f) for f in relation.files) + "]"
         self.con.execute(f"CREATE OR REPLACE VIEW {name} AS SELECT {', '.join(select)} FROM read_parquet({files}, "
                          f"union_by_name = true{args})")
+
+
+def _sql_string(text: str) -> str:
+    return "'" + text.replace("'", "''") + "'"
 
 
 def memory_limit(setting: str) -> str:
@@ -324,7 +331,7 @@ def run_duckdb(cfg: DataConfig, tmp: Path, version: int, progress: Optional[bool
     staged = stage_source(cfg, tmp, progress)
     engine = DuckDBEngine(tmp, cfg.engine_threads, memory_limit(cfg.engine_memory))
     try:
-        manifest = run_steps(engine, cfg, staged, tmp, version, progress, _read_error(staged))
+        manifest = run_steps(engine, cfg, staged, tmp, version, progress, read_error(staged))
     finally:
         engine.close()
     for leftover in ("_engine.duckdb", "_engine.duckdb.wal"):
@@ -335,7 +342,7 @@ def run_duckdb(cfg: DataConfig, tmp: Path, version: int, progress: Optional[bool
     return manifest
 
 
-def _read_error(staged: Staged):
+def read_error(staged: Staged):
     """A DuckDB error while reading the source as a ``DataError`` naming the file at fault (found by
     reading each file with pyarrow: only on this path)."""
     def translate(e: Exception) -> Exception:
@@ -368,7 +375,7 @@ def run_steps(engine: Engine, cfg: DataConfig, staged: Staged, tmp: Path, versio
     keep = ["user_id", "item_id", *steps.extras] + (["rating"] if o.rating else [])
     engine.register("raw", staged.raw, keep)
     if staged.raw_test is not None:
-        engine.register("raw_test", staged.raw_test, [c for c in keep if c != "rating"])
+        engine.register("raw_test", staged.raw_test, [c for c in keep if c in staged.raw_test.kinds])
     bar = tqdm(total=8, desc="prepare", unit=" step", disable=None if progress is None else not progress)
     try:
         return _run(engine, steps, o, cfg, staged, tmp, version, bar)
@@ -489,8 +496,10 @@ def _check_source(engine: Engine, steps: Steps, cfg: DataConfig, staged: Staged,
     if cfg.rating_column or "below_min_rating" in pre:
         dropped["below_min_rating"] = below + pre.get("below_min_rating", 0)
     if staged.raw_test is not None:
-        _, test_nulls, _ = _check_relation(engine, steps, cfg, staged.raw_test, "raw_test")
+        _, test_nulls, test_below = _check_relation(engine, steps, cfg, staged.raw_test, "raw_test")
         dropped["test_null_ids"] = test_nulls + pre.get("test_null_ids", 0)
+        if "below_min_rating" in dropped:
+            dropped["test_below_min_rating"] = test_below
     if cfg.duplicates == "error":
         for name, relation in (("raw", staged.raw), ("raw_test", staged.raw_test)):
             if relation is None:
@@ -528,7 +537,7 @@ def _check_split(engine: Engine, steps: Steps, cfg: DataConfig, staged: Staged,
         n_split, n_pairs = engine.fetchall("SELECT (SELECT count(*) FROM split), (SELECT count(*) FROM pairs)")[0]
     if n_split != n_pairs:
         raise DataError(f"{staged.source_name}: {n_pairs - n_split} rows have no timestamp (column "
-                        f"{staged.raw.columns.get('timestamp')!r}); data.split=temporal needs one on every row")
+                        f"{staged.raw.label('timestamp')!r}); data.split=temporal needs one on every row")
     if engine.fetchall("SELECT count(*) FROM train")[0][0] == 0:
         raise DataError(f"{staged.source_name}: the training split is empty")
     n_test, unseen_users, unseen_items = engine.fetchall(steps.unseen())[0]

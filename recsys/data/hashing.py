@@ -11,7 +11,7 @@ mode refuses too):
     mix(x)            = ((x mod P)^2 mod P * 1103515245 + 12345) mod P
     split_key(u, i, s) = mix(mix(mix(r(u) + S(s)) + r(i)))        r(x) = x mod P (non-negative)
     hash_row(x, s, N)  = (mix(mix(r(x) + S1(s)) + q(x)) * P + mix(mix(q(x) + S2(s)) + r(x))) mod N
-                         q(x) = ((x - r(x)) / P) mod P: the code's next 31 bits
+                         q(x) = floor(x / P) mod P: the code's next 31 bits
 
 ``split_key`` orders each user's interactions for the per-user random holdout (and the rows of
 the prepared training files); ``hash_row`` is ``data.id_mapping=hash``. This module is the
@@ -63,7 +63,7 @@ def id_codes(ids) -> np.ndarray:
 def _residues(codes: np.ndarray):
     codes = np.asarray(codes, dtype=np.int64)
     r = codes % P  # numpy's % is non-negative for a positive modulus, like ((x % P) + P) % P in SQL
-    q = ((codes - r) // P) % P
+    q = (codes // P) % P  # numpy's // floors
     return r, q
 
 

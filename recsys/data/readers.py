@@ -252,8 +252,13 @@ def check_source(path: str, fmt: str, cfg: DataConfig) -> Source:
                     or pa.types.is_floating(t)):
                 raise DataError(f"{f}: timestamp column has type {t}; expected integers, floats or timestamps "
                                 "(set data.timestamp_column=null to ignore it)")
+            is_time = pa.types.is_timestamp(t) or pa.types.is_date(t)
+            if first is not None and "timestamp" in first[1] and is_time != any_time:
+                t0 = first[3].field(first[1]["timestamp"]).type
+                raise DataError(f"{f}: timestamp column {cfg.timestamp_column!r} has type {t} but {first[0]} has {t0}; "
+                                "every file must give dates/timestamps, or every file numbers")
             any_float_time |= pa.types.is_floating(t)
-            any_time |= pa.types.is_timestamp(t) or pa.types.is_date(t)
+            any_time |= is_time
         if first is None:
             first = (f, columns, types, schema)
             continue

@@ -31,7 +31,7 @@ from pyspark import StorageLevel
 from pyspark.sql import SparkSession
 
 from recsys.config import DataConfig
-from recsys.data.engine import Engine, Relation, run_steps, stage_source
+from recsys.data.engine import Engine, Relation, read_error, run_steps, stage_source
 from recsys.data.layout import number_parts, parts_to_file
 from recsys.data.steps import SPARK
 
@@ -107,7 +107,7 @@ class SparkEngine(Engine):
             if role in ("user_id", "item_id"):
                 select.append(f"CAST({col} AS {'BIGINT' if kind == 'int' else 'STRING'}) AS {role}")
             elif role == "timestamp":
-                expr = {"time": f"CAST(unix_timestamp({col}) AS BIGINT)", "float": f"CAST({col} AS DOUBLE)",
+                expr = {"time": f"CAST(floor(unix_micros(CAST({col} AS TIMESTAMP)) / 1000000) AS BIGINT)", "float": f"CAST({col} AS DOUBLE)",
                         "int": f"CAST({col} AS BIGINT)"}[kind]
                 select.append(f"{expr} AS timestamp")
             else:
@@ -131,10 +131,12 @@ def spark_runner(spark: SparkSession):
     """``recsys.data.prepare.prepare``'s `engine` argument for a Spark session."""
     def run_spark(cfg: DataConfig, tmp: Path, version: int, progress: Optional[bool] = None) -> dict:
         t0 = time.perf_counter()
+        # dates and zone-less timestamps as UTC seconds, as DuckDB reads them, whatever the cluster's zone
+        spark.conf.set("spark.sql.session.timeZone", "UTC")
         staged = stage_source(cfg, tmp, progress)
         engine = SparkEngine(spark, tmp, cfg.row_group_size)
         try:
-            manifest = run_steps(engine, cfg, staged, tmp, version, progress)
+            manifest = run_steps(engine, cfg, staged, tmp, version, progress, read_error(staged))
         finally:
             engine.close()
         manifest["engine"] = {"name": "spark", "version": spark.version, "master": spark.sparkContext.master}

@@ -104,7 +104,9 @@ class Steps:
     def hash_row(self, code: str, num_rows: int) -> str:
         """``recsys.data.hashing.rows_from_codes`` in SQL."""
         r = _residue(code)
-        q = _residue(self.d.idiv(f"{code} - {r}", str(P)))
+        # floor(code / P) without code - r (which overflows at the smallest int64): truncated
+        # division, one less for a negative remainder
+        q = _residue(f"({self.d.idiv(code, str(P))} - CASE WHEN ({code}) % {P} < 0 THEN 1 ELSE 0 END)")
         hi = _mix(_mix(f"{r} + {seed_term(self.o.seed, 1)}") + f" + {q}")
         lo = _mix(_mix(f"{q} + {seed_term(self.o.seed, 2)}") + f" + {r}")
         return f"((({hi}) * {P} + ({lo})) % {num_rows})"
@@ -117,8 +119,9 @@ class Steps:
         return [c for c, on in (("timestamp", self.o.timestamp), ("weight", self.o.weight)) if on]
 
     def _ties(self) -> str:
-        """The order that settles ties between rows of one pair (deterministic on every engine)."""
-        return "".join(f", {c}" for c in self.extras)
+        """The order that settles ties between rows of one pair (deterministic on every engine: a
+        missing timestamp or weight sorts last on both, whose defaults differ)."""
+        return "".join(f", {c} ASC NULLS LAST" for c in self.extras)
 
     # -- source checks and counts ---------------------------------------------------------------
 
@@ -163,7 +166,7 @@ class Steps:
         if not self.o.weight:  # one hash aggregate: the earliest timestamp of each pair
             ts = ", min(timestamp) AS timestamp" if self.o.timestamp else ""
             return f"SELECT user_id, item_id{ts} FROM {clean} c GROUP BY user_id, item_id"
-        order = "timestamp, weight" if self.o.timestamp else "weight"
+        order = "timestamp ASC NULLS LAST, weight ASC NULLS LAST" if self.o.timestamp else "weight ASC NULLS LAST"
         return (f"SELECT {cols} FROM (SELECT {cols}, row_number() OVER (PARTITION BY user_id, item_id ORDER BY "
                 f"{order}) AS _n FROM {clean} c) d WHERE _n = 1")
 
@@ -191,7 +194,7 @@ class Steps:
     def _temporal(self, relation: str, train_rows: int) -> str:
         """Global time cut-off: the first `train_rows` rows by (timestamp, user, item, weight) train."""
         cols = ", ".join(f"p.{c}" for c in ["user_id", "item_id", *self.extras])
-        weight = ", p.weight" if self.o.weight else ""
+        weight = ", p.weight ASC NULLS LAST" if self.o.weight else ""
         return (f"SELECT {cols}, c._before + row_number() OVER (PARTITION BY p.timestamp ORDER BY p.user_id, p.item_id"
                 f"{weight}) > {train_rows} AS is_test FROM {relation} p JOIN (SELECT timestamp, sum(_c) OVER (ORDER BY "
                 "timestamp ROWS BETWEEN UNBOUNDED PRECEDING AND CURRENT ROW) - _c AS _before FROM (SELECT timestamp, "
@@ -250,7 +253,8 @@ class Steps:
         source, user, item = self._rows("t")
         key = self.split_key("user", "item", self.o.seed + 2)
         return (f"SELECT {cols} FROM (SELECT *, {key} AS _k FROM (SELECT CAST({user} AS BIGINT) AS user, "
-                f"CAST({item} AS BIGINT) AS item{valid}{extras} FROM {source}) r) e ORDER BY _k, {cols}")
+                f"CAST({item} AS BIGINT) AS item{valid}{extras} FROM {source}) r) e ORDER BY _k, "
+                + ", ".join(f"{c} ASC NULLS LAST" for c in cols.split(", ")))
 
     def test_rows(self) -> str:
         return ("SELECT u.row AS user, i.row AS item FROM split t JOIN users u ON t.user_id = u.user_id "
