@@ -40,7 +40,7 @@ from recsys.config import DataConfig
 from recsys.data.layout import counts_npy, cut_row_groups, write_pieces
 from recsys.data.readers import (ROLE_WORD, DataError, Source, _one_line, check_source, read_lightgcn,
                                  read_movielens)
-from recsys.data.steps import DUCKDB, Dialect, Options, Steps
+from recsys.data.steps import DUCKDB, Dialect, Options, Steps, sql_string
 from recsys.data.synthetic import generate_stream
 
 logger = logging.getLogger(__name__)
@@ -100,7 +100,7 @@ def _kinds(src: Source) -> Dict[str, str]:
 
 def _write_staged(table: pa.Table, path: Path, name: str, first_row: int = 1) -> None:
     cols = {c: table[c] for c in table.column_names}
-    cols["_file"] = pa.array([name] * len(table), pa.string()) if len(table) else pa.array([], pa.string())
+    cols["_file"] = pa.repeat(pa.scalar(name, pa.string()), len(table))
     cols["_row"] = pa.array(np.arange(first_row, first_row + len(table), dtype=np.int64))
     pq.write_table(pa.table(cols), path)
 
@@ -224,12 +224,11 @@ def options(cfg: DataConfig, staged: Staged) -> Options:
 
 
 class Engine:
-    """What the checks and the output need of an engine: run a statement, fetch rows, stream a
-    query's result as Arrow batches, write a query to Parquet."""
+    """What the checks and the output need of an engine: fetch rows, stream a query's result as
+    Arrow batches, create tables and views, write a query to Parquet, register a source."""
 
     dialect: Dialect
 
-    def execute(self, sql: str) -> None: ...
     def fetchall(self, sql: str) -> List[tuple]: ...
     def batches(self, sql: str): ...
     def write_parquet(self, sql: str, directory: Path, row_group_size: int) -> None: ...
@@ -249,16 +248,13 @@ class DuckDBEngine(Engine):
         threads = threads or len(os.sched_getaffinity(0)) or 1  # the cores this process may use
         self.con.execute(f"SET threads = {int(threads)}")
         self.con.execute(f"SET memory_limit = '{memory_limit}'")
-        self.con.execute(f"SET temp_directory = {_sql_string(str(tmp / '_spill'))}")
+        self.con.execute(f"SET temp_directory = {sql_string(str(tmp / '_spill'))}")
         self.con.execute("SET preserve_insertion_order = false")  # every output has its ORDER BY
         self.con.execute("SET enable_progress_bar = false")
         self.threads = threads
 
     def close(self) -> None:
         self.con.close()
-
-    def execute(self, sql: str) -> None:
-        self.con.execute(sql)
 
     def fetchall(self, sql: str) -> List[tuple]:
         return self.con.execute(sql).fetchall()
@@ -274,39 +270,25 @@ class DuckDBEngine(Engine):
 
     def write_parquet(self, sql: str, directory: Path, row_group_size: int) -> None:
         directory.mkdir(parents=True, exist_ok=True)
-        self.con.execute(f"COPY ({sql}) TO {_sql_string(str(directory / 'part-00000.parquet'))} (FORMAT parquet, "
+        self.con.execute(f"COPY ({sql}) TO {sql_string(str(directory / 'part-00000.parquet'))} (FORMAT parquet, "
                          f"ROW_GROUP_SIZE {int(row_group_size)})")
 
     def write_file(self, sql: str, path: Path) -> None:
-        self.con.execute(f"COPY ({sql}) TO {_sql_string(str(path))} (FORMAT parquet)")
+        self.con.execute(f"COPY ({sql}) TO {sql_string(str(path))} (FORMAT parquet)")
 
     def register(self, name: str, relation: Relation, keep: List[str]) -> None:
         """``name`` as a view of the relation's files with the roles' columns (cast) and
         ``_file`` / ``_row``."""
-        select = []
-        for role in keep:
-            col, kind = f'"{relation.columns[role]}"', relation.kinds[role]
-            if role in ("user_id", "item_id"):
-                select.append(f"CAST({col} AS {'BIGINT' if kind == 'int' else 'VARCHAR'}) AS {role}")
-            elif role == "timestamp":
-                expr = {"time": f"CAST(floor(epoch({col})) AS BIGINT)", "float": f"CAST({col} AS DOUBLE)",
-                        "int": f"CAST({col} AS BIGINT)"}[kind]
-                select.append(f"{expr} AS timestamp")
-            else:
-                select.append(f"CAST({col} AS DOUBLE) AS {role}")
+        select = self.dialect.source_columns(relation.columns, relation.kinds, keep)
         if relation.staged:
             select += ["_file", "_row"]
             args = ""
         else:
             select += ["_recsys_file AS _file", "file_row_number + 1 AS _row"]
             args = ", filename = '_recsys_file', file_row_number = true"
-        files = "[" + ", ".join(_sql_string(f) for f in relation.files) + "]"
+        files = "[" + ", ".join(sql_string(f) for f in relation.files) + "]"
         self.con.execute(f"CREATE OR REPLACE VIEW {name} AS SELECT {', '.join(select)} FROM read_parquet({files}, "
                          f"union_by_name = true{args})")
-
-
-def _sql_string(text: str) -> str:
-    return "'" + text.replace("'", "''") + "'"
 
 
 def memory_limit(setting: str) -> str:

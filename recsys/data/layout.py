@@ -66,8 +66,8 @@ def cut_row_groups(directory: Path, row_group_size: int, groups_per_file: int = 
     the groups already have that size (DuckDB's, when the size is a multiple of 2,048); otherwise the rows are copied a row group at a time (memory: one
     group)."""
     parts = sorted(directory.glob("part-*.parquet"))
-    sizes = [pq.ParquetFile(f).metadata.row_group(g).num_rows for f in parts
-             for g in range(pq.ParquetFile(f).num_row_groups)]
+    metas = [pq.read_metadata(f) for f in parts]
+    sizes = [m.row_group(g).num_rows for m in metas for g in range(m.num_row_groups)]
     if all(n == row_group_size for n in sizes[:-1]) and (not sizes or sizes[-1] <= row_group_size):
         return
     staging = directory / "_cut"

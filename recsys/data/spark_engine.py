@@ -64,9 +64,6 @@ class SparkEngine(Engine):
         self.row_group_bytes = max(row_group_size * ROW_BYTES, 1 << 20)
         self.tables: List = []
 
-    def execute(self, sql: str) -> None:
-        self.spark.sql(sql)
-
     def fetchall(self, sql: str) -> List[tuple]:
         return [tuple(r) for r in self.spark.sql(sql).collect()]
 
@@ -101,17 +98,7 @@ class SparkEngine(Engine):
         parts_to_file(parts, path, pa.schema([f.with_nullable(True) for f in schema]))
 
     def register(self, name: str, relation: Relation, keep: List[str]) -> None:
-        select = []
-        for role in keep:
-            col, kind = f"`{relation.columns[role]}`", relation.kinds[role]
-            if role in ("user_id", "item_id"):
-                select.append(f"CAST({col} AS {'BIGINT' if kind == 'int' else 'STRING'}) AS {role}")
-            elif role == "timestamp":
-                expr = {"time": f"CAST(floor(unix_micros(CAST({col} AS TIMESTAMP)) / 1000000) AS BIGINT)", "float": f"CAST({col} AS DOUBLE)",
-                        "int": f"CAST({col} AS BIGINT)"}[kind]
-                select.append(f"{expr} AS timestamp")
-            else:
-                select.append(f"CAST({col} AS DOUBLE) AS {role}")
+        select = self.dialect.source_columns(relation.columns, relation.kinds, keep)
         df = self.spark.read.parquet(*[Path(f).resolve().as_uri() if "://" not in f else f for f in relation.files])
         if relation.staged:
             select += ["_file", "_row"]

@@ -33,7 +33,7 @@ What the steps compute (``recsys.data.prepare`` documents the layout):
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import List, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 from recsys.data.hashing import P, seed_term
 
@@ -52,6 +52,25 @@ class Dialect:
 
     def idiv(self, a: str, b: str) -> str:
         return f"(({a}) div ({b}))" if self.name == "spark" else f"(({a}) // ({b}))"
+
+    def source_columns(self, columns: Dict[str, str], kinds: Dict[str, str], keep: List[str]) -> List[str]:
+        """The select list that reads a source's files as the steps' ``raw`` columns: `columns` maps
+        each role to the files' column, `kinds` gives its kind (ids ``int`` / ``str``; timestamp
+        ``int``, ``float`` or ``time``: dates and timestamps as whole UTC seconds, floored)."""
+        spark = self.name == "spark"
+        select = []
+        for role in keep:
+            col, kind = (f"`{columns[role]}`" if spark else f'"{columns[role]}"'), kinds[role]
+            if role in ("user_id", "item_id"):
+                text = "STRING" if spark else "VARCHAR"
+                select.append(f"CAST({col} AS {'BIGINT' if kind == 'int' else text}) AS {role}")
+            elif role == "timestamp" and kind == "time":
+                seconds = (f"floor(unix_micros(CAST({col} AS TIMESTAMP)) / 1000000)" if spark
+                           else f"floor(epoch({col}))")
+                select.append(f"CAST({seconds} AS BIGINT) AS timestamp")
+            else:
+                select.append(f"CAST({col} AS {'BIGINT' if kind == 'int' else 'DOUBLE'}) AS {role}")
+        return select
 
 
 DUCKDB, SPARK = Dialect("duckdb"), Dialect("spark")
@@ -143,7 +162,7 @@ class Steps:
                 "WHERE user_id IS NULL OR item_id IS NULL ORDER BY _file, _row LIMIT 1")
 
     def nulls_in_file(self, relation: str, file: str) -> str:
-        return (f"SELECT count(*) FROM {relation} WHERE _file = {_quote(file)} AND "
+        return (f"SELECT count(*) FROM {relation} WHERE _file = {sql_string(file)} AND "
                 "(user_id IS NULL OR item_id IS NULL)")
 
     def first_out_of_range(self, relation: str = "raw") -> str:
@@ -154,7 +173,7 @@ class Steps:
 
     def out_of_range_in_file(self, relation: str, file: str, user: bool) -> str:
         col, n = ("user_id", self.o.num_users) if user else ("item_id", self.o.num_items)
-        return f"SELECT count(*) FROM {relation} WHERE _file = {_quote(file)} AND ({col} < 0 OR {col} >= {n})"
+        return f"SELECT count(*) FROM {relation} WHERE _file = {sql_string(file)} AND ({col} < 0 OR {col} >= {n})"
 
     # -- the steps ------------------------------------------------------------------------------
 
@@ -300,5 +319,6 @@ class Steps:
         return out
 
 
-def _quote(text: str) -> str:
+def sql_string(text: str) -> str:
+    """A SQL string literal of `text` (quotes doubled)."""
     return "'" + text.replace("'", "''") + "'"
