@@ -3,6 +3,7 @@ the same model and loss, side by side in one run.
 
     python benchmarks/throughput.py                                # 1 process, CPU (gloo)
     python benchmarks/throughput.py --device cuda                  # 1 GPU (NCCL)
+    python benchmarks/throughput.py --device cuda --dim 128 --batch-size 16384 --loss bpr  # the lookup-bound case
     torchrun --nproc_per_node 2 benchmarks/throughput.py           # 2 ranks (gloo on CPU, NCCL on GPUs)
 
 Both train matrix factorisation (user and item id tables, cosine scores) with the project's loss,
@@ -137,18 +138,20 @@ def device_name(device: torch.device) -> str:
 
 
 def bytes_per_interaction(dim: int, weight_bytes: int, local_batch: int, local_negatives: int, world: int,
-                          state_bytes_per_row: float) -> Dict[str, float]:
+                          state_bytes_per_row: float, loss: str = "sampled_softmax") -> Dict[str, float]:
     """The least memory traffic of one training interaction (one row of the local batch).
 
     Table rows per interaction: its user, its positive item and a share of the uniform negatives.
     Per row: the lookup reads it, the update reads and writes it (weight_bytes per value), reads the
     pooled gradient (fp32) and reads and writes the optimizer state. The loss: the row's logits over
     the world's candidates (W*B + W*N, fp32) are written by the forward product, read by the
-    softmax, written as a gradient and read by the backward product."""
+    softmax, written as a gradient and read by the backward product. BPR has no logits matrix: its
+    cost is the vectors of the rows (counted with the tables). ``tables`` alone is the lookup bound's."""
     rows = 2 + local_negatives / local_batch
     per_row = 3 * dim * weight_bytes + 4 * dim + 2 * state_bytes_per_row
     candidates = world * (local_batch + local_negatives)
-    tables, loss = rows * per_row, 4 * candidates * 4
+    tables = rows * per_row
+    loss = 4 * candidates * 4 if loss == "sampled_softmax" else 0.0
     return {"tables": tables, "loss": loss, "total": tables + loss}
 
 
@@ -172,6 +175,9 @@ def main() -> None:
     p.add_argument("--num-negatives", type=int, default=256, help="uniform negatives per step (all ranks)")
     p.add_argument("--table-dtype", default="fp32", choices=["fp32", "fp16"], help="ours: table storage type")
     p.add_argument("--lr", type=float, default=0.3)
+    p.add_argument("--loss", default="sampled_softmax", choices=["sampled_softmax", "bpr"],
+                   help="sampled_softmax: the logits of all ranks' candidates (B x (B + N) per rank, usually the "
+                        "larger cost at GPU batch sizes); bpr: one negative per row (the tables' traffic dominates)")
     p.add_argument("--warmup", type=int, default=10, help="untimed steps of each implementation first")
     p.add_argument("--rounds", type=int, default=6, help="timed rounds; each runs both implementations")
     p.add_argument("--steps", type=int, default=30, help="steps per implementation per round")
@@ -205,7 +211,7 @@ def main() -> None:
         b, n = args.batch_size // world, args.num_negatives // world
 
         def loss_module(model: nn.Module) -> RetrievalTask:  # the project's loss, configured as the demo's
-            return RetrievalTask(model, "sampled_softmax", 0.2, True, log_prob, 0.0, 0.0)
+            return RetrievalTask(model, args.loss, 0.2, True, log_prob, 0.0, 0.0)
 
         # ---- ours: planner, DMP, fused RowWiseAdagrad, TrainPipelineSparseDist
         from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
@@ -286,13 +292,16 @@ def main() -> None:
         dist.barrier()  # every rank measures at once: ranks sharing a memory bus get their share
         bandwidth = copy_bandwidth(device, 1024 if device.type == "cuda" else 512)
         weight_bytes = 2 if args.table_dtype == "fp16" else 4
-        traffic = {"ours": bytes_per_interaction(args.dim, weight_bytes, b, n, world, 4),
-                   "plain": bytes_per_interaction(args.dim, 4, b, n, world, 4 * args.dim)}
+        traffic = {"ours": bytes_per_interaction(args.dim, weight_bytes, b, n, world, 4, args.loss),
+                   "plain": bytes_per_interaction(args.dim, 4, b, n, world, 4 * args.dim, args.loss)}
         bound = {name: bandwidth / t["total"] * world for name, t in traffic.items()}  # every rank moves its share
+        lookup_bound = {name: bandwidth / t["tables"] * world for name, t in traffic.items()}
 
         if rank == 0:
             threads = torch.get_num_threads()
             label = (f"{device.type}-{world}rank{'s' if world > 1 else ''}-{args.table_dtype}"
+                     + (f"-dim{args.dim}-batch{args.batch_size}" if device.type == "cuda" else "")
+                     + ("" if args.loss == "sampled_softmax" else f"-{args.loss}")
                      + (f"-{threads}thread{'s' if threads > 1 else ''}" if device.type == "cpu" else ""))
             entry = {
                 "label": label,
@@ -306,7 +315,8 @@ def main() -> None:
                            "global_batch": args.batch_size, "num_negatives": args.num_negatives,
                            "table_dtype_ours": args.table_dtype, "lr": args.lr, "warmup": args.warmup,
                            "rounds": args.rounds, "steps_per_round": args.steps,
-                           "loss": "sampled_softmax T=0.2, logQ, accidental hits masked",
+                           "loss": ("sampled_softmax T=0.2, logQ, accidental hits masked" if args.loss ==
+                                    "sampled_softmax" else "bpr T=0.2, one uniform negative per row"),
                            "ours": "DMP + planner, fused RowWiseAdagrad (FBGEMM TBE), TrainPipelineSparseDist",
                            "plain": "nn.EmbeddingBag(sparse=True) x2, torch.optim.Adagrad on sparse gradients"},
                 "first_loss": check,
@@ -319,6 +329,8 @@ def main() -> None:
                 "bytes_per_interaction": traffic,
                 "bandwidth_bound_interactions_per_s": bound,
                 "share_of_bound": {name: rate[name] / bound[name] for name in rate},
+                "lookup_bound_interactions_per_s": lookup_bound,
+                "share_of_lookup_bound": {name: rate[name] / lookup_bound[name] for name in rate},
                 "plan": describe_plan(plan),
             }
             out = Path(args.out)
@@ -347,7 +359,9 @@ def report(e: Dict) -> str:
         f"memory-bandwidth bound: {t['total']:,.0f} bytes per interaction (tables {t['tables']:,.0f}, "
         f"loss logits {t['loss']:,.0f}) / copy bandwidth {e['copy_bandwidth_gb_s']:.1f} GB/s per rank = "
         f"{e['bandwidth_bound_interactions_per_s']['ours']:,.0f} interactions/s; ours reaches "
-        f"{100 * e['share_of_bound']['ours']:.1f}% of it"])
+        f"{100 * e['share_of_bound']['ours']:.1f}% of it"
+        + (f"; of the lookup bound (tables only, {e['lookup_bound_interactions_per_s']['ours']:,.0f}/s): "
+           f"{100 * e['share_of_lookup_bound']['ours']:.1f}%" if "share_of_lookup_bound" in e else "")])
 
 
 def markdown(results: Dict) -> str:
@@ -359,8 +373,8 @@ def markdown(results: Dict) -> str:
              "tables, `torch.optim.Adagrad` on the sparse gradients (sparse all-gather across ranks).", "",
              "| run | device | batch | negatives | dim | tables (ours) | ours (interactions/s) | plain "
              "(interactions/s) | ours / plain | bytes / interaction | copy GB/s | bound (interactions/s) "
-             "| ours / bound |",
-             "| --- | --- | ---: | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+             "| ours / bound | ours / lookup bound |",
+             "| --- | --- | ---: | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for label, e in sorted(results["runs"].items()):
         c, r = e["config"], e["interactions_per_s"]
         lines.append(f"| {label} | {e['device_name']} ({e['threads']} thread(s)) | {c['global_batch']} | "
@@ -368,12 +382,14 @@ def markdown(results: Dict) -> str:
                      f"{r['plain']:,.0f} | {e['ratio_ours_over_plain']:.2f} | "
                      f"{e['bytes_per_interaction']['ours']['total']:,.0f} | {e['copy_bandwidth_gb_s']:.1f} | "
                      f"{e['bandwidth_bound_interactions_per_s']['ours']:,.0f} | "
-                     f"{100 * e['share_of_bound']['ours']:.1f}% |")
+                     f"{100 * e['share_of_bound']['ours']:.1f}% | "
+                     + (f"{100 * e['share_of_lookup_bound']['ours']:.1f}% |" if "share_of_lookup_bound" in e else "- |"))
     lines += ["", "Bytes per interaction: the table rows one interaction touches (user, positive, its share of "
               "the negatives), each read by the lookup, read and written by the update, plus the pooled "
               "gradient and the row-wise state; and the interaction's logits row (all ranks' candidates, fp32) "
               "written and read forward and backward. The bound is the measured copy bandwidth (bytes read + "
-              "written by a large tensor copy) divided by that, times the ranks.", ""]
+              "written by a large tensor copy) divided by that, times the ranks. The lookup bound counts the table "
+              "rows' traffic alone (what the embedding kernels must move; the loss's logits left out).", ""]
     return "\n".join(lines)
 
 

@@ -5,6 +5,7 @@ the new one, never a torn one.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -59,3 +60,12 @@ def write_json_atomic(obj: object, path: Path) -> Path:
 
 def write_parquet_atomic(table, path: Path) -> Path:
     return write_atomic(path, lambda tmp: pq.write_table(table, tmp))
+
+
+def file_sha256(path: Path) -> str:
+    """The SHA-256 of a file's bytes (hex), read a MiB at a time."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()

@@ -299,6 +299,9 @@ class OptimConfig:
     eps: float = 1e-8
     dense_lr: float = 1e-3
     """Learning rate of Adam for dense parameters (none in ``mf``)."""
+    stochastic_rounding: bool = True
+    """fp16 tables on CUDA: round each update stochastically (FBGEMM's default: small updates are
+    not lost on average); off: to nearest, as the CPU kernels always do."""
 
     def __post_init__(self) -> None:
         _check(self.name in ("rowwise_adagrad", "sgd"), f"optim.name must be rowwise_adagrad or sgd, got {self.name!r}")
@@ -321,6 +324,9 @@ class TrainConfig:
     large one first (``python -m recsys.prepare``) or raise this."""
     sharding_types: List[str] = field(default_factory=list)
     """Restrict the planner (e.g. [row_wise]); empty: the planner chooses."""
+    prefetch_batches: int = 4
+    """Batches built (and pinned, on CUDA) ahead of the step in a background thread, so that the
+    step does not wait for numpy; 0: built in the training thread."""
     patience: int = 0
     """With a validation split: stop after this many validations without improvement (0: never
     stop early). The best validated weights are restored before the test evaluation and export."""
@@ -345,6 +351,7 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         _check(self.timeout_minutes > 0, f"train.timeout_minutes must be positive, got {self.timeout_minutes}")
+        _check(self.prefetch_batches >= 0, f"train.prefetch_batches must be >= 0, got {self.prefetch_batches}")
         _check(self.epochs >= 0, f"train.epochs must be >= 0 (0: no training, e.g. model.init=spectral), got {self.epochs}")
         _check(self.checkpoint_every_steps >= 0, f"train.checkpoint_every_steps must be >= 0, got {self.checkpoint_every_steps}")
         _check(self.checkpoint_every_minutes >= 0, f"train.checkpoint_every_minutes must be >= 0, got {self.checkpoint_every_minutes}")

@@ -30,3 +30,7 @@ class ExportError(RecsysError):
 
 class PlanError(RecsysError):
     """The planner cannot place the tables on the given ranks."""
+
+
+class DeviceError(ConfigError):
+    """The device asked for cannot be used here (``train.device=cuda`` where CUDA cannot start)."""

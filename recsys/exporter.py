@@ -48,7 +48,6 @@ from __future__ import annotations
 
 import fcntl
 import glob
-import hashlib
 import json
 import logging
 import math
@@ -64,7 +63,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from recsys.atomic import write_json_atomic
+from recsys.atomic import file_sha256, write_json_atomic
 from recsys.config import ConfigError, ExportConfig
 from recsys.data.source import DataSource
 from recsys.distributed import all_gather_objects, from_rank0, own_rows, rank_and_world, rank_bounds
@@ -88,14 +87,6 @@ def vectors_table(id_name: str, ids: pa.Array, vectors: np.ndarray) -> pa.Table:
     vectors = np.ascontiguousarray(vectors, dtype=np.float32)
     flat = pa.array(vectors.reshape(-1), type=pa.float32())
     return pa.table({id_name: ids, "vector": pa.FixedSizeListArray.from_arrays(flat, vectors.shape[1])})
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -137,7 +128,7 @@ class PartWriter:
         self._flush()
         self.writer.close()
         os.replace(self.tmp, self.path)
-        return {"rows": self.rows, "sha256": _sha256(self.path)}
+        return {"rows": self.rows, "sha256": file_sha256(self.path)}
 
 
 def _replace_dir(tmp: Path, out_dir: Path) -> None:
@@ -437,7 +428,7 @@ def _add_npy(directory: Path, manifest: Dict) -> None:
         _write_npy(directory / f"{name}_ids.npy", (count,), _npy_id_dtype(directory, name, manifest),
                    (ids_array(ids, name) for ids, _ in iter_vectors(directory, name, manifest, vectors=False)))
         for f in (f"{name}.npy", f"{name}_ids.npy"):
-            files[f] = {"rows": count, "sha256": _sha256(directory / f)}
+            files[f] = {"rows": count, "sha256": file_sha256(directory / f)}
 
 
 def ids_array(ids: pa.Array, name: str) -> np.ndarray:
@@ -619,7 +610,7 @@ def _add_serving(directory: Path, manifest: Dict, options: ExportConfig) -> None
         logger.warning("items: the score is cosine but vector norms differ from 1 by up to %.3g: renormalised for "
                        "the index", items.deviation)
     faiss.write_index(index, str(directory / "items.faiss"))  # inside the staging directory
-    files["items.faiss"] = {"rows": int(index.ntotal), "sha256": _sha256(directory / "items.faiss")}
+    files["items.faiss"] = {"rows": int(index.ntotal), "sha256": file_sha256(directory / "items.faiss")}
 
     k = min(options.ann_k, items.count)
     queries = users.rows(sample_users(users.count, options.ann_sample_users, options.ann_seed))
@@ -691,7 +682,7 @@ def _verified(export_dir: Path, manifest: Dict) -> Dict[str, List[str]]:
             path, entry = export_dir / file, manifest["files"].get(file)
             if not path.is_file() or not isinstance(entry, dict):
                 raise ExportError(f"{path}: missing (or not listed in manifest.json)")
-            if _sha256(path) != entry.get("sha256"):
+            if file_sha256(path) != entry.get("sha256"):
                 raise ExportError(f"{path}: sha256 does not match manifest.json (the file changed after the export)")
             try:
                 schema = pq.read_schema(path)

@@ -9,7 +9,9 @@ from __future__ import annotations
 import datetime
 import logging
 import os
+import warnings
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Dict, List, Optional
 
 import torch
@@ -18,6 +20,7 @@ import torch.distributed.distributed_c10d as c10d
 import torch.nn as nn
 from torch.distributed._shard.sharded_tensor import ShardedTensor
 from torch.distributed.tensor import DTensor
+from torchrec.distributed.embedding_types import EmbeddingComputeKernel
 from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
 from torchrec.distributed.model_parallel import DistributedModelParallel
 from torchrec.distributed.planner import EmbeddingShardingPlanner, ParameterConstraints
@@ -31,6 +34,7 @@ from torchrec.optim.optimizers import in_backward_optimizer_filter
 from torchrec.optim.rowwise_adagrad import RowWiseAdagrad
 
 from recsys.distributed import rank_and_world
+from recsys.errors import DeviceError
 from recsys.logs import quiet_libraries
 
 logger = logging.getLogger(__name__)
@@ -81,23 +85,65 @@ def use_serial_gloo() -> None:
     c10d.ProcessGroupGloo = SerialGloo
 
 
+def cuda_unavailable_reason() -> Optional[str]:
+    """None when this process can use CUDA; else why not, in words (with torch's own warning, e.g.
+    a driver too old for the CUDA build, when it gives one)."""
+    if torch.version.cuda is None:
+        return f"this torch ({torch.__version__}) is a CPU build"
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        available = torch.cuda.is_available()
+    if available:
+        return None
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    detail = "; ".join(str(w.message).strip().splitlines()[0] for w in caught if str(w.message).strip())
+    return (f"torch {torch.__version__} (built for CUDA {torch.version.cuda}) finds no usable GPU"
+            + (f" with CUDA_VISIBLE_DEVICES={visible!r}" if visible is not None else "")
+            + (f": {detail}" if detail else ""))
+
+
+def gpu_present() -> bool:
+    """Whether this machine has NVIDIA GPUs (their device files), whether or not torch can use them."""
+    return any(Path("/dev").glob("nvidia[0-9]*"))
+
+
+def select_device(device: str, local_rank: int) -> torch.device:
+    """The device of this rank for ``train.device`` (`device`): ``cpu``; ``cuda`` (cuda:LOCAL_RANK,
+    a ``DeviceError`` naming the reason when CUDA cannot start or there are fewer GPUs than local
+    ranks: a GPU job never runs on the CPU by surprise); ``auto`` (CUDA when usable, else the CPU,
+    with a warning when the machine has GPUs that torch cannot use). The GPU launchers pass
+    ``train.device=cuda``."""
+    if device == "cpu":
+        return torch.device("cpu")
+    reason = cuda_unavailable_reason()
+    if reason is None:
+        count = torch.cuda.device_count()
+        if local_rank >= count:
+            raise DeviceError(f"train.device={device}: local rank {local_rank} but {count} GPU(s) visible: start "
+                              "one rank per GPU (torchrun --nproc_per_node), or pass train.device=cpu")
+        return torch.device("cuda", local_rank)
+    if device == "cuda":
+        raise DeviceError(f"train.device=cuda: {reason}")
+    if gpu_present():
+        logger.warning("train.device=auto runs on the CPU: this machine has NVIDIA GPUs but %s "
+                       "(train.device=cuda makes this an error)", reason)
+    return torch.device("cpu")
+
+
 def init_distributed(device: str = "auto", timeout_minutes: Optional[float] = None) -> DistInfo:
     """Join the torchrun job (env://), or make a 1-rank group for a plain `python -m` run.
 
-    NCCL on CUDA, gloo on CPU; the device is cuda:LOCAL_RANK, never a hard-coded index.
-    `timeout_minutes`: how long a collective may wait (the other ranks wait while rank 0 prepares
-    the dataset); None: torch's default (10 minutes with NCCL, 30 with gloo)."""
-    use_cuda = torch.cuda.is_available() if device == "auto" else device == "cuda"
-    if use_cuda and not torch.cuda.is_available():
-        raise RuntimeError("train.device=cuda but CUDA is not available")
+    NCCL on CUDA, gloo on CPU; the device is cuda:LOCAL_RANK (``select_device``), never a
+    hard-coded index. `timeout_minutes`: how long a collective may wait (the other ranks wait
+    while rank 0 prepares the dataset); None: torch's default (10 minutes with NCCL, 30 with gloo)."""
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    dev = select_device(device, local_rank)
+    use_cuda = dev.type == "cuda"
     if use_cuda:
-        torch.cuda.set_device(local_rank)
-        dev = torch.device("cuda", local_rank)
-    else:
-        dev = torch.device("cpu")
+        torch.cuda.set_device(dev)
     backend = "nccl" if use_cuda else "gloo"
-    use_serial_gloo()  # gloo groups (CPU runs; any CPU side group of a CUDA run) get one thread
+    if backend == "gloo":
+        use_serial_gloo()  # the heap corruption it avoids is gloo's; NCCL jobs keep torch's classes
     if not dist.is_initialized():
         if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
             timeout = datetime.timedelta(minutes=timeout_minutes) if timeout_minutes else None
@@ -105,7 +151,7 @@ def init_distributed(device: str = "auto", timeout_minutes: Optional[float] = No
         else:
             dist.init_process_group(backend=backend, store=dist.HashStore(), rank=0, world_size=1)
     quiet_libraries(dist.get_rank())
-    return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, dev, backend)
+    return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, dev, dist.get_backend())
 
 
 def destroy_distributed() -> None:
@@ -115,19 +161,38 @@ def destroy_distributed() -> None:
 
 
 class EmbeddingBagSharder(EmbeddingBagCollectionSharder):
-    """TorchRec's EBC sharder, offering row-wise sharding on CPU too, and no data_parallel.
+    """TorchRec's EBC sharder, offering row-wise sharding on CPU too, and only the sharding types
+    and kernels whose in-place writes and optimizer this project has checked.
 
     TorchRec refuses row_wise on CPU only because of an old gloo check; row-wise sharded
     tables train identically to the unsharded reference on gloo (tests/test_distributed.py).
-    data_parallel is withheld: with the optimizer fused into the backward, replicated tables
-    do not match the unsharded reference after one step (measured on 2 gloo ranks), so
-    replicas could drift apart."""
+    Withheld: data_parallel (with the optimizer fused into the backward, replicated tables do
+    not match the unsharded reference after one step, measured on 2 gloo ranks, so replicas
+    could drift apart); grid_shard (CUDA only, never compared with the reference); on CUDA the
+    kernels other than ``fused`` (HBM) and ``fused_uvm`` (rows in host memory read over UVM):
+    ``fused_uvm_caching`` keeps a cache of rows in HBM that the in-place writes of
+    ``init_tables``, ``init_spectral`` and ``restore_weights`` would bypass (the cache would keep
+    serving the old rows), and the key-value / SSD kernels keep rows in another store.
+
+    `stochastic_rounding`: how FBGEMM's CUDA kernels round fp16 table updates (its default: on; the
+    CPU kernels round to nearest). Off, CUDA and CPU updates agree to fp16 rounding."""
+
+    def __init__(self, stochastic_rounding: bool = True) -> None:
+        super().__init__(fused_params={"stochastic_rounding": stochastic_rounding})
 
     def sharding_types(self, compute_device_type: str) -> List[str]:
-        types = [t for t in super().sharding_types(compute_device_type) if t != ShardingType.DATA_PARALLEL.value]
+        withheld = (ShardingType.DATA_PARALLEL.value, ShardingType.GRID_SHARD.value)
+        types = [t for t in super().sharding_types(compute_device_type) if t not in withheld]
         if compute_device_type == "cpu":
             types += [ShardingType.ROW_WISE.value, ShardingType.TABLE_ROW_WISE.value]
         return types
+
+    def compute_kernels(self, sharding_type: str, compute_device_type: str) -> List[str]:
+        kernels = super().compute_kernels(sharding_type, compute_device_type)
+        if compute_device_type == "cuda":
+            kernels = [k for k in kernels if k in (EmbeddingComputeKernel.FUSED.value,
+                                                   EmbeddingComputeKernel.FUSED_UVM.value)]
+        return kernels
 
 
 def table_optimizer(name: str):
@@ -253,7 +318,8 @@ def plan_sharding(model: nn.Module, world_size: int, device_type: str, sharding_
                   pg: Optional[dist.ProcessGroup] = None, batch_size: int = 512,
                   local_world_size: Optional[int] = None, hbm_cap: Optional[int] = None,
                   ddr_cap: Optional[int] = None, stats: Optional[List[Stats]] = None,
-                  recorder: Optional[PlanRecorder] = None) -> PlacedPlan:
+                  recorder: Optional[PlanRecorder] = None,
+                  sharder: Optional[EmbeddingBagSharder] = None) -> PlacedPlan:
     """Run TorchRec's planner (collectively when `pg` is given, so all ranks agree).
 
     `local_world_size` defaults to $LOCAL_WORLD_SIZE (else `world_size`); `hbm_cap` / `ddr_cap`
@@ -282,7 +348,7 @@ def plan_sharding(model: nn.Module, world_size: int, device_type: str, sharding_
         storage_reservation=FixedPercentageStorageReservation(0.15),
         stats=[*(stats or []), recorder],
     )
-    sharders = [EmbeddingBagSharder()]
+    sharders = [sharder or EmbeddingBagSharder()]
     if pg is None:
         plan = planner.plan(model, sharders)
         placement = recorder.placement(local_world)
@@ -303,18 +369,27 @@ def shard_model(
     dense_lr: float,
     sharding_types: List[str],
     local_batch_size: int = 512,
+    stochastic_rounding: bool = True,
+    reserved_device_bytes: int = 0,
 ) -> tuple[DistributedModelParallel, torch.optim.Optimizer, PlacedPlan]:
     """Fuse the table optimizer into the backward, plan, and shard `model` (built on meta).
 
     Returns the DMP module, the optimizer the train pipeline steps (fused table optimizer +
-    Adam for dense parameters, if any) and the sharding plan (with the planner's placement)."""
+    Adam for dense parameters, if any) and the sharding plan (with the planner's placement).
+    `stochastic_rounding`: of fp16 table updates on CUDA (``EmbeddingBagSharder``);
+    `reserved_device_bytes`: GPU memory per rank the run needs besides the tables and their
+    lookups (the evaluation's item vectors and score blocks), kept out of the planner's reach."""
     fuse_table_optimizer(model, optim_name, lr, eps)
-    # On GPUs the planner gets the device's memory (TorchRec assumes 32 GiB): an 80 GiB GPU holds
-    # what fits in 80 GiB less the planner's reservation before a table has to be split.
-    hbm_cap = torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else None
+    # On GPUs the planner gets the device's memory (TorchRec assumes 32 GiB) less what the rest of
+    # the run needs: an 80 GiB GPU holds what fits in the rest less the planner's reservation
+    # before a table has to be split.
+    hbm_cap = None
+    if device.type == "cuda":
+        hbm_cap = torch.cuda.get_device_properties(device).total_memory - reserved_device_bytes
+    sharder = EmbeddingBagSharder(stochastic_rounding)
     plan = plan_sharding(model, dist.get_world_size(), device.type, sharding_types, dist.group.WORLD,
-                         local_batch_size, hbm_cap=hbm_cap)
-    dmp = DistributedModelParallel(module=model, device=device, plan=plan, sharders=[EmbeddingBagSharder()])
+                         local_batch_size, hbm_cap=hbm_cap, sharder=sharder)
+    dmp = DistributedModelParallel(module=model, device=device, plan=plan, sharders=[sharder])
     dense = dict(in_backward_optimizer_filter(dmp.named_parameters()))
     optimizers = [dmp.fused_optimizer]
     if dense:
@@ -450,17 +525,22 @@ def init_tables(model: nn.Module, std: float, seed: int) -> None:
 
 @torch.no_grad()
 def gather_tables(model: nn.Module, dst: int = 0) -> Dict[str, torch.Tensor]:
-    """Full (unsharded) copies of every embedding table on rank `dst` (empty dict elsewhere).
+    """Full (unsharded) copies of every embedding table on rank `dst`, on its CPU (empty dict
+    elsewhere). Each table passes whole through `dst`'s device (NCCL gathers into device memory
+    only): for tests and parity checks of small tables, never the training path.
 
     Collective: every rank must call it."""
     rank, _ = rank_and_world()
     out: Dict[str, torch.Tensor] = {}
     for name, weight in sorted(table_weights(model).items()):
         if isinstance(weight, ShardedTensor):
-            full = torch.empty(weight.size(), dtype=weight.dtype) if rank == dst else None
+            shards = weight.local_shards()
+            on = (shards[0].tensor.device if shards else
+                  torch.device("cuda", torch.cuda.current_device()) if "nccl" in dist.get_backend() else torch.device("cpu"))
+            full = torch.empty(weight.size(), dtype=weight.dtype, device=on) if rank == dst else None
             weight.gather(dst=dst, out=full)
         else:
-            full = weight.detach().cpu().clone()
+            full = weight.detach().clone()
         if rank == dst:
             out[name] = full.cpu()
     return out
@@ -504,23 +584,31 @@ def local_optimizer_bytes(optimizer) -> int:
     return sum(storages.values())
 
 
-def local_tensors(model: nn.Module) -> List[torch.Tensor]:
-    """This rank's storage of every state-dict entry (local shards of sharded tables)."""
-    out: List[torch.Tensor] = []
+def _local_entries(model: nn.Module) -> List[tuple]:
+    """(this rank's storage, whether it is a DTensor's) of every state-dict entry, in key order."""
+    out: List[tuple] = []
     for _, value in sorted(model.state_dict().items()):
         if isinstance(value, ShardedTensor):
-            out.extend(shard.tensor for shard in value.local_shards())
+            out.extend((shard.tensor, False) for shard in value.local_shards())
         elif isinstance(value, DTensor):
-            out.append(value.to_local())
+            out.append((value.to_local(), True))
         elif torch.is_tensor(value):
-            out.append(value)
+            out.append((value, False))
     return out
+
+
+def local_tensors(model: nn.Module) -> List[torch.Tensor]:
+    """This rank's storage of every state-dict entry (local shards of sharded tables)."""
+    return [t for t, _ in _local_entries(model)]
 
 
 @torch.no_grad()
 def snapshot_weights(model: nn.Module) -> List[torch.Tensor]:
-    """A local copy of this rank's weights (the best epoch so far); no communication."""
-    return [t.detach().clone() for t in local_tensors(model)]
+    """A copy of this rank's weights (the best epoch so far) in host memory, not on the GPU whose
+    memory the planner gave to the tables; no communication. (A DTensor's local part stays on
+    its device: DTensor.from_local would move it back there to checkpoint it.)"""
+    return [t.detach().clone() if dtensor else t.detach().to("cpu", copy=True)
+            for t, dtensor in _local_entries(model)]
 
 
 @torch.no_grad()

@@ -162,7 +162,8 @@ def loop_options(cfg: Config, data: DataSource) -> LoopOptions:
         total = min(total, cfg.train.max_steps)
     logger.info("%d steps of %d interactions (%d per epoch; the %d left over by the batch size are a different "
                 "random subset each epoch)", total, batch, epoch_steps, data.num_fit - epoch_steps * batch)
-    return LoopOptions(cfg.train.epochs, total, cfg.eval.select_metric, cfg.train.patience, cfg.train.log_every_steps)
+    return LoopOptions(cfg.train.epochs, total, cfg.eval.select_metric, cfg.train.patience, cfg.train.log_every_steps,
+                       cfg.train.prefetch_batches)
 
 
 def log_resume(resumed: Dict, state: TrainState, data: DataSource, world: int, total_steps: int) -> None:

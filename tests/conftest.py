@@ -22,6 +22,12 @@ import numpy as np
 import pytest
 import torch.multiprocessing as mp
 
+# The suite runs on the CPU (gloo) wherever it runs, a GPU machine included: its configs leave
+# train.device=auto, and its two-rank jobs would ask a one-GPU machine for a second GPU. The CUDA
+# path is checked by the GPU kit (benchmarks/gpu/). Set before anything initialises CUDA; the
+# spawned ranks and the launched commands inherit it.
+os.environ["CUDA_VISIBLE_DEVICES"] = ""
+
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
 

@@ -104,6 +104,27 @@ def test_local_sh_trains_two_ranks_into_one_run_dir(tmp_path):
     assert "+experiment=tiny" in (run_dir / ".hydra" / "overrides.yaml").read_text()
 
 
+def test_local_sh_on_a_gpu_machine_asks_for_cuda_and_fails_loudly_without_it(tmp_path):
+    # nvidia-smi lists a GPU, but this torch cannot use one: the job stops with the reason, no
+    # silent CPU run (the same holds for slurm.sbatch and the Kubernetes job, which ask for cuda).
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "nvidia-smi").write_text("#!/usr/bin/env bash\necho 'GPU 0: NVIDIA H200 (UUID: GPU-0)'\n")
+    (bin_dir / "nvidia-smi").chmod(0o755)
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "NPROC": "1", "PYTHON_BIN": sys.executable,
+           "RECSYS_RUN_ID": "gpu-test", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(["bash", str(JOBS / "local.sh"), *TINY, f"data.root={tmp_path / 'data'}"], cwd=tmp_path,
+                          env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0
+    assert re.search(r"^error: train\.device=cuda: .*(CPU build|no usable GPU)", proc.stderr, re.M), proc.stderr[-2000:]
+    assert not (tmp_path / "outputs" / "gpu-test" / "metrics.json").exists()
+    # an explicit override wins over the launcher's choice
+    proc = subprocess.run(["bash", str(JOBS / "local.sh"), *TINY, f"data.root={tmp_path / 'data'}", "train.device=cpu"],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert (tmp_path / "outputs" / "gpu-test" / "metrics.json").exists()
+
+
 @pytest.mark.parametrize("nproc", ["0", "two"])
 def test_local_sh_refuses_a_bad_rank_count(tmp_path, nproc):
     proc = subprocess.run(["bash", str(JOBS / "local.sh"), f"--nproc={nproc}", "+experiment=tiny"], cwd=tmp_path,
@@ -186,7 +207,7 @@ def test_slurm_sbatch_is_srun_torchrun_with_c10d_rendezvous():
     assert opt["--rdzv_backend"] == "c10d" and opt["--rdzv_id"] == '"$SLURM_JOB_ID"'
     assert opt["--rdzv_endpoint"] == '"$RDZV_HOST:$RDZV_PORT"'
     assert opt["--nnodes"] == '"$NNODES"' and opt["--nproc_per_node"] == '"$GPUS_PER_NODE"'
-    assert torchrun[-3:] == ["-m", "recsys.train", '"$@"']
+    assert torchrun[-4:] == ["-m", "recsys.train", '"${DEVICE_ARGS[@]}"', '"$@"']  # train.device=cuda unless told
     assert "export RECSYS_RUN_ID" in text
     for nccl in ("NCCL_DEBUG", "NCCL_SOCKET_IFNAME", "NCCL_IB_HCA", "NCCL_IB_DISABLE"):
         assert nccl in text
@@ -196,7 +217,7 @@ def test_slurm_sbatch_trains_on_two_nodes(tmp_path, fake_slurm, port):
     # Two torchrun agents (the "nodes", one rank each) meet at a c10d rendezvous on localhost.
     env = {**fake_slurm, "SLURM_JOB_ID": "4242", "SLURM_JOB_NUM_NODES": "2", "SLURM_JOB_NODELIST": "node[1-2]",
            "GPUS_PER_NODE": "1", "RDZV_PORT": str(port), "RECSYS_ROOT": str(ROOT), "PYTHON_BIN": sys.executable,
-           "RECSYS_RUN_ID": None}
+           "RECSYS_RUN_ID": None, "TRAIN_DEVICE": "cpu"}  # a GPU launcher: cuda unless told
     run(["bash", str(JOBS / "slurm.sbatch"), *TINY, f"data.root={tmp_path / 'data'}"], cwd=tmp_path, env_extra=env)
     runs = list((tmp_path / "outputs").glob("slurm-4242/metrics.json"))
     assert len(runs) == 1, list((tmp_path / "outputs").rglob("*"))

@@ -2,6 +2,7 @@
 
 ``BatchOptions`` says how an epoch is cut into batches on this rank (the same for both loaders:
 ``TrainBatches`` here, ``recsys.data.loader.StreamBatches`` for streamed datasets).
+``built_ahead`` builds any loader's batches ahead of the step in a background thread.
 ``TrainBatches``: all ranks draw the same seeded permutation of the interactions (and the same
 uniform negatives) and each takes its slice of every global batch, so the step-t global batch
 does not depend on the world size.
@@ -9,10 +10,13 @@ does not depend on the world size.
 
 from __future__ import annotations
 
+import queue
+import threading
 from dataclasses import dataclass
-from typing import Iterator, Optional
+from typing import Iterable, Iterator, Optional
 
 import numpy as np
+import torch
 
 from recsys.data.features import Batch, Features
 
@@ -84,3 +88,63 @@ class TrainBatches:
             negatives = neg_rng.integers(0, self.num_items, size=n * o.world_size)[o.rank * n : (o.rank + 1) * n]
             batch = self.features.batch(self.users[idx], np.concatenate([self.items[idx], negatives]), bag_rng)
             yield batch.pin_memory() if o.pin_memory else batch
+
+
+class _Failed:
+    def __init__(self, error: BaseException) -> None:
+        self.error = error
+
+
+_END = object()
+
+
+def built_ahead(batches: Iterable[Batch], depth: int, device: Optional[torch.device] = None) -> Iterator[Batch]:
+    """The batches of `batches`, built up to `depth` ahead in a background thread (0: in this one).
+
+    Batch building is numpy and KJT construction (and pinning, on CUDA): done in the training
+    thread it delays every step by that much; done here it overlaps the step, which waits on the
+    GPU with the GIL released. A thread, not loader processes: batches (KJTs, pinned tensors) stay
+    in this process, and the streaming loader's reading already runs in worker processes.
+    ``iter(batches)`` is called here, in the calling thread (the streaming loader starts its worker
+    processes there). An error in the thread is raised here; closing this generator early stops it.
+    `device`: the thread's CUDA device (pinned memory is allocated in the current device's context)."""
+    source = iter(batches)
+    if depth <= 0:
+        yield from source
+        return
+    ready: "queue.Queue" = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def put(item) -> bool:
+        while not stop.is_set():
+            try:
+                ready.put(item, timeout=0.05)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def produce() -> None:
+        try:
+            if device is not None and device.type == "cuda":
+                torch.cuda.set_device(device)
+            for batch in source:
+                if not put(batch):
+                    return
+            put(_END)
+        except BaseException as e:  # noqa: BLE001 - raised again in the consuming thread
+            put(_Failed(e))
+
+    thread = threading.Thread(target=produce, name="recsys-batches", daemon=True)
+    thread.start()
+    try:
+        while True:
+            item = ready.get()
+            if item is _END:
+                return
+            if isinstance(item, _Failed):
+                raise item.error
+            yield item
+    finally:
+        stop.set()
+        thread.join()

@@ -148,16 +148,23 @@ class Features:
 
 def _kjt(features) -> KeyedJaggedTensor:
     """One KJT from (key, lengths, values) triples; shorter features are padded with empty rows
-    so that every key has the same number of rows (the KJT's stride)."""
+    so that every key has the same number of rows (the KJT's stride).
+
+    The stride and each key's number of values are passed in, computed here on the host: without
+    them TorchRec derives them from the lengths tensor, and once the batch is on the GPU that is
+    a device-to-host copy (``.tolist()``) in the input all-to-all of every step."""
     stride = max(len(lengths) for _, lengths, _ in features)
     all_lengths = []
     for _, lengths, _ in features:
         padded = np.zeros(stride, dtype=np.int32)
         padded[: len(lengths)] = lengths
         all_lengths.append(padded)
+    length_per_key = [int(lengths.sum()) for lengths in all_lengths]
     return KeyedJaggedTensor(keys=[k for k, _, _ in features],
                              values=torch.from_numpy(np.concatenate([v for _, _, v in features]).astype(np.int64)),
-                             lengths=torch.from_numpy(np.concatenate(all_lengths)))
+                             lengths=torch.from_numpy(np.concatenate(all_lengths)), stride=stride,
+                             length_per_key=length_per_key,
+                             offset_per_key=[0, *np.cumsum(length_per_key).tolist()])
 
 
 def make_features(spec: FeatureSpec, dataset: Dataset, include_valid: bool, training: bool = False) -> Features:

@@ -348,8 +348,11 @@ class StreamBatches:
                                multiprocessing_context=_WORKER_START))
 
     def __iter__(self) -> Iterator[Batch]:
+        return self._batches(self.chunks())  # the workers start here, in the calling thread
+
+    def _batches(self, chunks: Iterator[Tuple[int, np.ndarray, np.ndarray]]) -> Iterator[Batch]:
         expected = self.skip
-        for first, users, items in self.chunks():
+        for first, users, items in chunks:
             if first != expected:  # the interleave must give the steps in order
                 raise RuntimeError(f"loader: got step {first}, expected step {expected}")
             expected += len(users)

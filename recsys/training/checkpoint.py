@@ -56,7 +56,7 @@ from recsys.config import Config, ConfigError
 from recsys.data.prepare import READ_ONLY_FIELDS, data_config
 from recsys.distributed import from_rank0
 from recsys.errors import CheckpointError
-from recsys.parallelize import local_tensors, table_weights
+from recsys.parallelize import snapshot_weights, table_weights
 from recsys.training.state import TrainState
 
 logger = logging.getLogger(__name__)
@@ -72,7 +72,8 @@ _METADATA = ".metadata"  # DCP's index of the tensor files
 # with another progress bar, checkpoint frequency, export or log option resumes the same run.
 _VOLATILE = {
     "train": {"resume", "overwrite", "progress", "checkpoint_every_steps", "checkpoint_every_minutes",
-              "checkpoint_at_end", "keep_checkpoints", "log_every_steps", "device", "timeout_minutes"},
+              "checkpoint_at_end", "keep_checkpoints", "log_every_steps", "device", "timeout_minutes",
+              "prefetch_batches"},
     "data": {"root", "engine", "engine_threads", "engine_memory"},  # every engine prepares the same dataset
     "eval": {"user_chunk", "item_chunk", "score_budget_mb", "ks", "popularity", "test_every_epoch", "run_dir"},
     "log": None,  # the whole group
@@ -88,6 +89,7 @@ _ADDED = {
     "model": ("init", "spectral_alpha", "spectral_niter", "spectral_refit", "table_dtype", "stack_spectral_dim",
               "stack_spectral_weights"),
     "eval": ("max_users",),
+    "optim": ("stochastic_rounding",),
 }
 
 
@@ -317,14 +319,23 @@ def _state_like(template: Dict[str, Any], tensors: List[torch.Tensor]) -> Dict[s
     """A state dict shaped like `template` (a model's, sorted keys) whose local storage is `tensors`
     (in ``recsys.parallelize.local_tensors`` order): the best-epoch snapshot as a DCP-saveable state dict."""
     out, i = {}, 0
+    # the snapshot lives in host memory while the tables may be on the GPU: its shards are then
+    # placed on each rank's CPU, in the global metadata too (torch checks each local shard against
+    # its placement; every rank re-places the same way, local shards or not)
+    on = next((t.device for t in tensors if not t.is_cuda), tensors[0].device if tensors else torch.device("cpu"))
     for key, value in sorted(template.items()):
         if isinstance(value, ShardedTensor):
             shards = []
             for shard in value.local_shards():
-                shards.append(Shard(tensors[i], shard.metadata))
+                shards.append(Shard(tensors[i], _placed(shard.metadata, tensors[i].device)))
                 i += 1
+            metadata = value.metadata()
+            if any(m.placement.device() != on for m in metadata.shards_metadata):
+                metadata = dataclasses.replace(
+                    metadata, shards_metadata=[_placed(m, on) for m in metadata.shards_metadata],
+                    tensor_properties=dataclasses.replace(metadata.tensor_properties, pin_memory=False))
             out[key] = ShardedTensor._init_from_local_shards_and_global_metadata(
-                shards, value.metadata(), process_group=value._process_group)
+                shards, metadata, process_group=value._process_group)
         elif isinstance(value, DTensor):
             out[key] = DTensor.from_local(tensors[i], value.device_mesh, value.placements, shape=value.shape,
                                           stride=value.stride())
@@ -335,6 +346,13 @@ def _state_like(template: Dict[str, Any], tensors: List[torch.Tensor]) -> Dict[s
     if i != len(tensors):
         raise ValueError("the best-weights snapshot does not match the model")
     return out
+
+
+def _placed(metadata, device: torch.device):
+    """A shard's metadata placed on `device` of the same rank (itself when it already is)."""
+    if metadata.placement.device() == device:
+        return metadata
+    return dataclasses.replace(metadata, placement=f"rank:{metadata.placement.rank()}/{device}")
 
 
 def _optimizer_state(optimizer) -> Dict[str, Any]:
@@ -518,7 +536,7 @@ def load_checkpoint(path: Path, dmp, optimizer=None,
         state["optim"] = _optimizer_state(optimizer)
     best = None
     if load_best and meta.get("has_best"):
-        best = [t.detach().clone() for t in local_tensors(dmp)]
+        best = snapshot_weights(dmp)  # in host memory, like the loop's snapshot
         state["best"] = _state_like(dmp.state_dict(), best)
     try:  # DCP's index first: a refused or corrupt one gives one line (DCP itself logs tracebacks)
         SafeFileSystemReader(str(path)).read_metadata()

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import time
+from contextlib import closing
 from dataclasses import dataclass
 from typing import Callable, Dict, Optional
 
@@ -23,7 +24,7 @@ import torch
 import torch.distributed as dist
 from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
 
-from recsys.data.batches import BatchOptions
+from recsys.data.batches import BatchOptions, built_ahead
 from recsys.data.source import DataSource
 from recsys.parallelize import snapshot_weights
 from recsys.training.checkpoint import Checkpointer
@@ -47,6 +48,8 @@ class LoopOptions:
     """Stop after this many validations without improvement (0: never)."""
     check_clock_every: int
     """Steps between looks at the wall-clock checkpoint trigger (``train.log_every_steps``)."""
+    prefetch_batches: int = 4
+    """Batches built ahead in a background thread (``train.prefetch_batches``; 0: none)."""
 
 
 def train_epochs(dmp, optimizer, device: torch.device, data: DataSource, batches: BatchOptions, state: TrainState,
@@ -68,18 +71,20 @@ def train_epochs(dmp, optimizer, device: torch.device, data: DataSource, batches
         state.epoch = epoch
         if state.step >= options.total_steps and skip == 0:
             break
-        it = data.batches(batches, epoch, skip, options.total_steps - state.step + skip)
         loss_sum = torch.tensor(state.loss_sum, dtype=torch.float64, device=device)
-        while True:
-            try:
-                (loss,) = pipeline.progress(it)
-            except StopIteration:
-                break
-            loss_sum += loss.double()
-            state.batch += 1
-            state.step += 1
-            log.step(state, loss)
-            checkpointer.save_if_due(state, dmp, optimizer, loss_sum, state.step % options.check_clock_every == 0)
+        epoch_batches = data.batches(batches, epoch, skip, options.total_steps - state.step + skip)
+        with closing(built_ahead(epoch_batches, options.prefetch_batches, device)) as it:
+            while True:
+                try:
+                    (loss,) = pipeline.progress(it)
+                except StopIteration:
+                    break
+                loss_sum += loss.double()
+                state.batch += 1
+                state.step += 1
+                log.step(state, loss)
+                checkpointer.save_if_due(state, dmp, optimizer, loss_sum,
+                                         state.step % options.check_clock_every == 0)
         if world > 1:
             dist.all_reduce(loss_sum)
         record = {"epoch": epoch, "steps": state.step, "loss": float(loss_sum) / max(state.batch, 1) / world,

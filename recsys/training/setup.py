@@ -65,8 +65,11 @@ def build_model(cfg: Config, num_users: int, num_items: int, device: torch.devic
         item_log_prob = torch.from_numpy(np.log(np.maximum(item_counts, 1) / item_counts.sum())).float().to(device)
     task = build_task(cfg.model, cfg.loss, num_users, num_items, item_log_prob)
     o = cfg.optim
+    # GPU memory the planner must leave free: the evaluation's item vectors (every rank scores its
+    # users against all items) and its score blocks
+    reserved = num_items * cfg.model.embedding_dim * 4 + 2 * cfg.eval.score_budget_mb * 2**20
     dmp, optimizer, plan = shard_model(task, device, o.name, o.lr, o.eps, o.dense_lr, cfg.train.sharding_types,
-                                       max(cfg.train.batch_size // world, 1))
+                                       max(cfg.train.batch_size // world, 1), o.stochastic_rounding, reserved)
     if initialise:
         init_tables(dmp, cfg.model.init_std, cfg.seed)
         dmp.module.model.reset_dense_parameters()
