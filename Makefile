@@ -18,7 +18,11 @@ CUDA_INDEX ?=
 
 .PHONY: demo test bench install install-cuda clean
 
-install: $(VENV)/.installed
+# Once `make install-cuda` has put the CUDA stack in .venv, `make install` (and so demo / test) keeps
+# it: it never writes the CPU stack over it (remove .venv to go back).
+STAMP := $(if $(wildcard $(VENV)/.installed-cuda),$(VENV)/.installed-cuda,$(VENV)/.installed)
+
+install: $(STAMP)
 
 $(VENV)/.installed: pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -31,7 +35,9 @@ $(VENV)/.installed: pyproject.toml Makefile
 	touch $@
 
 # The CUDA stack in .venv (replacing the CPU one if it was there); make demo / make test then use it.
-install-cuda: pyproject.toml Makefile
+install-cuda: $(VENV)/.installed-cuda
+
+$(VENV)/.installed-cuda: pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip uninstall --quiet --yes fbgemm-gpu-cpu || true
@@ -43,7 +49,8 @@ else
 endif
 	$(BIN)/python -m pip install --quiet -e ".[test]"
 	$(BIN)/python -c "import torch, torchrec, fbgemm_gpu, recsys; print('installed torch', torch.__version__, 'CUDA', torch.version.cuda, 'torchrec', torchrec.__version__, 'fbgemm-gpu', fbgemm_gpu.__version__, '; GPUs visible:', torch.cuda.device_count())"
-	touch $(VENV)/.installed
+	rm -f $(VENV)/.installed
+	touch $@
 
 demo: install
 	$(BIN)/python -m recsys.train $(ARGS)

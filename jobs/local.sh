@@ -4,7 +4,7 @@
 #   jobs/local.sh model.embedding_dim=128 train.epochs=20
 #   jobs/local.sh -n 4 +experiment=row_wise
 #   NPROC=1 PYTHON_BIN=python3 jobs/local.sh data=movielens data.path=ml-1m
-# Environment: NPROC, PYTHON_BIN (default: the active virtualenv / conda env, else the repository's
+# Environment: NPROC, PYTHON_BIN (default: the active virtualenv / conda env but base, else the repository's
 # .venv, else python3), RECSYS_RUN_ID
 # (the run directory's name, outputs/<id>; default: the current time), OMP_NUM_THREADS,
 # TRAIN_DEVICE (default: cuda when nvidia-smi lists GPUs, so that a GPU machine whose torch
@@ -23,10 +23,11 @@ case "${1:-}" in
   -h|--help) usage ;;
 esac
 
-# The environment the launcher is started in: an active virtualenv or conda env (its python3),
-# else the repository's .venv (make install / make install-cuda), else python3 on the PATH.
+# The environment the launcher is started in: an active virtualenv or conda env other than base
+# (its python3), else the repository's .venv (make install / make install-cuda), else python3 on the PATH.
 if [[ -z "${PYTHON_BIN:-}" ]]; then
-  if [[ -n "${VIRTUAL_ENV:-}${CONDA_PREFIX:-}" ]]; then PYTHON_BIN=$(command -v python3)
+  if [[ -n "${VIRTUAL_ENV:-}" || ( -n "${CONDA_PREFIX:-}" && "${CONDA_DEFAULT_ENV:-base}" != base ) ]]; then
+    PYTHON_BIN=$(command -v python3)
   elif [[ -x "$ROOT/.venv/bin/python" ]]; then PYTHON_BIN=$ROOT/.venv/bin/python
   else PYTHON_BIN=python3; fi
 fi
@@ -51,4 +52,4 @@ export RECSYS_RUN_ID
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 
 exec "$PYTHON_BIN" -m torch.distributed.run --standalone --nnodes 1 --nproc_per_node "$NPROC" \
-  -m recsys.train "${DEVICE_ARGS[@]}" "$@"
+  -m recsys.train ${DEVICE_ARGS[@]+"${DEVICE_ARGS[@]}"} "$@"

@@ -34,7 +34,7 @@ from torchrec.optim.optimizers import in_backward_optimizer_filter
 from torchrec.optim.rowwise_adagrad import RowWiseAdagrad
 
 from recsys.distributed import rank_and_world
-from recsys.errors import DeviceError
+from recsys.errors import DeviceError, PlanError
 from recsys.logs import quiet_libraries
 
 logger = logging.getLogger(__name__)
@@ -385,7 +385,12 @@ def shard_model(
     # before a table has to be split.
     hbm_cap = None
     if device.type == "cuda":
-        hbm_cap = torch.cuda.get_device_properties(device).total_memory - reserved_device_bytes
+        total = torch.cuda.get_device_properties(device).total_memory
+        if reserved_device_bytes >= total // 2:
+            raise PlanError(f"the evaluation's item vectors and score blocks need {format_bytes(reserved_device_bytes)} "
+                            f"of each GPU's {format_bytes(total)}: too little is left for the tables (fewer items, a "
+                            "smaller model.embedding_dim or eval.score_budget_mb)")
+        hbm_cap = total - reserved_device_bytes
     sharder = EmbeddingBagSharder(stochastic_rounding)
     plan = plan_sharding(model, dist.get_world_size(), device.type, sharding_types, dist.group.WORLD,
                          local_batch_size, hbm_cap=hbm_cap, sharder=sharder)
@@ -534,9 +539,8 @@ def gather_tables(model: nn.Module, dst: int = 0) -> Dict[str, torch.Tensor]:
     out: Dict[str, torch.Tensor] = {}
     for name, weight in sorted(table_weights(model).items()):
         if isinstance(weight, ShardedTensor):
-            shards = weight.local_shards()
-            on = (shards[0].tensor.device if shards else
-                  torch.device("cuda", torch.cuda.current_device()) if "nccl" in dist.get_backend() else torch.device("cpu"))
+            # the device ShardedTensor.gather itself sends from (CUDA under NCCL, the CPU under gloo)
+            on = weight._get_preferred_device()
             full = torch.empty(weight.size(), dtype=weight.dtype, device=on) if rank == dst else None
             weight.gather(dst=dst, out=full)
         else:

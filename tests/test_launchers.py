@@ -207,7 +207,7 @@ def test_slurm_sbatch_is_srun_torchrun_with_c10d_rendezvous():
     assert opt["--rdzv_backend"] == "c10d" and opt["--rdzv_id"] == '"$SLURM_JOB_ID"'
     assert opt["--rdzv_endpoint"] == '"$RDZV_HOST:$RDZV_PORT"'
     assert opt["--nnodes"] == '"$NNODES"' and opt["--nproc_per_node"] == '"$GPUS_PER_NODE"'
-    assert torchrun[-4:] == ["-m", "recsys.train", '"${DEVICE_ARGS[@]}"', '"$@"']  # train.device=cuda unless told
+    assert torchrun[-4:] == ["-m", "recsys.train", '${DEVICE_ARGS[@]+"${DEVICE_ARGS[@]}"}', '"$@"']  # train.device=cuda unless told
     assert "export RECSYS_RUN_ID" in text
     for nccl in ("NCCL_DEBUG", "NCCL_SOCKET_IFNAME", "NCCL_IB_HCA", "NCCL_IB_DISABLE"):
         assert nccl in text

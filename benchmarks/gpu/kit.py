@@ -4,8 +4,8 @@ On a CUDA machine that has torch but no torchrec / fbgemm-gpu and no network (th
 from ``benchmarks/gpu/prepare_kit.py``, which prints these calls):
 
     python3 benchmarks/gpu/kit.py receive                 # each call but the last: keep its piece
-    python3 benchmarks/gpu/kit.py receive && python3 benchmarks/gpu/kit.py run --out $OUT
-    python3 benchmarks/gpu/kit.py run --stages parity,demo --out $OUT    # again, some stages
+    python3 benchmarks/gpu/kit.py receive && python3 benchmarks/gpu/kit.py run --stages env,parity,resume,demo,throughput,gowalla --out $OUT
+    python3 benchmarks/gpu/kit.py run --stages tests --out $OUT          # the next call: the test suite
     python benchmarks/gpu/kit.py run --dry-run --out /tmp/kit            # here: the wiring, on the CPU
 
 ``run`` installs the pieces once (joined, SHA-256 checked, zstd stream read by pyarrow, the tar
@@ -22,9 +22,11 @@ then runs each stage as its own process under its own timeout:
 | throughput | ``benchmarks/throughput.py --device cuda``: MF dim 128, GPU batches, HBM roofline | plain PyTorch, the bound |
 | gowalla | three epochs of ``+experiment=gowalla_mf`` on CUDA, their times | the CPU run's first epochs |
 
-Each stage's output goes to one log (``kit.log``); the figures to ``kit.json`` (merged over calls,
-also kept in the kit's home) and the table to ``summary.md``; ``throughput.json`` / ``.md`` beside
-them. ``--dry-run`` runs the same stages on the CPU at toy sizes, with this environment's
+A call has ``--budget-s`` seconds (default 540; a device call ends at 600): each stage's timeout
+is cut to what is left and a stage with no time left is skipped. Each stage's output goes to one
+log (``kit.log``); after every stage the figures go to ``kit.json`` (merged over calls, also kept
+in the kit's home) and the table to ``summary.md``, so a call cut short still returns what it did;
+``throughput.json`` / ``.md`` beside them. ``--dry-run`` runs the same stages on the CPU at toy sizes, with this environment's
 packages, to check their wiring (each stage then says ``dry``).
 """
 
@@ -54,7 +56,7 @@ CARRIED = ROOT / ".gpu_kit"
 # after epoch 3 and seconds per epoch).
 CPU_DEMO = {"recall@20": 0.3687, "ndcg@20": 0.2752}
 CPU_GOWALLA_MF_3 = {"recall@20": 0.1604, "ndcg@20": 0.1309, "epoch_s": 52.9}
-STAGES = ["env", "tests", "parity", "resume", "demo", "throughput", "gowalla"]
+STAGES = ["env", "parity", "resume", "demo", "throughput", "gowalla", "tests"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -215,9 +217,9 @@ class Kit:
 
     def tests_stage(self, timeout: float) -> Dict:
         selection = ["tests/test_gpu_path.py"] if self.dry else ["tests", "-m", "not slow"]
-        # shellcheck and Spark are not carried (neither touches the CUDA stack)
+        # shellcheck, Spark and the submitit launcher are not carried (none touches the CUDA stack)
         proc = self.python("tests", ["-m", "pytest", "-q", "-p", "no:cacheprovider", *selection,
-                                     "-k", "not shellcheck and not spark"], timeout)
+                                     "-k", "not shellcheck and not spark and not sweep_launcher"], timeout)
         summary = [line for line in proc.stdout.splitlines() if " passed" in line][-1:]
         return {"summary": summary[0].strip("= ") if summary else "?"}
 
@@ -339,7 +341,16 @@ def summary_table(results: Dict) -> str:
     return "\n".join(lines)
 
 
-def run(out: Path, stages: List[str], dry: bool, timeouts: Dict[str, float]) -> int:
+def write_summary(out: Path, results: Dict, dry: bool) -> str:
+    table = summary_table(results)
+    header = (f"# GPU kit {'dry run (CPU, toy sizes)' if dry else 'run'}, {time.strftime('%Y-%m-%d %H:%M')}\n\n"
+              f"Stages run by `benchmarks/gpu/kit.py run{' --dry-run' if dry else ''}`; per-stage output in kit.log.\n\n")
+    (out / "summary.md").write_text(header + table + "\n")
+    (out / "kit.json").write_text(json.dumps(results, indent=1))
+    return table
+
+
+def run(out: Path, stages: List[str], dry: bool, timeouts: Dict[str, float], budget_s: float) -> int:
     out.mkdir(parents=True, exist_ok=True)
     env = {} if dry else install()
     kit = Kit(out, dry, env)
@@ -348,12 +359,16 @@ def run(out: Path, stages: List[str], dry: bool, timeouts: Dict[str, float]) -> 
     steps: Dict[str, Callable[[float], Dict]] = {
         "env": kit.env_stage, "tests": kit.tests_stage, "parity": kit.parity_stage, "resume": kit.resume_stage,
         "demo": kit.demo_stage, "throughput": kit.throughput_stage, "gowalla": kit.gowalla_stage}
-    failed = 0
+    failed, table = 0, summary_table(results)
+    deadline = time.perf_counter() + budget_s
     for name in stages:
         t0 = time.perf_counter()
+        left = deadline - t0 - 15  # room to write the results before the call's limit
         print(f"kit: {name} ...", flush=True)
         try:
-            figures = steps[name](timeouts[name])
+            if left < 20:
+                raise StageSkipped(f"no time left in this call's budget ({budget_s:.0f} s): run it in another call")
+            figures = steps[name](min(timeouts[name], left))
             status, reason = ("dry" if dry else "ok"), ""
         except StageSkipped as e:
             figures, status, reason = {}, "skipped", str(e)
@@ -364,12 +379,7 @@ def run(out: Path, stages: List[str], dry: bool, timeouts: Dict[str, float]) -> 
                          "reason": reason}
         print(f"kit: {name} {status} in {results[name]['seconds']} s {reason}", flush=True)
         state_path.write_text(json.dumps(results, indent=1))
-    table = summary_table(results)
-    header = (f"# GPU kit {'dry run (CPU, toy sizes)' if dry else 'run'}, {time.strftime('%Y-%m-%d %H:%M')}\n\n"
-              f"Stages run by `benchmarks/gpu/kit.py run{' --dry-run' if dry else ''}`; per-stage output in kit.log.\n\n")
-    (out / "summary.md").write_text(header + table + "\n")
-    if out.resolve() != state_path.parent.resolve():
-        shutil.copy2(state_path, out / "kit.json")
+        table = write_summary(out, results, dry)  # after every stage: a call cut short still returns them
     print("\n" + table, flush=True)
     kit.log.close()
     return failed
@@ -385,8 +395,11 @@ def main() -> None:
     r.add_argument("--out", required=True)
     r.add_argument("--stages", default=",".join(STAGES))
     r.add_argument("--dry-run", action="store_true", help="on the CPU at toy sizes, this environment's packages")
-    r.add_argument("--timeouts", default="env=120,tests=420,parity=240,resume=240,demo=240,throughput=300,gowalla=420",
-                   help="seconds per stage")
+    r.add_argument("--timeouts", default="env=120,parity=240,resume=240,demo=240,throughput=300,gowalla=300,tests=420",
+                   help="seconds per stage at most")
+    r.add_argument("--budget-s", type=float, default=540,
+                   help="seconds this call may take in all (a device call ends at 600): each stage's timeout is cut "
+                        "to what is left, and stages with no time left are skipped (run them in the next call)")
     args = p.parse_args()
     if args.command == "receive":
         receive()
@@ -398,7 +411,7 @@ def main() -> None:
         if unknown:
             raise SystemExit(f"error: unknown stage(s) {unknown}; stages: {','.join(STAGES)}")
         timeouts = {k: float(v) for k, v in (kv.split("=") for kv in args.timeouts.split(","))}
-        sys.exit(1 if run(Path(args.out), stages, args.dry_run, timeouts) else 0)
+        sys.exit(1 if run(Path(args.out), stages, args.dry_run, timeouts, args.budget_s) else 0)
 
 
 if __name__ == "__main__":

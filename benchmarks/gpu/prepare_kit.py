@@ -166,12 +166,15 @@ def main() -> None:
     print(f"\nkit: {len(pieces)} pieces, {manifest['archive_bytes'] / 2**20:.1f} MiB in all "
           f"(tree {tree / 2**20:.1f} MiB + piece <= {piece_bytes / 2**20:.1f} MiB per call), {time.perf_counter() - t0:.0f} s")
     print("device calls, back to back on one warm machine (the run tool; carry these paths):")
+    run = "PYTHONUNBUFFERED=1 python3 benchmarks/gpu/kit.py run --out $OUT"
     for i, piece in enumerate(pieces):
         carry = [".gpu_kit/manifest.json", f".gpu_kit/{piece['name']}"]
         command = "python3 benchmarks/gpu/kit.py receive"
         if i == len(pieces) - 1:
-            command += " && PYTHONUNBUFFERED=1 python3 benchmarks/gpu/kit.py run --out $OUT"
-        print(f"  carry={json.dumps(carry)} command={command!r}")
+            command += f" && {run} --stages env,parity,resume,demo,throughput,gowalla --budget-s 540"
+        print(f"  carry={json.dumps(carry)} command={command!r} timeout_s=590")
+    print(f"  then, if device time is left: command={run + ' --stages tests --budget-s 480'!r} timeout_s=590")
+    print("(each reply's `warm` must stay true between these calls: a fresh machine has lost the pieces)")
 
 
 if __name__ == "__main__":

@@ -147,4 +147,4 @@ def built_ahead(batches: Iterable[Batch], depth: int, device: Optional[torch.dev
             yield item
     finally:
         stop.set()
-        thread.join()
+        thread.join(timeout=30)  # it sees `stop` within 50 ms unless its source is stuck (a daemon then)
