@@ -36,7 +36,7 @@ def test_every_shipped_config_composes(make, override):
 SHIPPED = {"": "e850015e371b68ba", "tiny": "05ec4409bfab106a", "gowalla": "71e354e4f30c9f54",
            "gowalla_mf": "1bf2e42ea7a8e7d6", "gowalla_spectral": "2af3eff8058efec2",
            "gowalla_two_tower": "d5062fefb17e3e82", "big_tables": "b45e9449673b95aa", "row_wise": "14ffe4abee9fb939",
-           "sweep_local": "369e59bd06f68ce6"}
+           "sweep_local": "369e59bd06f68ce6", "gowalla_mf_gpu": "73625b73b1181016"}
 
 
 @pytest.mark.parametrize("experiment", list(SHIPPED))
