@@ -237,3 +237,39 @@ def test_fp16_rounding_flag_reaches_the_kernels_and_a_host_snapshot_checkpoints(
         assert out["rounding_True"] == [True] and out["rounding_False"] == [False]
         assert out["snapshot_devices"] == ["cpu"]
         assert out["sharded"] == 2 and out["placed"] == ["meta"]
+
+
+def test_an_evaluation_reserve_that_leaves_too_little_for_the_tables_is_a_one_line_error(monkeypatch):
+    from types import SimpleNamespace
+
+    from recsys.errors import PlanError
+    from recsys.model import RetrievalTask, TwoTower
+
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: SimpleNamespace(total_memory=8 * 2**30))
+    task = RetrievalTask(TwoTower(100, 50, 8, normalize=True))
+    with pytest.raises(PlanError, match=r"need 6\.000 GiB of each GPU's 8\.000 GiB"):
+        parallelize.shard_model(task, torch.device("cuda", 0), "rowwise_adagrad", 0.1, 1e-8, 1e-3, [],
+                                reserved_device_bytes=6 * 2**30)
+
+
+# ---- the install: the CUDA set the Makefile installs is the README's, and it pairs
+
+
+def test_the_cuda_set_is_one_pinned_pairing_in_makefile_and_readme():
+    import re
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    make = (root / "Makefile").read_text()
+    pins = dict(re.findall(r"([a-z-]+)==([\d.]+)", " ".join(
+        re.search(rf"^{name} := (.*)$", make, re.M).group(1) for name in ("CUDA_TORCH", "CUDA_REC"))))
+    assert set(pins) == {"torch", "fbgemm-gpu", "torchrec", "tensordict"}
+    readme_line = next(line for line in (root / "README.md").read_text().splitlines()
+                       if line.startswith("pip install torch=="))
+    assert dict(re.findall(r"([a-z-]+)==([\d.]+)", readme_line)) == pins  # one pip command, the same four
+    torch_minor = int(pins["torch"].split(".")[1])
+    fbgemm_minor = int(pins["fbgemm-gpu"].split(".")[1])
+    assert torch_minor == fbgemm_minor + 5  # fbgemm-gpu 1.X pairs with torch 2.(X+5)
+    assert pins["torchrec"].split(".")[:2] == pins["fbgemm-gpu"].split(".")[:2]
+    cpu = dict(re.findall(r"^(TORCH|FBGEMM|TORCHREC) := [a-z-]+==([\d.]+)$", make, re.M))
+    assert int(cpu["TORCH"].split(".")[1]) == int(cpu["FBGEMM"].split(".")[1]) + 5
