@@ -223,6 +223,13 @@ class ModelConfig:
     table_dtype: str = "fp32"
     """Storage of the embedding table weights: ``fp32`` or ``fp16`` (half the memory; lookups and
     the fused optimizer update in fp32, the rows are stored rounded)."""
+    pretrained_items: Optional[str] = None
+    """A Parquet file (or directory of them) of raw item id + ``vector`` (another model's item
+    embeddings, or a ``recsys`` export's ``items/``): the item id table's rows of the ids it has
+    start from their vectors (of dimension ``embedding_dim``), then train as usual; the others get
+    the usual initialisation. The match rate is logged and recorded in metrics.json."""
+    pretrained_users: Optional[str] = None
+    """The same for the user id table."""
 
     @property
     def history_weights(self) -> Tuple[float, float]:
@@ -251,6 +258,9 @@ class ModelConfig:
                    f"model.history_max_len must be 0, got {self.history_max_len}")
             _check(self.spectral_niter >= 0, f"model.spectral_niter must be >= 0, got {self.spectral_niter}")
         _check(self.table_dtype in ("fp32", "fp16"), f"model.table_dtype must be fp32 or fp16, got {self.table_dtype!r}")
+        _check(self.init != "spectral" or not (self.pretrained_items or self.pretrained_users),
+               "model.pretrained_items / pretrained_users start tables from given vectors; model.init=spectral "
+               "computes them from the data: use one of the two")
         _check(self.stack_spectral_dim >= 0, f"model.stack_spectral_dim must be >= 0, got {self.stack_spectral_dim}")
         if self.stack_spectral_dim:
             weights = list(self.stack_spectral_weights)

@@ -39,6 +39,7 @@ from recsys.report import count_quantiles, metrics_table, run_plots, write_summa
 from recsys.spectral import closed_form_end, init_spectral
 from recsys.training.checkpoint import Checkpointer, find_resume, run_hash, table_shapes
 from recsys.training.loop import LoopOptions, train_epochs
+from recsys.training.pretrained import init_all_pretrained
 from recsys.training.progress import TrainLog, learning_rates
 from recsys.training.setup import build_model, open_data
 from recsys.training.state import TrainState
@@ -73,14 +74,18 @@ def train(cfg: Config, run_dir: Path, config_hash: str = "") -> Dict:
         dmp, optimizer = sharded.dmp, sharded.optimizer
         local_bytes = local_table_bytes(dmp) + local_optimizer_bytes(optimizer)  # weights + optimizer state
         table_bytes = {"local_table_bytes": local_bytes, "total_table_bytes": sum(all_gather_objects(local_bytes))}
-        if cfg.model.init == "spectral" and resume_from is None:  # closed-form tables from the fit interactions
+        pretrained = None
+        if resume_from is None:  # tables from given vectors, or the closed form of the fit interactions
+            pretrained = init_all_pretrained(dmp, data, cfg.model)
+        if cfg.model.init == "spectral" and resume_from is None:
             init_spectral(dmp, data, False, cfg.model, cfg.seed, device)
         logger.info("world size %d, device %s, backend %s\n%s", world, device, dist_info.backend,
                     describe_plan(sharded.plan))
         peaks.mark("setup")
         sets = data.eval_sets(cfg.eval.max_users, progress=rank == 0 and cfg.train.progress)
         peaks.mark("evaluation sets")
-        state = TrainState(loss_curve={"every_steps": cfg.train.log_every_steps, "step": [], "loss": []})
+        state = TrainState(loss_curve={"every_steps": cfg.train.log_every_steps, "step": [], "loss": []},
+                           pretrained=pretrained)
         t = cfg.train
         checkpointer = Checkpointer(run_dir, {
             "run_hash": rhash, "config_hash": config_hash, "config_yaml": OmegaConf.to_yaml(OmegaConf.structured(cfg)),
@@ -211,6 +216,8 @@ def run_metrics(end: RunEnd, state: TrainState, wall: float, data: DataSource, e
                        "loader": data.loader, **eval_info}
     if "hash" in data.manifest:  # data.id_mapping=hash: distinct ids, rows used, collision rate
         metrics["data"]["hash"] = data.manifest["hash"]
+    if state.pretrained:
+        metrics["pretrained"] = state.pretrained
     metrics["run_hash"] = rhash
     metrics["checkpoint"] = checkpointer.summary()
     if end.norms is not None:

@@ -45,6 +45,8 @@ class TrainState:
     """Wall time of the loop so far, in-loop evaluation included (carried over a resume)."""
     loss_sum: float = 0.0
     """This rank's loss summed over the batches of ``epoch`` done (carried over a resume)."""
+    pretrained: Optional[Dict[str, Any]] = None
+    """How many rows started from pre-trained vectors (``recsys.training.pretrained``), by table."""
     _clock_start: float = field(default=0.0, repr=False)
 
     # ---- time
@@ -75,7 +77,8 @@ class TrainState:
         """The JSON state a checkpoint records as ``loop`` (the step and the loss sums go beside it)."""
         return {"epoch": self.epoch, "batch": self.batch, "finished": self.finished, "history": self.history,
                 "loss_curve": self.loss_curve, "since_best": self.since_best, "best_epoch": self.best_epoch,
-                "best_value": self.best_value, "valid_s": self.valid_s, "train_wall_s": self.elapsed()}
+                "best_value": self.best_value, "valid_s": self.valid_s, "train_wall_s": self.elapsed(),
+                "pretrained": self.pretrained}
 
     def load_state_dict(self, loop: Dict[str, Any], step: int, loss_sums: List[float], rank: int, world: int,
                         best_weights: Optional[List[torch.Tensor]]) -> None:
@@ -86,6 +89,7 @@ class TrainState:
         self.history, self.loss_curve, self.since_best = loop["history"], loop["loss_curve"], loop["since_best"]
         self.best_epoch, self.best_value, self.best_weights = loop["best_epoch"], loop["best_value"], best_weights
         self.valid_s, self.train_wall_s = loop["valid_s"], loop["train_wall_s"]
+        self.pretrained = loop.get("pretrained")  # absent from checkpoints written before it existed
         if len(loss_sums) == world:
             self.loss_sum = loss_sums[rank]
         else:

@@ -1,0 +1,116 @@
+"""Vector files: raw ids with a vector each, read for the ids a rank wants.
+
+A vector file is a Parquet file, or a directory of them (read in name order), with an id column
+and a ``vector`` column (a list or fixed-size list of floats, one length throughout): another
+model's embeddings, or a ``recsys`` export's ``items/`` or ``users/`` parts. ``vectors_for``
+streams it a row group at a time and keeps only the rows whose id is wanted, so a rank holds
+its own rows' vectors, never the file.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import List
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from recsys.errors import DataError
+
+VECTOR_COLUMN = "vector"
+
+
+@dataclass
+class Found:
+    """The wanted ids a vector file has: ``positions`` into the wanted array, their ``vectors``."""
+
+    positions: np.ndarray
+    vectors: np.ndarray
+    file_rows: int
+    """Rows of the file (every id, wanted or not)."""
+    repeated: int
+    """Wanted ids the file gives more than once (the first vector is used)."""
+
+
+def vector_files(path: Path) -> List[Path]:
+    path = Path(path)
+    files = sorted(path.glob("*.parquet")) if path.is_dir() else [path]
+    if not files or not files[0].exists():
+        raise DataError(f"{path}: no such vector file (a Parquet file or a directory of them)")
+    return files
+
+
+def id_column(schema: pa.Schema, file: Path, preferred: str) -> str:
+    """The file's id column: `preferred` (``item_id`` / ``user_id``, as an export names it) or its
+    only column besides ``vector``."""
+    if VECTOR_COLUMN not in schema.names:
+        raise DataError(f"{file}: no column '{VECTOR_COLUMN}' (a vector file has an id column and '{VECTOR_COLUMN}', "
+                        f"a list of floats per row); columns: {schema.names}")
+    vtype = schema.field(VECTOR_COLUMN).type
+    if not (pa.types.is_list(vtype) or pa.types.is_fixed_size_list(vtype) or pa.types.is_large_list(vtype)) \
+            or not pa.types.is_floating(vtype.value_type):
+        raise DataError(f"{file}: column '{VECTOR_COLUMN}' has type {vtype}; it must be a list of floats")
+    if preferred in schema.names:
+        return preferred
+    others = [n for n in schema.names if n != VECTOR_COLUMN]
+    if len(others) != 1:
+        raise DataError(f"{file}: which column holds the ids? no '{preferred}' column and {len(others)} others "
+                        f"({others}); keep only the id column and '{VECTOR_COLUMN}'")
+    return others[0]
+
+
+def _kind(t: pa.DataType) -> str:
+    if pa.types.is_integer(t):
+        return "integer"
+    return "string" if pa.types.is_string(t) or pa.types.is_large_string(t) else str(t)
+
+
+def vectors_for(path: Path, wanted: pa.Array, dim: int, preferred_id: str) -> Found:
+    """The vectors of the `wanted` raw ids (each distinct) that the vector file at `path` has.
+
+    One-line ``DataError`` (naming the file and the column) for a file that is not a vector file,
+    ids of another type than `wanted`'s, or vectors of another length than `dim`."""
+    positions: List[np.ndarray] = []
+    vectors: List[np.ndarray] = []
+    file_rows = 0
+    seen = np.zeros(len(wanted), dtype=bool)
+    repeated = 0
+    for file in vector_files(path):
+        pf = pq.ParquetFile(file)
+        column = id_column(pf.schema_arrow, file, preferred_id)
+        id_type = pf.schema_arrow.field(column).type
+        if _kind(id_type) != _kind(wanted.type):
+            raise DataError(f"{file}: column '{column}' has ids of type {id_type} but the dataset's ids are "
+                            f"{wanted.type}: the vectors cannot be matched to its ids")
+        for group in range(pf.num_row_groups):
+            table = pf.read_row_group(group, columns=[column, VECTOR_COLUMN])
+            file_rows += table.num_rows
+            ids = table[column].combine_chunks().cast(wanted.type)
+            column_vectors = table[VECTOR_COLUMN].combine_chunks()
+            lengths = pc.list_value_length(column_vectors).fill_null(-1).to_numpy(zero_copy_only=False)
+            if np.any(lengths != dim):  # every row checked, wanted or not: a wrong file fails the same way
+                bad = int(lengths[np.flatnonzero(lengths != dim)[0]])
+                raise DataError(f"{file}: column '{VECTOR_COLUMN}' has vectors of length "
+                                f"{bad if bad >= 0 else 'null'}; model.embedding_dim is {dim}")
+            where = pc.index_in(ids, value_set=wanted).fill_null(-1).to_numpy().astype(np.int64)
+            hit = where >= 0
+            if not hit.any():
+                continue
+            rows = np.flatnonzero(hit)
+            pos = where[rows].astype(np.int64)
+            first = ~seen[pos]
+            repeated += int((~first).sum())
+            _, unique_first = np.unique(pos, return_index=True)  # the same id twice in one row group
+            keep = np.zeros(len(pos), dtype=bool)
+            keep[unique_first] = True
+            keep &= first
+            repeated += int((~keep & first).sum())
+            seen[pos[keep]] = True
+            flat = pc.list_flatten(column_vectors.take(pa.array(rows[keep]))).to_numpy(zero_copy_only=False)
+            positions.append(pos[keep])
+            vectors.append(flat.astype(np.float32).reshape(-1, dim))
+    return Found(np.concatenate(positions) if positions else np.zeros(0, dtype=np.int64),
+                 np.concatenate(vectors) if vectors else np.zeros((0, dim), dtype=np.float32), file_rows, repeated)
