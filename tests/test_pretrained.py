@@ -50,14 +50,15 @@ def tables_rank(cfg, with_pretrained: bool):
     return out
 
 
-@pytest.mark.parametrize("world,sharding", [(1, []), (2, ["row_wise"]), (2, ["table_wise"])])
-def test_pretrained_rows_land_on_their_ids_under_every_sharding(ranks, config, tmp_path, world, sharding):
-    dim = 16
+@pytest.mark.parametrize("world,sharding,dim", [(1, [], 16), (2, ["row_wise"], 16), (2, ["table_wise"], 16),
+                                               (2, ["table_row_wise"], 16), (2, ["column_wise"], 256)])
+def test_pretrained_rows_land_on_their_ids_under_every_sharding(ranks, config, tmp_path, world, sharding, dim):
     from recsys.data.prepare import prepare
 
     item_file, user_file = tmp_path / "items.parquet", tmp_path / "users.parquet"
     cfg = config([*TINY, f"data.root={tmp_path / 'data'}", f"model.pretrained_items={item_file}",
-                  f"model.pretrained_users={user_file}", f"train.sharding_types={sharding}"])
+                  f"model.pretrained_users={user_file}", f"train.sharding_types={sharding}",
+                  f"model.embedding_dim={dim}"])
     prepared = Path(prepare(cfg.data))
     item_ids = pq.read_table(prepared / "items.parquet").column(0).to_pylist()
     user_ids = pq.read_table(prepared / "users.parquet").column(0).to_pylist()
@@ -81,6 +82,7 @@ def test_pretrained_rows_land_on_their_ids_under_every_sharding(ranks, config, t
         assert figures["rows"] == len(vocab) and figures["rows_matched"] == matched > 0
         assert figures["match_rate"] == pytest.approx(matched / len(vocab), abs=1e-6)
     assert got["figures"]["items"]["file_rows"] == 9
+    assert got["figures"]["items"]["repeated_ids"] == 1  # once, however the table's columns are split
 
 
 def test_the_first_vector_of_a_repeated_id_is_used(tmp_path):
@@ -93,7 +95,7 @@ def test_the_first_vector_of_a_repeated_id_is_used(tmp_path):
     found = vectors_for(path, pa.array(["a", "b", "c", "d"]), 2, "item_id")
     by_position = dict(zip(found.positions.tolist(), found.vectors.tolist()))
     assert by_position == {1: [0.0, 1.0], 0: [2.0, 3.0], 2: [8.0, 9.0]}  # "b" -> its first row
-    assert found.file_rows == 5 and found.repeated == 1
+    assert found.file_rows == 5 and found.repeated.tolist() == [1]  # "b" (position 1) once more
 
 
 def test_training_records_the_match_rate(train_here, config, tmp_path):
@@ -108,6 +110,10 @@ def test_training_records_the_match_rate(train_here, config, tmp_path):
     figures = metrics["pretrained"]["items"]
     assert figures["file_rows"] == 101 and figures["rows_matched"] == 100 and figures["rows"] == 200
     assert json.loads((tmp_path / "run" / "metrics.json").read_text())["pretrained"] == metrics["pretrained"]
+    # the same command again resumes the finished run: the figures come back from its checkpoint
+    again = train_here([*TINY, f"data.root={tmp_path / 'data'}", f"model.pretrained_items={path}",
+                        "train.max_steps=4"], tmp_path / "run")
+    assert again["train"]["steps"] == 4 and again["pretrained"] == metrics["pretrained"]
 
 
 @pytest.mark.parametrize("case,match", [
@@ -115,6 +121,8 @@ def test_training_records_the_match_rate(train_here, config, tmp_path):
     ("dim", r"v\.parquet: column 'vector' has vectors of length 3.*model\.embedding_dim is 16"),
     ("id_type", r"v\.parquet: column 'item_id' has ids of type string but the dataset's ids are int64"),
     ("two_id_columns", r"v\.parquet: which column holds the ids\?"),
+    ("users_for_items", r"v\.parquet: its ids are in column 'user_id', another table's"),
+    ("nan", r"v\.parquet: column 'vector' has null, NaN or infinite values"),
 ])
 def test_bad_vector_files_are_one_line_errors(train_here, tmp_path, case, match):
     # (on several ranks every rank reads the whole file, so each raises the same error)
@@ -126,6 +134,8 @@ def test_bad_vector_files_are_one_line_errors(train_here, tmp_path, case, match)
         "dim": {"item_id": pa.array([1, 2]), "vector": pa.array([[0.0, 1.0, 2.0], [1.0, 2.0, 3.0]])},
         "id_type": {"item_id": pa.array(["1", "2"]), "vector": pa.array([[0.0] * 16, [1.0] * 16])},
         "two_id_columns": {"a": pa.array([1]), "b": pa.array([2]), "vector": pa.array([[0.0] * 16])},
+        "users_for_items": {"user_id": pa.array([1]), "vector": pa.array([[0.0] * 16])},
+        "nan": {"item_id": pa.array([1, 2]), "vector": pa.array([[0.0] * 16, [float("nan")] + [0.0] * 15])},
     }[case]
     pq.write_table(pa.table(columns), path)
     with pytest.raises(DataError, match=match) as e:

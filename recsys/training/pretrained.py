@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Dict, Optional
 
 import numpy as np
+import pyarrow as pa
 import torch
 from torch.distributed._shard.sharded_tensor import ShardedTensor
 
@@ -42,25 +43,35 @@ def init_pretrained(model: torch.nn.Module, data: DataSource, which: str, path: 
         shards = [(s.tensor, s.metadata.shard_offsets, s.metadata.shard_sizes) for s in weight.local_shards()]
     else:
         shards = [(weight, (0, 0), tuple(weight.size()))]
-    matched = rows_counted = file_rows = repeated = 0
-    if not shards:  # no rows here, but the same checks of the file as every rank (errors raised everywhere)
-        file_rows = vectors_for(Path(path), data.id_rows(which, 0, 0)[0], dim, export_column).file_rows
-    for tensor, (r0, c0), (nr, nc) in shards:
+    # the rows of this rank's shards (column shards of one row range share it): their ids, read once
+    ranges = sorted({(r0, nr) for _, (r0, _), (nr, _) in shards})
+    id_parts, row_parts = [], []
+    for r0, nr in ranges:
         ids, rows = data.id_rows(which, r0, r0 + nr)
-        found = vectors_for(Path(path), ids, dim, export_column)
-        file_rows, repeated = found.file_rows, repeated + found.repeated
-        local = rows[found.positions] - r0
-        sums = np.zeros((nr, dim), dtype=np.float64)
-        np.add.at(sums, local, found.vectors)
-        counts = np.bincount(local, minlength=nr)
-        hit = np.flatnonzero(counts)
-        values = (sums[hit] / counts[hit, None])[:, c0 : c0 + nc]
-        if len(hit):
-            index = torch.from_numpy(hit).to(tensor.device)
-            tensor[index] = torch.from_numpy(values).to(device=tensor.device, dtype=tensor.dtype)
-        if c0 == 0:  # each row once, whatever the column split
-            matched += len(hit)
-            rows_counted += nr
+        id_parts.append(ids)
+        row_parts.append(rows)
+    wanted = pa.concat_arrays(id_parts) if id_parts else data.id_rows(which, 0, 0)[0]
+    # every rank reads the whole file (no rows here too): a bad file fails on every rank alike
+    found = vectors_for(Path(path), wanted, dim, export_column)
+    target = np.concatenate(row_parts)[found.positions] if row_parts else np.zeros(0, dtype=np.int64)
+    rows_hit, inverse = np.unique(target, return_inverse=True)  # hashed ids: several ids per row, averaged
+    means = np.zeros((len(rows_hit), dim), dtype=np.float64)
+    np.add.at(means, inverse, found.vectors)
+    means /= np.bincount(inverse, minlength=len(rows_hit))[:, None]
+    for tensor, (r0, c0), (nr, nc) in shards:
+        here = (rows_hit >= r0) & (rows_hit < r0 + nr)
+        if here.any():
+            index = torch.from_numpy(rows_hit[here] - r0).to(tensor.device)
+            tensor[index] = torch.from_numpy(means[here][:, c0 : c0 + nc]).to(device=tensor.device, dtype=tensor.dtype)
+    # counted once over ranks: the rows of ranges whose first columns are here (column shards repeat rows)
+    firsts = sorted({(r0, nr) for _, (r0, c0), (nr, _) in shards if c0 == 0})
+
+    def counted(rows: np.ndarray) -> int:
+        return int(sum(((rows >= r0) & (rows < r0 + nr)).sum() for r0, nr in firsts))
+
+    all_rows = np.concatenate(row_parts) if row_parts else np.zeros(0, dtype=np.int64)
+    matched, rows_counted = counted(rows_hit), sum(nr for _, nr in firsts)
+    file_rows, repeated = found.file_rows, counted(all_rows[found.repeated])
     parts = all_gather_objects((matched, rows_counted, repeated, file_rows))  # a rank may hold no shard
     total_matched, total_rows = sum(p[0] for p in parts), sum(p[1] for p in parts)
     figures = {"path": str(path), "rows": total_rows, "rows_matched": total_matched,
