@@ -229,7 +229,9 @@ class ModelConfig:
     start from their vectors (of dimension ``embedding_dim``), then train as usual; the others get
     the usual initialisation. The match rate is logged and recorded in metrics.json."""
     pretrained_users: Optional[str] = None
-    """The same for the user id table."""
+    """The same for the user id table. Only the id tables start from vectors (a two_tower's own
+    history table does not); a two_tower export's ``users/`` vectors already hold the history
+    term, so seeding a history model's user ids from them counts the history twice."""
 
     @property
     def history_weights(self) -> Tuple[float, float]:
