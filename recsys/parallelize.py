@@ -509,17 +509,21 @@ def table_weights(model: nn.Module) -> Dict[str, object]:
     return out
 
 
+def local_blocks(weight) -> List[tuple]:
+    """This rank's blocks of a table: (tensor, (first row, first column), (rows, columns)) for each
+    local shard of a sharded table, or the whole of a plain one: where in-place writes go."""
+    if isinstance(weight, ShardedTensor):
+        return [(s.tensor, s.metadata.shard_offsets, s.metadata.shard_sizes) for s in weight.local_shards()]
+    return [(weight, (0, 0), tuple(weight.shape))]
+
+
 @torch.no_grad()
 def init_tables(model: nn.Module, std: float, seed: int) -> None:
     """Fill every table (full tensor or local shards) with its sharding-independent init, one
     init block of rows at a time (no copy of a whole shard)."""
     for index, (name, weight) in enumerate(sorted(table_weights(model).items())):
         dim = weight.size(1)
-        if isinstance(weight, ShardedTensor):
-            shards = [(s.tensor, s.metadata.shard_offsets, s.metadata.shard_sizes) for s in weight.local_shards()]
-        else:
-            shards = [(weight, (0, 0), tuple(weight.shape))]
-        for tensor, (r0, c0), (nr, nc) in shards:
+        for tensor, (r0, c0), (nr, nc) in local_blocks(weight):
             start = r0
             while start < r0 + nr:
                 stop = min(r0 + nr, (start // _INIT_BLOCK + 1) * _INIT_BLOCK)  # within one init block

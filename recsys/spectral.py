@@ -44,7 +44,6 @@ from typing import Dict, Optional, Tuple
 
 import numpy as np
 import torch
-from torch.distributed._shard.sharded_tensor import ShardedTensor
 
 from recsys.config import EvalConfig, ModelConfig
 from recsys.data.eval_sets import EvalSets
@@ -52,7 +51,7 @@ from recsys.data.source import DataSource
 from recsys.distributed import (all_gather_objects, all_reduce_sum, broadcast_from_rank0, own_rows,
                                 rank_and_world)
 from recsys.evaluation.metrics import evaluate_model
-from recsys.parallelize import table_weights
+from recsys.parallelize import local_blocks, table_weights
 
 logger = logging.getLogger(__name__)
 CPU = torch.device("cpu")
@@ -146,8 +145,7 @@ def load_tables(model: torch.nn.Module, full: Dict[str, torch.Tensor], zero: Tup
         raise ValueError(f"model.init=spectral has no initial values for table(s) {missing}: it needs a two_tower "
                          "model with history_weight > 0, share_item_table=false and no item history")
     for name, weight in weights.items():
-        shards = ([(s.tensor, s.metadata.shard_offsets, s.metadata.shard_sizes) for s in weight.local_shards()]
-                  if isinstance(weight, ShardedTensor) else [(weight, (0, 0), tuple(weight.size()))])
+        shards = local_blocks(weight)
         if name in zero:
             for tensor, _, _ in shards:
                 tensor.zero_()

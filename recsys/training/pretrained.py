@@ -18,13 +18,12 @@ from typing import Dict, Optional
 import numpy as np
 import pyarrow as pa
 import torch
-from torch.distributed._shard.sharded_tensor import ShardedTensor
 
 from recsys.config import ModelConfig
 from recsys.data.source import DataSource
 from recsys.data.vectors import vectors_for
 from recsys.distributed import all_gather_objects
-from recsys.parallelize import table_weights
+from recsys.parallelize import local_blocks, table_weights
 
 logger = logging.getLogger("recsys.train")
 
@@ -39,10 +38,7 @@ def init_pretrained(model: torch.nn.Module, data: DataSource, which: str, path: 
     table, export_column = TABLES[which]
     weight = table_weights(model)[table]
     dim = weight.size(1)
-    if isinstance(weight, ShardedTensor):
-        shards = [(s.tensor, s.metadata.shard_offsets, s.metadata.shard_sizes) for s in weight.local_shards()]
-    else:
-        shards = [(weight, (0, 0), tuple(weight.size()))]
+    shards = local_blocks(weight)
     # the rows of this rank's shards (column shards of one row range share it): their ids, read once
     ranges = sorted({(r0, nr) for _, (r0, _), (nr, _) in shards})
     id_parts, row_parts = [], []
