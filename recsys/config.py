@@ -10,9 +10,10 @@ that a configuration does not use (``ignored_options``) are here too: one place 
 from __future__ import annotations
 
 import os
+import re
 import time
 from dataclasses import dataclass, field
-from typing import List, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import OmegaConf
@@ -25,6 +26,35 @@ __all__ = ["ConfigError"]  # raised by the checks below; defined with the other 
 def _check(condition: bool, message: str) -> None:
     if not condition:
         raise ConfigError(message)
+
+
+@dataclass
+class FeatureFileConfig:
+    """A side-feature table of items (``data.item_features``) or users (``data.user_features``):
+    one row per id, each feature column a categorical scalar or a list (multi-hot) of integers or
+    strings. Each column becomes an embedding table of the tower (recsys/data/side_features.py)."""
+
+    path: Optional[str] = None
+    """A Parquet or CSV file or a directory of them (CSV: scalar columns only, ``data.separator``);
+    None: no side features."""
+    id_column: Optional[str] = None
+    """The id column; None: the interactions' (``data.item_column`` / ``data.user_column``)."""
+    columns: List[str] = field(default_factory=list)
+    """The feature columns (each an embedding table named after it)."""
+    hash_buckets: int = 0
+    """0: each column's distinct values get rows (a vocabulary built by the preparation, most
+    frequent first); N > 0: values are hashed (seeded with ``data.seed``) into N rows per column."""
+
+    def check(self, key: str) -> None:
+        if self.path is None:
+            _check(not self.columns, f"{key}.columns given without {key}.path")
+            return
+        _check(len(self.columns) > 0, f"{key}.path needs {key}.columns=[...] (the feature columns)")
+        _check(len(set(self.columns)) == len(self.columns), f"{key}.columns repeats a column: {list(self.columns)}")
+        for c in self.columns:
+            _check(bool(re.fullmatch(r"[A-Za-z0-9_]+", str(c))),
+                   f"{key}.columns: {c!r} must be letters, digits and _ (it names an embedding table)")
+        _check(self.hash_buckets >= 0, f"{key}.hash_buckets must be >= 0, got {self.hash_buckets}")
 
 
 @dataclass
@@ -56,9 +86,12 @@ class DataConfig:
     split: str = "random"
     """``random`` (per-user random holdout: each user's interactions in a seeded pseudo-random
     order, the first floor(n * test_fraction) held out; the same rows at every size, for every
-    loader and engine), ``temporal`` (global time cut-off) or ``given``."""
+    loader and engine), ``temporal`` (global time cut-off), ``given``, or ``cold_items`` (a
+    seeded ``test_fraction`` of the items held out with all their interactions: new items, which
+    get vectors from ``data.item_features`` alone; the evaluation then also reports them apart)."""
     test_fraction: float = 0.2
-    """Share of each user's interactions (random) or of the log by time (temporal) held out."""
+    """Share of each user's interactions (random), of the log by time (temporal) or of the items
+    (cold_items) held out."""
     valid_fraction: float = 0.0
     """Share of each user's training interactions held out for model selection (epochs, early
     stopping); 0: no validation split. The test split is never used for selection."""
@@ -122,11 +155,19 @@ class DataConfig:
     """``synthetic``: Zipf exponent of item popularity."""
     affinity: float = 3.0
     """``synthetic``: weight of the planted user-item affinity against log popularity."""
+    item_features: FeatureFileConfig = field(default_factory=FeatureFileConfig)
+    """Side features of the items (an id column + feature columns); items in it without a
+    training interaction get rows too (vectors from their features alone, marked in the export)."""
+    user_features: FeatureFileConfig = field(default_factory=FeatureFileConfig)
+    """Side features of the users, the same way."""
 
     def __post_init__(self) -> None:
+        for key, ff in (("data.item_features", self.item_features), ("data.user_features", self.user_features)):
+            ff.check(key)
         names = ("synthetic", "parquet", "csv", "lightgcn", "movielens")
         _check(self.name in names, f"data.name must be one of {', '.join(names)}, got {self.name!r}")
-        _check(self.split in ("random", "temporal", "given"), f"data.split must be random, temporal or given, got {self.split!r}")
+        _check(self.split in ("random", "temporal", "given", "cold_items"),
+               f"data.split must be random, temporal, given or cold_items, got {self.split!r}")
         _check(self.duplicates in ("drop", "keep", "error"),
                f"data.duplicates must be drop, keep or error, got {self.duplicates!r}")
         _check(self.null_ids in ("drop", "error"), f"data.null_ids must be drop or error, got {self.null_ids!r}")
@@ -233,6 +274,18 @@ class ModelConfig:
     history table does not); a two_tower export's ``users/`` vectors already hold the history
     term, so seeding a history model's user ids from them counts the history twice."""
 
+    feature_pooling: str = "mean"
+    """Side features (``data.item_features`` / ``user_features``): ``mean`` or ``sum`` of each
+    feature's bag of values."""
+    feature_weights: Dict[str, float] = field(default_factory=dict)
+    """Side features: the weight of a feature column's pooled vector (default 1.0), given per column
+    as a new key: ``+model.feature_weights.genre=0.5``; 0 leaves the column out."""
+    feature_combine: str = "sum"
+    """Side features: a tower's output is ``sum`` (the id embedding plus the weighted pooled
+    features) or ``concat`` (the id embedding and the weighted pooled features concatenated, then
+    a trained linear layer back to ``embedding_dim``). An id without a training interaction
+    (a new item or user of the feature files) has no id term: its vector comes from its features."""
+
     @property
     def history_weights(self) -> Tuple[float, float]:
         """(history_weight, item_history_weight) of the model built: the configured ones for
@@ -259,6 +312,10 @@ class ModelConfig:
             _check(self.history_max_len == 0, "model.init=spectral sums each user's whole history: "
                    f"model.history_max_len must be 0, got {self.history_max_len}")
             _check(self.spectral_niter >= 0, f"model.spectral_niter must be >= 0, got {self.spectral_niter}")
+        _check(self.feature_pooling in ("mean", "sum"), f"model.feature_pooling must be mean or sum, got {self.feature_pooling!r}")
+        _check(self.feature_combine in ("sum", "concat"), f"model.feature_combine must be sum or concat, got {self.feature_combine!r}")
+        for name, w in self.feature_weights.items():
+            _check(w >= 0, f"model.feature_weights.{name} must be >= 0, got {w}")
         _check(self.table_dtype in ("fp32", "fp16"), f"model.table_dtype must be fp32 or fp16, got {self.table_dtype!r}")
         _check(self.init != "spectral" or not (self.pretrained_items or self.pretrained_users),
                "model.pretrained_items / pretrained_users start tables from given vectors; model.init=spectral "
@@ -546,6 +603,17 @@ class Config:
     seed: int = 0
 
     def __post_init__(self) -> None:
+        columns = set(self.data.item_features.columns) | set(self.data.user_features.columns)
+        for name in self.model.feature_weights:
+            _check(name in columns, f"model.feature_weights.{name}: no such feature column (data.item_features.columns "
+                   f"/ data.user_features.columns: {sorted(columns)})")
+        if self.data.split == "cold_items":
+            _check(self.data.item_features.path is not None,
+                   "data.split=cold_items holds items out with all their interactions: they get vectors from their "
+                   "features alone, so it needs data.item_features.path and data.item_features.columns")
+        if columns:
+            _check(self.model.init != "spectral", "model.init=spectral computes id tables in closed form; it does not "
+                   "take side features (data.item_features / data.user_features)")
         _check(self.train.epochs > 0 or self.model.init == "spectral",
                "train.epochs=0 trains nothing: it is for model.init=spectral (the closed-form tables)")
         if self.model.stack_spectral_dim and len(set(self.model.stack_spectral_weights)) > 1:
@@ -645,6 +713,9 @@ def ignored_options(cfg: Config, loader: str, has_valid: Optional[bool] = None) 
                 shown = str(value).lower() if isinstance(value, bool) else value
                 out.append(f"loss.{name}={shown} does nothing: loss=bpr scores each positive against one "
                            "uniform negative (no softmax over candidates)")
+    if not (cfg.data.item_features.path or cfg.data.user_features.path):
+        unused("model", ("feature_pooling", "feature_combine"),
+               "no side features (data.item_features / data.user_features)")
     if cfg.optim.name == "sgd":
         unused("optim", ("eps",), "optim.name=sgd has no eps")
     if not (m.name == "two_tower" and m.history_weight > 0 and m.projection):

@@ -83,6 +83,11 @@ IdRows = Callable[[str, int, int], Tuple[pa.Array, np.ndarray]]
 their rows, sorted by row (``DataSource.id_rows``)."""
 
 
+FROM_FEATURES = "from_features"
+"""With side features, a boolean column of the export: the id had no training interaction, its
+vector comes from its features alone (a new item or user of the feature files)."""
+
+
 def vectors_table(id_name: str, ids: pa.Array, vectors: np.ndarray) -> pa.Table:
     vectors = np.ascontiguousarray(vectors, dtype=np.float32)
     flat = pa.array(vectors.reshape(-1), type=pa.float32())
@@ -98,21 +103,30 @@ class PartWriter:
     """One part file: (ids, vectors) appended in row order, buffered into row groups of at most
     ROW_GROUP_BYTES, written under a temporary name and renamed by ``close`` (atomic)."""
 
-    def __init__(self, path: Path, id_name: str, id_type: pa.DataType, dim: int) -> None:
+    def __init__(self, path: Path, id_name: str, id_type: pa.DataType, dim: int, flagged: bool = False) -> None:
         self.path, self.id_name, self.dim = Path(path), id_name, dim
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.tmp = self.path.with_name(f".{self.path.name}.tmp")
-        schema = pa.schema([(id_name, id_type), ("vector", pa.list_(pa.float32(), dim))])
+        fields = [(id_name, id_type), ("vector", pa.list_(pa.float32(), dim))]
+        self.flagged, self.flags = flagged, 0
+        if flagged:  # side features: whether the vector comes from the features alone (no training interaction)
+            fields.append((FROM_FEATURES, pa.bool_()))
+        schema = pa.schema(fields)
         self.writer = pq.ParquetWriter(self.tmp, schema)
         self.group_rows = max(1, ROW_GROUP_BYTES // (4 * dim + 8))
         self.pending: List[pa.Table] = []
         self.pending_rows = self.rows = 0
 
-    def write(self, ids: pa.Array, vectors: np.ndarray) -> None:
+    def write(self, ids: pa.Array, vectors: np.ndarray, from_features: Optional[np.ndarray] = None) -> None:
         if len(ids) != len(vectors):
             raise ValueError(f"{self.path}: {len(ids)} ids but {len(vectors)} vectors")
         if len(ids):
-            self.pending.append(vectors_table(self.id_name, ids, vectors).cast(self.writer.schema))
+            table = vectors_table(self.id_name, ids, vectors)
+            if self.flagged:
+                flags = np.zeros(len(ids), bool) if from_features is None else np.asarray(from_features, bool)
+                table = table.append_column(FROM_FEATURES, pa.array(flags))
+                self.flags += int(flags.sum())
+            self.pending.append(table.cast(self.writer.schema))
             self.pending_rows += len(ids)
             self.rows += len(ids)
         if self.pending_rows >= self.group_rows:
@@ -128,7 +142,10 @@ class PartWriter:
         self._flush()
         self.writer.close()
         os.replace(self.tmp, self.path)
-        return {"rows": self.rows, "sha256": file_sha256(self.path)}
+        entry = {"rows": self.rows, "sha256": file_sha256(self.path)}
+        if self.flagged:
+            entry[FROM_FEATURES] = self.flags
+        return entry
 
 
 def _replace_dir(tmp: Path, out_dir: Path) -> None:
@@ -248,13 +265,16 @@ def write_export(out_dir: Path, user_ids: pa.Array, user_vecs: np.ndarray, item_
 
 @torch.no_grad()
 def _write_share(path: Path, tower, id_name: str, ids: pa.Array, rows: np.ndarray, lo: int, hi: int,
-                 max_share: int, dim: int, chunk: int, device) -> Tuple[Optional[Dict], Optional[Exception]]:
+                 max_share: int, dim: int, chunk: int, device,
+                 has_id: Optional[np.ndarray] = None) -> Tuple[Optional[Dict], Optional[Exception]]:
     """This rank's part: the vectors of table rows [lo, hi), a chunk at a time, each with the ids
     of its row; (its manifest entry, None) or (None, the error). Every rank makes the same number of
-    tower calls (sharded lookups are collective), after an error too, so that no rank waits forever."""
+    tower calls (sharded lookups are collective), after an error too, so that no rank waits forever.
+    `has_id` (side features): which rows have a trained id embedding; the others are flagged
+    ``from_features``."""
     writer, error = None, None
     try:
-        writer = PartWriter(path, id_name, ids.type, dim)
+        writer = PartWriter(path, id_name, ids.type, dim, flagged=has_id is not None)
     except Exception as e:  # reported to every rank after the collective calls
         error = e
     for call in range(-(-max_share // chunk)):
@@ -264,7 +284,8 @@ def _write_share(path: Path, tower, id_name: str, ids: pa.Array, rows: np.ndarra
         if error is None:
             try:
                 a, b = np.searchsorted(rows, [c0, c1])
-                writer.write(ids.slice(a, b - a), vecs[rows[a:b] - c0])
+                writer.write(ids.slice(a, b - a), vecs[rows[a:b] - c0],
+                             None if has_id is None else ~has_id[rows[a:b]])
             except Exception as e:
                 error = e
     if error is None:
@@ -304,8 +325,10 @@ def export_model(model, features, id_rows: IdRows, num_users: int, num_items: in
                 ids, rows = id_rows(name, lo, hi)
             except Exception as e:  # raised on every rank below
                 error = e
+        side = features.side.get(name[:-1])  # users -> user, items -> item
         entry, failed = _write_share(tmp / name / PART.format(rank), towers[name], id_name, ids, np.asarray(rows), lo,
-                                     hi, int(np.diff(rank_bounds(count, world)).max()), model.embedding_dim, chunk, device)
+                                     hi, int(np.diff(rank_bounds(count, world)).max()), model.embedding_dim, chunk, device,
+                                     None if side is None else side.has_id)
         mine[name], error = (f"{name}/{PART.format(rank)}", entry), error or failed
     everyone = all_gather_objects((mine, error))
     errors = [e for _, e in everyone if e is not None]
@@ -314,6 +337,9 @@ def export_model(model, features, id_rows: IdRows, num_users: int, num_items: in
             staging[0].abort()
         raise errors[0]
     parts = {name: [entries[name] for entries, _ in everyone] for name, _ in TABLES}
+    flagged = {name: sum(e[FROM_FEATURES] for _, e in parts[name]) for name in parts
+               if parts[name] and FROM_FEATURES in parts[name][0][1]}
+    extra = {**(extra or {}), **({FROM_FEATURES: flagged} if flagged else {})}
     manifest = _manifest(model.embedding_dim, parts, model.normalize, config_hash, extra)
     path = from_rank0(lambda: str(staging[0].commit(manifest, options)), Exception)
     return Path(path) if rank == 0 else None

@@ -25,7 +25,7 @@ import torch
 from recsys.config import Config, EvalConfig, ExportConfig
 from recsys.data.eval_sets import EvalSets
 from recsys.data.source import DataSource
-from recsys.evaluation.metrics import evaluate_model, evaluate_popularity
+from recsys.evaluation.metrics import evaluate_model, evaluate_popularity, feature_popularity
 from recsys.evaluation.vectors import tower_norms
 from recsys.exporter import export_data
 from recsys.memory import PhasePeaks
@@ -60,7 +60,8 @@ class RunEnd:
     model: Any
     """The final model: the trained towers, stacked or not (what was tested and exported)."""
     metrics: Dict[str, Any] = field(default_factory=dict)
-    """``test``, ``valid``, ``popularity``, ``stack`` (as the run's metrics.json names them)."""
+    """``test``, ``valid``, ``popularity``, ``stack``, ``test_all`` (over all test interactions, those
+    without a vector missed), ``cold_items`` (as the run's metrics.json names them)."""
     eval_s: float = 0.0
     """Time of the test and popularity evaluations."""
     export_dir: Optional[Path] = None
@@ -90,14 +91,25 @@ def finish_run(base, data: DataSource, sets: Optional[EvalSets], device: torch.d
         mark("closed form")
     t0 = time.perf_counter()
     if evaluate:
-        end.metrics["test"] = evaluate_model(end.model, sets.test, eval_cfg.ks, device, eval_cfg)
+        end.metrics["test"] = evaluate_model(end.model, sets.test, eval_cfg.ks, device, eval_cfg, all_test=True)
         if valid is None and evaluate_valid and sets.valid is not None:
             valid = evaluate_model(end.model, sets.valid, eval_cfg.valid_ks, device, eval_cfg)
         if valid is not None:
             end.metrics["valid"] = valid
         if eval_cfg.popularity:
             end.metrics["popularity"] = evaluate_popularity(data.item_counts(), sets.test, eval_cfg.ks, device,
-                                                            eval_cfg)
+                                                            eval_cfg, all_test=True)
+        all_test = {name: end.metrics[name].pop("all") for name in ("test", "popularity")
+                    if "all" in end.metrics.get(name, {})}
+        if all_test:  # over every test interaction, those without a vector missed
+            end.metrics["test_all"] = {"model" if name == "test" else name: m for name, m in all_test.items()}
+        if sets.cold is not None:  # items without a training interaction: vectors from features alone
+            cold = {"model": evaluate_model(end.model, sets.cold, eval_cfg.ks, device, eval_cfg)}
+            if eval_cfg.popularity:
+                cold["feature_popularity"] = evaluate_popularity(feature_popularity(data.side["item"],
+                                                                                    data.item_counts()),
+                                                                 sets.cold, eval_cfg.ks, device, eval_cfg)
+            end.metrics["cold_items"] = cold
     end.eval_s = time.perf_counter() - t0
     mark("evaluation")
     if norms:  # the trained towers' (what was learnt), stacked or not

@@ -7,7 +7,7 @@ dot product of the two vectors (of L2-normalised vectors when ``normalize``).
 
 from __future__ import annotations
 
-from typing import List, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 import torch.fx
@@ -18,7 +18,8 @@ from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from torchrec.sparse.jagged_tensor import KeyedTensor
 
 from recsys.config import LossConfig, ModelConfig
-from recsys.data.features import HISTORY_FEATURE, ITEM_FEATURE, ITEM_HISTORY_FEATURE, USER_FEATURE, Batch, FeatureSpec
+from recsys.data.features import (HISTORY_FEATURE, ITEM_FEATURE, ITEM_HISTORY_FEATURE, SIDE_PREFIX, USER_FEATURE, Batch,
+                                  FeatureSpec)
 from recsys.loss import bpr_loss, sampled_softmax_loss
 
 # The train pipeline traces forward() to find the sharded modules; the loss (collectives
@@ -45,6 +46,15 @@ class TwoTower(nn.Module):
     Scores are dot products of the two towers' outputs (of L2-normalised outputs with
     ``normalize``): the exported vectors alone give the score.
 
+    Side features (``side_tables``: per tower, each feature column's name and table size) add a
+    table per column (``if_<column>`` in the item collection, ``uf_<column>`` in the user one),
+    each row's bag of values pooled (``feature_pooling``: mean or sum) and weighted
+    (``feature_weights``, default 1). ``feature_combine="sum"``: the tower's output is its id
+    term plus the weighted pooled features; ``"concat"``: the id term and the pooled features
+    concatenated, then a linear layer (initialised to the sum). A row without a training
+    interaction gets an empty id bag from the data (``recsys.data.features.Features``): its
+    vector comes from its features alone (new items and users of the feature files).
+
     ``table_dtype`` (``fp32`` or ``fp16``) is how every table's weights are stored: with ``fp16``
     the fused kernels (FBGEMM's table-batched embeddings, CPU and CUDA) keep the rows in half
     precision (half the memory and half the bytes per lookup) while the pooled lookups, the towers,
@@ -56,7 +66,10 @@ class TwoTower(nn.Module):
     def __init__(self, num_users: int, num_items: int, embedding_dim: int, normalize: bool,
                  history_weight: float = 0.0, history_pooling: str = "mean", share_item_table: bool = True,
                  projection: bool = False, item_history_weight: float = 0.0,
-                 device: Optional[torch.device] = None, table_dtype: str = "fp32") -> None:
+                 device: Optional[torch.device] = None, table_dtype: str = "fp32",
+                 side_tables: Optional[Dict[str, List[Tuple[str, int]]]] = None,
+                 feature_weights: Optional[Dict[str, float]] = None, feature_pooling: str = "mean",
+                 feature_combine: str = "sum") -> None:
         super().__init__()
         if table_dtype not in TABLE_DTYPES:
             raise ValueError(f"table_dtype must be one of {sorted(TABLE_DTYPES)}, got {table_dtype!r}")
@@ -81,22 +94,52 @@ class TwoTower(nn.Module):
             item_features.append(HISTORY_FEATURE)
         elif has_history:
             user_tables.append(table("history", num_items, [HISTORY_FEATURE]))
-        self.user_ebc = EmbeddingBagCollection(tables=user_tables, device=device)
+        side_tables = side_tables or {}
+        self.side = {role: [name for name, _ in side_tables.get(role, [])] for role in ("user", "item")}
+        self.feature_weights = dict(feature_weights or {})
+        self.feature_pooling = feature_pooling
+        self.feature_combine = feature_combine
+        side = {role: [table(SIDE_PREFIX[role] + name, rows, [SIDE_PREFIX[role] + name])
+                       for name, rows in side_tables.get(role, [])] for role in ("user", "item")}
+        self.user_ebc = EmbeddingBagCollection(tables=user_tables + side["user"], device=device)
         item_tables = [table("item", num_items, item_features)]
         if item_history_weight > 0:
             item_tables.append(table("item_history", num_users, [ITEM_HISTORY_FEATURE]))
-        self.item_ebc = EmbeddingBagCollection(tables=item_tables, device=device)
+        self.item_ebc = EmbeddingBagCollection(tables=item_tables + side["item"], device=device)
         self.projection = nn.Linear(embedding_dim, embedding_dim, bias=False, device=device) if projection and has_history else None
+        self.side_projection = nn.ModuleDict({
+            role: nn.Linear((1 + len(names)) * embedding_dim, embedding_dim, bias=False, device=device)
+            for role, names in self.side.items() if names and feature_combine == "concat"})
 
     @property
     def has_history(self) -> bool:
         return self.history_weight > 0
 
     def reset_dense_parameters(self) -> None:
-        """Dense parts start as the identity (the pooled bag unchanged)."""
-        if self.projection is not None:
-            with torch.no_grad():
+        """Dense parts start as the identity (the pooled bag unchanged; the concatenated side
+        features summed)."""
+        with torch.no_grad():
+            if self.projection is not None:
                 self.projection.weight.copy_(torch.eye(self.embedding_dim, device=self.projection.weight.device))
+            for linear in self.side_projection.values():
+                eye = torch.eye(self.embedding_dim, device=linear.weight.device)
+                linear.weight.copy_(eye.repeat(1, linear.weight.shape[1] // self.embedding_dim))
+
+    def _with_side(self, role: str, v: torch.Tensor, kt: KeyedTensor, counts: torch.Tensor) -> torch.Tensor:
+        """A tower's id term `v` combined with its pooled side features (class docstring)."""
+        names = self.side[role]
+        if not names:
+            return v
+        n = v.shape[0]
+        pooled = []
+        for k, name in enumerate(names):
+            p = kt[SIDE_PREFIX[role] + name][:n]
+            if self.feature_pooling == "mean":
+                p = p / counts[:n, k].clamp(min=1.0)[:, None]
+            pooled.append(self.feature_weights.get(name, 1.0) * p)
+        if self.feature_combine == "concat":
+            return self.side_projection[role](torch.cat([v, *pooled], dim=1))
+        return v + torch.stack(pooled).sum(0)
 
     def _combine(self, user_emb: torch.Tensor, pooled: Optional[torch.Tensor], counts: torch.Tensor) -> torch.Tensor:
         v = user_emb
@@ -108,12 +151,16 @@ class TwoTower(nn.Module):
             v = (1.0 - self.history_weight) * user_emb + self.history_weight * pooled
         return v
 
-    def _item(self, item_kt: KeyedTensor, n: int, counts: torch.Tensor) -> torch.Tensor:
+    def _item(self, item_kt: KeyedTensor, n: int, counts: torch.Tensor, side_counts: torch.Tensor) -> torch.Tensor:
         v = item_kt[ITEM_FEATURE][:n]
         if self.item_history_weight > 0:
             pooled = item_kt[ITEM_HISTORY_FEATURE][:n] / counts.clamp(min=1.0)[:, None]
             v = (1.0 - self.item_history_weight) * v + self.item_history_weight * pooled
-        return v
+        return self._with_side("item", v, item_kt, side_counts)
+
+    def _user(self, user_kt: KeyedTensor, pooled: Optional[torch.Tensor], batch: Batch) -> torch.Tensor:
+        v = self._combine(user_kt[USER_FEATURE], pooled, batch.history_counts)
+        return self._with_side("user", v, user_kt, batch.user_feature_counts)
 
     def finish(self, v: torch.Tensor) -> torch.Tensor:
         """A tower's raw output -> the vector that is scored and exported."""
@@ -128,7 +175,8 @@ class TwoTower(nn.Module):
         pooled = None
         if self.has_history:
             pooled = (item_kt if self.share_item_table else user_kt)[HISTORY_FEATURE][:b]
-        return self._combine(user_kt[USER_FEATURE], pooled, batch.history_counts), self._item(item_kt, batch.item_ids.shape[0], batch.item_history_counts)
+        return self._user(user_kt, pooled, batch), self._item(item_kt, batch.item_ids.shape[0],
+                                                              batch.item_history_counts, batch.item_feature_counts)
 
     def user_vectors(self, batch: Batch) -> torch.Tensor:
         """Vectors of the batch's users (its items are ignored)."""
@@ -137,11 +185,12 @@ class TwoTower(nn.Module):
         if self.has_history:
             b = batch.user_ids.shape[0]
             pooled = (self.item_ebc(batch.items) if self.share_item_table else user_kt)[HISTORY_FEATURE][:b]
-        return self.finish(self._combine(user_kt[USER_FEATURE], pooled, batch.history_counts))
+        return self.finish(self._user(user_kt, pooled, batch))
 
     def item_vectors(self, batch: Batch) -> torch.Tensor:
         """Vectors of the batch's items."""
-        return self.finish(self._item(self.item_ebc(batch.items), batch.item_ids.shape[0], batch.item_history_counts))
+        return self.finish(self._item(self.item_ebc(batch.items), batch.item_ids.shape[0], batch.item_history_counts,
+                                      batch.item_feature_counts))
 
 
 class RetrievalTask(nn.Module):
@@ -186,15 +235,18 @@ def feature_spec(mc: ModelConfig, seed: int) -> FeatureSpec:
 
 
 def build_task(mc: ModelConfig, loss: LossConfig, num_users: int, num_items: int,
-               item_log_prob: Optional[torch.Tensor] = None) -> RetrievalTask:
+               item_log_prob: Optional[torch.Tensor] = None,
+               side_tables: Optional[Dict[str, List[Tuple[str, int]]]] = None) -> RetrievalTask:
     """The model of `mc` (tables on the meta device) wrapped with the loss of `loss`: what gets
-    sharded and trained. The dry run (recsys.plan) builds the same module."""
+    sharded and trained. The dry run (recsys.plan) builds the same module. `side_tables`: the
+    data's side-feature tables (``DataSource.side_tables``)."""
     history_weight, item_history_weight = mc.history_weights
     model = TwoTower(num_users, num_items, mc.embedding_dim, mc.normalize,
                      history_weight=history_weight,
                      history_pooling=mc.history_pooling, share_item_table=mc.share_item_table,
                      projection=mc.projection,
                      item_history_weight=item_history_weight,
-                     table_dtype=mc.table_dtype)
+                     table_dtype=mc.table_dtype, side_tables=side_tables, feature_weights=dict(mc.feature_weights),
+                     feature_pooling=mc.feature_pooling, feature_combine=mc.feature_combine)
     return RetrievalTask(model, loss.name, loss.temperature, loss.mask_accidental_hits, item_log_prob,
                          loss.margin, loss.l2)

@@ -20,7 +20,7 @@ import json
 import logging
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import List, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import hydra
 import torch.nn as nn
@@ -31,6 +31,7 @@ from torchrec.distributed.planner.types import PlannerError
 from recsys import cli
 from recsys.atomic import write_json_atomic
 from recsys.config import Config, check_data, check_world_size
+from recsys.data.features import side_tables_of
 from recsys.data.prepare import data_config, prepare
 from recsys.errors import PlanError
 from recsys.model import RetrievalTask
@@ -71,10 +72,11 @@ class DryRun:
         return sum(r.ddr_bytes for r in self.ranks)
 
 
-def build_task(cfg: Config, num_users: int, num_items: int) -> RetrievalTask:
+def build_task(cfg: Config, num_users: int, num_items: int,
+               side_tables: Optional[Dict[str, List[Tuple[str, int]]]] = None) -> RetrievalTask:
     """The training module of ``recsys.train`` with its tables on the meta device and the table
     optimizer fused into the backward (so the planner sees the fused kernels and their state)."""
-    task = train_module(cfg.model, cfg.loss, num_users, num_items)
+    task = train_module(cfg.model, cfg.loss, num_users, num_items, side_tables=side_tables)
     fuse_table_optimizer(task, cfg.optim.name, cfg.optim.lr, cfg.optim.eps)
     return task
 
@@ -135,13 +137,15 @@ def format_report(result: DryRun) -> str:
         + f"{_gib(busiest.ddr_bytes)} DDR of {_gib(r.usable_ddr_per_rank)}"])
 
 
-def table_sizes(cfg: Config) -> Tuple[int, int, str]:
-    """(num_users, num_items, where they came from): ``plan.num_*`` or the prepared dataset."""
+def table_sizes(cfg: Config) -> Tuple[int, int, str, Dict[str, List[Tuple[str, int]]]]:
+    """(num_users, num_items, where they came from, the side-feature tables): ``plan.num_*`` (no
+    side-feature table: their sizes come from the data) or the prepared dataset."""
     if cfg.plan.num_users:
-        return cfg.plan.num_users, cfg.plan.num_items, "plan.num_users / plan.num_items"
+        return cfg.plan.num_users, cfg.plan.num_items, "plan.num_users / plan.num_items", {}
     data_dir = prepare(data_config(cfg))  # as training prepares it (the loader resolved for this model)
-    counts = json.loads((data_dir / "manifest.json").read_text())["counts"]
-    return counts["num_users"], counts["num_items"], str(data_dir)
+    manifest = json.loads((data_dir / "manifest.json").read_text())
+    counts = manifest["counts"]
+    return counts["num_users"], counts["num_items"], str(data_dir), side_tables_of(manifest)
 
 
 def run(cfg: Config, run_dir: Optional[Path] = None) -> DryRun:
@@ -149,10 +153,10 @@ def run(cfg: Config, run_dir: Optional[Path] = None) -> DryRun:
     p = cfg.plan
     world = p.world_size
     check_world_size(cfg, world, f"plan.world_size={world}")
-    num_users, num_items, source = table_sizes(cfg)
+    num_users, num_items, source, side = table_sizes(cfg)
     check_data(cfg, num_users, num_items)
     logger.info("planning %s with %d users and %d items (from %s)", cfg.model.name, num_users, num_items, source)
-    task = build_task(cfg, num_users, num_items)
+    task = build_task(cfg, num_users, num_items, side)
     result = dry_run(task, world, p.device, cfg.train.sharding_types, cfg.train.batch_size // world,
                      min(p.local_world_size, world),
                      hbm_cap=None if p.hbm_gib is None else int(p.hbm_gib * GIB),

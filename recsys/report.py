@@ -283,10 +283,11 @@ def plot_norms(user_norms: np.ndarray, item_norms: np.ndarray, path: Path, norma
 def metrics_table(rows: Sequence[tuple], ks: Sequence[int]) -> str:
     """The console table of ``recsys.train`` and ``recsys.evaluate``: one line per (name, metrics),
     recall@K and ndcg@K for each K."""
+    width = max([12] + [len(name) + 2 for name, _ in rows])
     header = "".join(f"{f'{m}@{k}':>12}" for k in ks for m in ("recall", "ndcg"))
-    lines = [f"{'':<12}{header}"]
+    lines = [f"{'':<{width}}{header}"]
     for name, m in rows:
-        lines.append(f"{name:<12}" + "".join(f"{m[f'{k_m}@{k}']:>12.4f}" for k in ks for k_m in ("recall", "ndcg")))
+        lines.append(f"{name:<{width}}" + "".join(f"{m[f'{k_m}@{k}']:>12.4f}" for k in ks for k_m in ("recall", "ndcg")))
     return "\n".join(lines)
 
 
@@ -330,6 +331,11 @@ def write_summary(run_dir: Path, metrics: Mapping, ks: Sequence[int], figures: M
               f"| | {header} |", "|---" * (2 * len(ks) + 1) + "|", _metric_row("model", metrics["test"], ks)]
     if "popularity" in metrics:
         lines.append(_metric_row("popularity baseline", metrics["popularity"], ks))
+    for name, m in metrics.get("test_all", {}).items():
+        lines.append(_metric_row(f"{'model' if name == 'model' else 'popularity baseline'}, all {m.get('users', 0):,} "
+                                 "test users (interactions without a vector: misses)", m, ks))
+    for name, m in metrics.get("cold_items", {}).items():
+        lines.append(_metric_row(f"cold items ({m.get('users', 0):,} users): {name.replace('_', ' ')}", m, ks))
     stack = metrics.get("stack")
     if "valid" in metrics:
         what = "stacked model" if stack and stack.get("chosen_weight") else "model"

@@ -70,7 +70,8 @@ def train(cfg: Config, run_dir: Path, config_hash: str = "") -> Dict:
         for line in ignored_options(cfg, data.loader, data.has_valid) if rank == 0 else ():
             logger.warning("%s", line)
         counts = describe_data(data)
-        sharded = build_model(cfg, data.num_users, data.num_items, device, world, data.fit_item_counts())
+        sharded = build_model(cfg, data.num_users, data.num_items, device, world, data.fit_item_counts(),
+                              side_tables=data.side_tables())
         dmp, optimizer = sharded.dmp, sharded.optimizer
         local_bytes = local_table_bytes(dmp) + local_optimizer_bytes(optimizer)  # weights + optimizer state
         table_bytes = {"local_table_bytes": local_bytes, "total_table_bytes": sum(all_gather_objects(local_bytes))}
@@ -203,7 +204,7 @@ def run_metrics(end: RunEnd, state: TrainState, wall: float, data: DataSource, e
         metrics["valid"] = m["valid"]
     if state.best_weights is not None:
         metrics["selected_epoch"] = state.best_epoch
-    for key in ("stack", "popularity"):
+    for key in ("stack", "popularity", "test_all", "cold_items"):
         if key in m:
             metrics[key] = m[key]
     train_s = wall - state.valid_s
@@ -234,6 +235,10 @@ def write_results(run_dir: Path, metrics: Dict, end: RunEnd, data: DataSource, c
     """Rank 0: metrics.json, the console table, the plots and summary.md."""
     write_json_atomic(metrics, run_dir / "metrics.json")
     rows = [("model", metrics["test"])] + ([("popularity", metrics["popularity"])] if "popularity" in metrics else [])
+    if "test_all" in metrics:  # over every test interaction: those without a vector are misses
+        rows.append(("model, all test", metrics["test_all"]["model"]))
+    for name, m in metrics.get("cold_items", {}).items():
+        rows.append((f"cold items: {name.replace('_', ' ')}", m))
     t = metrics["train"]
     lines = [metrics_table(rows, cfg.eval.ks),
              f"{t['steps']} steps in {t['wall_s']:.1f}s ({t['interactions_per_s']:,.0f} interactions/s) on "

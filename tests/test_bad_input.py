@@ -391,7 +391,7 @@ def test_interrupted_prepare_leaves_no_dataset_and_its_leftovers_are_not_reused(
     assert sorted(p.name for p in (tmp_path / "prepared").iterdir()) == [out.name]
     assert sorted(p.name for p in out.iterdir()) == sorted(
         ["items.parquet", "manifest.json", "test", "train", "users.parquet", "item_counts.npy", "item_counts_all.npy",
-         "user_counts.npy", "valid_user_counts.npy", "test_user_counts.npy"])
+         "user_counts.npy", "valid_user_counts.npy", "test_user_counts.npy", "test_missing_user_counts.npy"])
     ref = prepare(DataConfig(name="parquet", root=str(tmp_path / "ref"), path=str(path)))  # uninterrupted
     for name in ("train/part-00000", "test/part-00000", "users", "items"):
         assert pq.read_table(out / f"{name}.parquet").equals(pq.read_table(ref / f"{name}.parquet"))

@@ -40,6 +40,7 @@ from recsys.config import DataConfig
 from recsys.data.layout import counts_npy, cut_row_groups, write_pieces
 from recsys.data.readers import (ROLE_WORD, DataError, Source, _one_line, check_source, read_lightgcn,
                                  read_movielens)
+from recsys.data.side_features import StagedFeatures, stage_feature_file
 from recsys.data.steps import DUCKDB, Dialect, Options, Steps, sql_string
 from recsys.data.synthetic import generate_stream
 
@@ -220,7 +221,73 @@ def options(cfg: DataConfig, staged: Staged) -> Options:
                    timestamp="timestamp" in kinds, weight="weight" in kinds, split=cfg.split,
                    test_fraction=cfg.test_fraction, valid_fraction=cfg.valid_fraction, duplicates=cfg.duplicates,
                    id_mapping=cfg.id_mapping, num_users=cfg.num_users, num_items=cfg.num_items, seed=cfg.seed,
-                   min_rating=cfg.min_rating, rating="rating" in kinds)
+                   min_rating=cfg.min_rating, rating="rating" in kinds,
+                   item_features=len(cfg.item_features.columns) if cfg.item_features.path else 0,
+                   item_feature_buckets=cfg.item_features.hash_buckets,
+                   user_features=len(cfg.user_features.columns) if cfg.user_features.path else 0,
+                   user_feature_buckets=cfg.user_features.hash_buckets)
+
+
+FEATURE_FILES = {"item": ("item_features", "items"), "user": ("user_features", "users")}
+"""role -> (its DataConfig field, the prepared files' stem)."""
+
+
+def stage_features(engine: "Engine", cfg: DataConfig, o: Options, staged: Staged, tmp: Path) -> Dict[str, StagedFeatures]:
+    """Check and stage the side-feature files (``recsys.data.side_features``) and register each as
+    ``{role}_feat_raw`` (id, feature, value)."""
+    out = {}
+    for role, (key, _) in FEATURE_FILES.items():
+        ff = getattr(cfg, key)
+        if not ff.path:
+            continue
+        id_role = f"{role}_id"
+        kind = "str" if (o.string_users if role == "user" else o.string_items) else "int"
+        default_id = staged.raw.labels.get(id_role, staged.raw.columns[id_role]) if cfg.name in ("parquet", "csv") \
+            else (cfg.user_column if role == "user" else cfg.item_column)
+        sf = stage_feature_file(ff, role, kind, default_id, cfg.separator, tmp / f"_features_{role}")
+        relation = Relation(sf.files, {id_role: "id", "feature": "feature", "value": "value"},
+                            {id_role: kind, "feature": "int", "value": "text"}, str(ff.path), staged=True)
+        engine.register(f"{role}_feat_raw", relation, [id_role, "feature", "value"])
+        out[role] = sf
+    return out
+
+
+def write_features(engine: "Engine", steps: Steps, staged_features: Dict[str, StagedFeatures], cfg: DataConfig,
+                   tmp: Path, counts: Dict[str, int]) -> Dict[str, Dict]:
+    """The prepared feature files of each role (``recsys.data.layout``) and their manifest entry:
+    columns, table sizes, what was counted (ids without interactions, interactions' ids without
+    features, null ids and values)."""
+    out = {}
+    for role, sf in staged_features.items():
+        _, stem = FEATURE_FILES[role]
+        for name, sql in steps.feature_tables(role):
+            engine.create_table(name, sql)
+        engine.write_file(steps.feature_rows(role), tmp / f"{stem}_features.parquet")
+        engine.write_file(steps.feature_values(role), tmp / f"{stem}_feature_values.parquet")
+        sizes = {int(f): (int(n), int(rows)) for f, n, rows in engine.fetchall(steps.feature_sizes(role))}
+        file_ids, trained, with_row, bare = (int(x or 0) for x in engine.fetchall(steps.feature_counts(role))[0])
+        columns = []
+        for k, c in enumerate(sf.columns):
+            n, rows = sizes.get(k, (0, sf.hash_buckets))
+            columns.append({"name": c, "values": n, "rows": max(rows, sf.hash_buckets, 1),
+                            "null_values": sf.counts[f"null_values.{c}"]})
+        entry = {"path": sf.source, "columns": columns, "hash_buckets": sf.hash_buckets,
+                 "counts": {"file_rows": sf.counts["file_rows"], "null_ids": sf.counts["null_ids"],
+                            "rows_without_values": sf.counts["rows_without_values"],
+                            "ids": file_ids, "ids_with_interactions": trained,
+                            "ids_without_interactions": with_row - trained, "ids_without_row": file_ids - with_row,
+                            f"{stem}_without_features": bare}}
+        out[stem] = entry
+        c = entry["counts"]
+        logger.info("%s features %s: %d ids (%d with training interactions, %d new: vectors from features alone); "
+                    "%d of the %d %s with interactions have no feature value%s; columns %s", role, sf.source,
+                    c["ids"], trained, c["ids_without_interactions"], bare, counts[f"num_{stem}"] - c["ids_without_interactions"],
+                    stem, f"; {c['ids_without_row']} ids left without a row (data.id_mapping={cfg.id_mapping})"
+                    if c["ids_without_row"] else "", ", ".join(f"{x['name']} ({x['values']} values)" for x in columns))
+        for key, what in (("null_ids", "a null id"), ("rows_without_values", "no feature value (all null or empty)")):
+            if c[key]:
+                logger.warning("%s: dropped %d rows with %s", sf.source, c[key], what)
+    return out
 
 
 class Engine:
@@ -358,9 +425,10 @@ def run_steps(engine: Engine, cfg: DataConfig, staged: Staged, tmp: Path, versio
     engine.register("raw", staged.raw, keep)
     if staged.raw_test is not None:
         engine.register("raw_test", staged.raw_test, [c for c in keep if c in staged.raw_test.kinds])
+    staged_features = stage_features(engine, cfg, o, staged, tmp)
     bar = tqdm(total=8, desc="prepare", unit=" step", disable=None if progress is None else not progress)
     try:
-        return _run(engine, steps, o, cfg, staged, tmp, version, bar)
+        return _run(engine, steps, o, cfg, staged, tmp, version, bar, staged_features)
     except DataError:
         raise
     except Exception as e:  # noqa: BLE001 - the engine's own error type: a file it could not read?
@@ -373,7 +441,7 @@ def run_steps(engine: Engine, cfg: DataConfig, staged: Staged, tmp: Path, versio
 
 
 def _run(engine: Engine, steps: Steps, o: Options, cfg: DataConfig, staged: Staged, tmp: Path, version: int,
-         bar: tqdm) -> dict:
+         bar: tqdm, staged_features: Dict[str, StagedFeatures]) -> dict:
     start = time.perf_counter()
     dropped, kept, n_raw, n_clean = _check_source(engine, steps, cfg, staged, bar)
     for name, sql, *view in steps.tables():
@@ -395,6 +463,7 @@ def _run(engine: Engine, steps: Steps, o: Options, cfg: DataConfig, staged: Stag
     counts["train_interactions"] = write_pieces(tmp, "train")
     write_pieces(tmp, "test")
     hash_stats = _write_vocabularies(engine, steps, cfg, tmp, counts)
+    features = write_features(engine, steps, staged_features, cfg, tmp, counts)
     for name, role, sql in steps.counts():
         counts_npy(engine.batches(sql), counts["num_users" if role == "user" else "num_items"], tmp / f"{name}.npy")
     if o.valid_fraction <= 0:  # no validation rows: the fit counts are all the training counts
@@ -402,6 +471,14 @@ def _run(engine: Engine, steps: Steps, o: Options, cfg: DataConfig, staged: Stag
         np.save(tmp / "valid_user_counts.npy", np.zeros(counts["num_users"], dtype=np.int64))
     test_counts = np.load(tmp / "test_user_counts.npy", mmap_mode="r")
     counts["test_users"] = int(np.count_nonzero(test_counts))
+    missing = np.load(tmp / "test_missing_user_counts.npy", mmap_mode="r")
+    unseen_users, unseen_user_rows = (int(x or 0) for x in engine.fetchall(steps.unseen_users())[0])
+    # the test users with no test row that has a vector: all misses of the figure over all test rows
+    counts["test_users_without_vectors"] = int(np.count_nonzero((test_counts == 0) & (missing > 0))) + unseen_users
+    counts["test_interactions_without_vectors"] = int(missing.sum()) + unseen_user_rows
+    if (tmp / "test_cold_user_counts.npy").exists():
+        cold = np.load(tmp / "test_cold_user_counts.npy", mmap_mode="r")
+        counts["test_cold_interactions"], counts["test_cold_users"] = int(cold.sum()), int(np.count_nonzero(cold))
     counts["valid_interactions"] = int(np.load(tmp / "valid_user_counts.npy", mmap_mode="r").sum())
     bar.set_postfix_str(f"{n_raw / max(time.perf_counter() - start, 1e-9):,.0f} rows/s")
     bar.update(bar.total - bar.n)
@@ -430,6 +507,8 @@ def _run(engine: Engine, steps: Steps, o: Options, cfg: DataConfig, staged: Stag
     }
     if hash_stats:
         manifest["hash"] = hash_stats
+    if features:
+        manifest["features"] = features
     return manifest
 
 

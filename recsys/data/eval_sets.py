@@ -220,8 +220,8 @@ def load_eval_sets(prepared_dir, users: np.ndarray, split: str = "test",
     return load_split_sets(prepared_dir, {split: users}, progress)[split]
 
 
-def load_split_sets(prepared_dir, users: Dict[str, np.ndarray],
-                    progress: Optional[bool] = None) -> Dict[str, Tuple[ItemSets, ItemSets]]:
+def load_split_sets(prepared_dir, users: Dict[str, np.ndarray], progress: Optional[bool] = None,
+                    cold_items: Optional[np.ndarray] = None) -> Dict[str, Tuple[ItemSets, ItemSets]]:
     """``load_eval_sets`` of several splits at once: `users` maps ``test`` and / or ``valid`` to
     their evaluated users; each split gets its (masked, relevant) item sets.
 
@@ -230,7 +230,8 @@ def load_split_sets(prepared_dir, users: Dict[str, np.ndarray],
     row) and removes repeated pairs. Each set is a CSR of unique pairs or a packed bitmap,
     whichever is smaller: memory is bounded by the users' distinct pairs (and by users x items
     bits), not by the number of interactions. Under torchrun, pass this rank's `owned_share` of
-    the evaluated users. A progress bar per pass unless `progress` is False (None: on a terminal)."""
+    the evaluated users. A progress bar per pass unless `progress` is False (None: on a terminal).
+    The split ``cold`` is the test split restricted to the items of `cold_items` (bool per item row)."""
     root = Path(prepared_dir)
     if not (root / "manifest.json").is_file():
         raise DataError(f"{root}: no manifest.json (not a complete prepared dataset)")
@@ -238,8 +239,8 @@ def load_split_sets(prepared_dir, users: Dict[str, np.ndarray],
     num_users, num_items = int(manifest["counts"]["num_users"]), int(manifest["counts"]["num_items"])
     splits = {}  # split -> (its users, sorted; which user rows are wanted; mask builder; relevant builder)
     for split, wanted_users in users.items():
-        if split not in ("test", "valid"):
-            raise ValueError(f"load_eval_sets: split must be test or valid, got {split!r}")
+        if split not in ("test", "valid", "cold") or split == "cold" and cold_items is None:
+            raise ValueError(f"load_eval_sets: split must be test, valid or cold (with cold_items), got {split!r}")
         wanted_users = _sorted_unique(np.asarray(wanted_users, dtype=np.int64))
         if len(wanted_users) and (wanted_users[0] < 0 or wanted_users[-1] >= num_users):
             raise ValueError(f"load_eval_sets: user rows must be in [0, {num_users}), got "
@@ -249,7 +250,7 @@ def load_split_sets(prepared_dir, users: Dict[str, np.ndarray],
         splits[split] = (wanted_users, wanted, _SetBuilder(wanted_users, num_items),
                          _SetBuilder(wanted_users, num_items))
     sources = [("train", ["user", "item"] + (["valid"] if "valid" in splits else []))]
-    if "test" in splits:
+    if "test" in splits or "cold" in splits:
         sources.append(("test", ["user", "item"]))
     for part, columns in sources:
         files = sorted((root / part).glob("*.parquet"))
@@ -271,9 +272,11 @@ def load_split_sets(prepared_dir, users: Dict[str, np.ndarray],
                             raise DataError(f"{path}, row group {group}: column {name!r} has rows outside "
                                             f"[0, {limit}) (manifest counts)")
                     for split, (wanted_users, wanted, mask, relevant) in splits.items():
-                        if part == "test" and split != "test":
+                        if part == "test" and split == "valid":
                             continue
                         keep = wanted[u]
+                        if part == "test" and split == "cold":
+                            keep &= cold_items[i]
                         slots = np.searchsorted(wanted_users, u[keep])
                         if part == "test":
                             relevant.add(slots, i[keep])
@@ -317,6 +320,21 @@ class EvalSplit:
     """Items never ranked for a user: a CSR over all user rows, or sets covering this rank's own users."""
     relevant: Union[CSR, "ItemSets"]
     """The items to find: the same kinds."""
+    missing: Optional[np.ndarray] = None
+    """Test: per user row, the test interactions whose item has no vector (dropped by the
+    preparation; never found): the figure over all test interactions counts them as misses.
+    None: not known (a dataset prepared before it was counted)."""
+    users_without_vectors: int = 0
+    """Test: users with test interactions none of which has a vector (unseen users included)."""
+    users_of: int = 0
+    """Users with relevant items (the evaluated users are all of them or a sample)."""
+
+
+def all_test_scale(split: EvalSplit) -> float:
+    """The factor that turns the mean over the evaluated users of the ``all_`` figures into the
+    mean over every user with test interactions: users_of / (users_of + users_without_vectors)
+    (those users score 0; with a sample of users, the sample's mean stands for the users_of)."""
+    return split.users_of / max(split.users_of + split.users_without_vectors, 1)
 
 
 @dataclass
@@ -328,5 +346,9 @@ class EvalSets:
     valid: Optional[EvalSplit] = None
     """Validation (model selection): histories and masks without the holdout, the holdout
     relevant; None without a validation split."""
+    cold: Optional[EvalSplit] = None
+    """With item side features: the test interactions whose item has no training interaction
+    (its vector from its features alone; ``data.split=cold_items``), ranked against all items;
+    None when there are none."""
     info: Dict[str, int] = field(default_factory=dict)
     """``eval_users`` (evaluated test users) and ``eval_users_of`` (test users there are)."""

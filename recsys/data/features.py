@@ -10,10 +10,13 @@ prepared dataset.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Optional
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Dict, List, Optional, Tuple
 
 import numpy as np
+import pyarrow.parquet as pq
 import torch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 from torchrec.streamable import Pipelineable
@@ -24,6 +27,63 @@ USER_FEATURE = "user"
 ITEM_FEATURE = "item"
 HISTORY_FEATURE = "history"
 ITEM_HISTORY_FEATURE = "item_history"
+SIDE_PREFIX = {"item": "if_", "user": "uf_"}
+"""A side-feature column ``c`` of the items is the feature (and table) ``if_c``, of the users ``uf_c``."""
+
+
+@dataclass
+class SideFeatures:
+    """The side features of one role (``data.item_features`` / ``user_features``) as prepared:
+    per column, each row's value codes (a CSR over the table's rows) and the column's table size;
+    which rows have a training interaction (their id embedding is used; the others' vectors come
+    from their features alone). Every rank holds it whole: it grows with the number of ids (like
+    the per-row counts), not of interactions."""
+
+    names: List[str]
+    sizes: List[int]
+    """Rows of each column's table (its distinct values, or the hash buckets)."""
+    bags: List[CSR]
+    has_id: np.ndarray
+    """bool per row: trained id embedding (a training interaction, validation ones included)."""
+
+    @property
+    def tables(self) -> List[Tuple[str, int]]:
+        return list(zip(self.names, self.sizes))
+
+    @staticmethod
+    def load(path: Path, stem: str, num_rows: int, counts: np.ndarray) -> "SideFeatures":
+        """The prepared ``<stem>_features.parquet`` (``items`` / ``users``) of dataset `path`;
+        `counts`: training interactions per row."""
+        manifest = json.loads((Path(path) / "manifest.json").read_text())["features"][stem]
+        names = [c["name"] for c in manifest["columns"]]
+        table = pq.read_table(Path(path) / f"{stem}_features.parquet")
+        rows = table["row"].to_numpy().astype(np.int64)
+        feature = table["feature"].to_numpy()
+        codes = table["code"].to_numpy().astype(np.int64)
+        bags = []
+        for k in range(len(names)):
+            mine = feature == k  # the file is sorted by (row, feature, code): rows ascending here
+            r = rows[mine]
+            indptr = np.concatenate([[0], np.cumsum(np.bincount(r, minlength=num_rows))]).astype(np.int64)
+            bags.append(CSR(indptr, codes[mine]))
+        return SideFeatures(names, [int(c["rows"]) for c in manifest["columns"]], bags, np.asarray(counts) > 0)
+
+
+def side_tables_of(manifest: Dict) -> Dict[str, List[Tuple[str, int]]]:
+    """The side-feature tables (name, rows) of each role of a prepared dataset's manifest."""
+    features = manifest.get("features", {})
+    return {role: [(c["name"], int(c["rows"])) for c in features[stem]["columns"]]
+            for role, stem in (("item", "items"), ("user", "users")) if stem in features}
+
+
+def side_features(path: Path, manifest: Dict, num_users: int, num_items: int, user_counts: np.ndarray,
+                  item_counts: np.ndarray) -> Dict[str, SideFeatures]:
+    """The side features a prepared dataset has: ``{"item": ..., "user": ...}`` (either may be absent)."""
+    out = {}
+    for role, stem, n, counts in (("item", "items", num_items, item_counts), ("user", "users", num_users, user_counts)):
+        if stem in manifest.get("features", {}):
+            out[role] = SideFeatures.load(path, stem, n, counts)
+    return out
 
 
 @dataclass(frozen=True)
@@ -68,29 +128,26 @@ class Batch(Pipelineable):
     item_ids: torch.Tensor
     history_counts: torch.Tensor
     item_history_counts: torch.Tensor
+    user_feature_counts: torch.Tensor = field(default_factory=lambda: torch.zeros(0, 0))
+    """[users, side-feature columns]: the number of values of each row's bag (mean pooling)."""
+    item_feature_counts: torch.Tensor = field(default_factory=lambda: torch.zeros(0, 0))
+
+    _DENSE = ("user_ids", "item_ids", "history_counts", "item_history_counts", "user_feature_counts",
+              "item_feature_counts")
 
     def to(self, device: torch.device, non_blocking: bool = False) -> "Batch":
-        return Batch(
-            users=self.users.to(device=device, non_blocking=non_blocking),
-            items=self.items.to(device=device, non_blocking=non_blocking),
-            user_ids=self.user_ids.to(device=device, non_blocking=non_blocking),
-            item_ids=self.item_ids.to(device=device, non_blocking=non_blocking),
-            history_counts=self.history_counts.to(device=device, non_blocking=non_blocking),
-            item_history_counts=self.item_history_counts.to(device=device, non_blocking=non_blocking),
-        )
+        return Batch(self.users.to(device=device, non_blocking=non_blocking),
+                     self.items.to(device=device, non_blocking=non_blocking),
+                     *(getattr(self, n).to(device=device, non_blocking=non_blocking) for n in self._DENSE))
 
     def record_stream(self, stream: torch.Stream) -> None:
         self.users.record_stream(stream)
         self.items.record_stream(stream)
-        self.user_ids.record_stream(stream)
-        self.item_ids.record_stream(stream)
-        self.history_counts.record_stream(stream)
-        self.item_history_counts.record_stream(stream)
+        for n in self._DENSE:
+            getattr(self, n).record_stream(stream)
 
     def pin_memory(self) -> "Batch":
-        return Batch(self.users.pin_memory(), self.items.pin_memory(), self.user_ids.pin_memory(),
-                     self.item_ids.pin_memory(), self.history_counts.pin_memory(),
-                     self.item_history_counts.pin_memory())
+        return Batch(self.users.pin_memory(), self.items.pin_memory(), *(getattr(self, n).pin_memory() for n in self._DENSE))
 
 
 class Features:
@@ -102,12 +159,31 @@ class Features:
     ``item_history`` (a CSR of each item's users), each item row carries the ``item_history`` bag."""
 
     def __init__(self, history: Optional[CSR] = None, shared: bool = True, dropout: float = 0.0,
-                 exclude_target: bool = False, item_history: Optional[CSR] = None) -> None:
+                 exclude_target: bool = False, item_history: Optional[CSR] = None,
+                 side: Optional[Dict[str, SideFeatures]] = None) -> None:
         self.history = history
         self.item_history = item_history
         self.shared = shared
         self.dropout = dropout
         self.exclude_target = exclude_target
+        self.side = side or {}
+
+    def _side(self, role: str, rows: np.ndarray, features: list) -> np.ndarray:
+        """Append the side-feature bags of `rows` (``if_*`` / ``uf_*``) to `features`; the id
+        feature (first) of a row without a training interaction is an empty bag. Returns the
+        counts [rows, columns]."""
+        side = self.side.get(role)
+        if side is None:
+            return np.zeros((len(rows), 0), dtype=np.float32)
+        key, _, ids = features[0]
+        has = side.has_id[rows]
+        features[0] = (key, has.astype(np.int64), ids[has])
+        counts = np.zeros((len(rows), len(side.names)), dtype=np.float32)
+        for k, (name, bag) in enumerate(zip(side.names, side.bags)):
+            lengths, values = gather_rows_csr(bag, rows)
+            features.append((SIDE_PREFIX[role] + name, lengths, values))
+            counts[:, k] = lengths
+        return counts
 
     def _bags(self, users: np.ndarray, targets: Optional[np.ndarray], rng: Optional[np.random.Generator]):
         lengths, values = gather_rows_csr(self.history, np.asarray(users, dtype=np.int64))
@@ -141,9 +217,12 @@ class Features:
         if self.item_history is not None:
             item_counts, values = gather_rows_csr(self.item_history, items)
             item_features.append((ITEM_HISTORY_FEATURE, item_counts, values))
+        user_side = self._side("user", users, user_features)
+        item_side = self._side("item", items, item_features)
         return Batch(_kjt(user_features), _kjt(item_features), user_ids, item_ids,
                      torch.from_numpy(np.asarray(counts, dtype=np.float32)),
-                     torch.from_numpy(np.asarray(item_counts, dtype=np.float32)))
+                     torch.from_numpy(np.asarray(item_counts, dtype=np.float32)),
+                     torch.from_numpy(user_side), torch.from_numpy(item_side))
 
 
 def _kjt(features) -> KeyedJaggedTensor:
@@ -167,15 +246,17 @@ def _kjt(features) -> KeyedJaggedTensor:
                              offset_per_key=[0, *np.cumsum(length_per_key).tolist()])
 
 
-def make_features(spec: FeatureSpec, dataset: Dataset, include_valid: bool, training: bool = False) -> Features:
+def make_features(spec: FeatureSpec, dataset: Dataset, include_valid: bool, training: bool = False,
+                  side: Optional[Dict[str, SideFeatures]] = None) -> Features:
     """The model's inputs from a dataset in memory: the bags of `spec` from the training split less
     the validation holdout (training, validating) or from the whole training split (testing,
-    exporting: `include_valid`); dropout and target exclusion only while `training`."""
+    exporting: `include_valid`); dropout and target exclusion only while `training`; the side
+    features `side` (``side_features``) as they are."""
     item_history = None
     if spec.item_history:
         item_history = dataset.item_history(include_valid, spec.item_history_max_len, spec.seed)
     if not spec.history:
-        return Features(item_history=item_history)
+        return Features(item_history=item_history, side=side)
     return Features(dataset.history(include_valid, spec.history_max_len), spec.share_item_table,
                     spec.history_dropout if training else 0.0, spec.history_exclude_target and training,
-                    item_history)
+                    item_history, side)

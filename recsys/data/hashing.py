@@ -10,6 +10,7 @@ mode refuses too):
 
     mix(x)            = ((x mod P)^2 mod P * 1103515245 + 12345) mod P
     split_key(u, i, s) = mix(mix(mix(r(u) + S(s)) + r(i)))        r(x) = x mod P (non-negative)
+    cold_item_key(i, s) = mix(mix(r(i) + S3(s)))                   (data.split=cold_items)
     hash_row(x, s, N)  = (mix(mix(r(x) + S1(s)) + q(x)) * P + mix(mix(q(x) + S2(s)) + r(x))) mod N
                          q(x) = floor(x / P) mod P: the code's next 31 bits
 
@@ -72,6 +73,12 @@ def split_key(user_codes: np.ndarray, item_codes: np.ndarray, seed: int) -> np.n
     ru, _ = _residues(user_codes)
     ri, _ = _residues(item_codes)
     return mix(mix(mix(ru + seed_term(seed, 0)) + ri))
+
+
+def cold_item_key(ids, seed: int) -> np.ndarray:
+    """``data.split=cold_items``: an item is held out when this key, in [0, P), is below
+    floor(test_fraction * P): mix(mix(r(code) + S3(seed))) of its code."""
+    return mix(mix(id_codes(ids) % P + seed_term(seed, 3)))
 
 
 def hash_rows(ids, seed: int, num_rows: int) -> np.ndarray:

@@ -13,7 +13,19 @@
     user_counts.npy                training interactions per user row (validation included)
     valid_user_counts.npy          validation rows per user row (all 0 without data.valid_fraction)
     test_user_counts.npy           test interactions per user row
-    manifest.json                  counts, schema, split, rows dropped and kept and why, the engine
+    test_missing_user_counts.npy   test interactions per user row whose item has no row (dropped:
+                                   the misses of the figure over all test interactions)
+    test_cold_user_counts.npy      with item features: test interactions per user row whose item
+                                   has no training interaction (the cold-item evaluation)
+    items_features.parquet         with data.item_features: row, feature (the column's index),
+                                   code (the value's row in the column's table), sorted, distinct
+    items_feature_values.parquet   feature, value (text), code, n (rows having it): the value
+                                   vocabulary (or the hashed rows); users_*: the same for users
+    manifest.json                  counts, schema, split, rows dropped and kept and why, the engine,
+                                   the side features (columns, table sizes, what was counted)
+
+Ids of a feature file without a training interaction get rows in the vocabulary after the trained
+ones (a count of 0 in item_counts_all.npy / user_counts.npy).
 
 Both loaders read this one layout: ``data.loader=memory`` loads ``train/`` and ``test/`` whole
 (``recsys.data.dataset.Dataset``), ``data.loader=stream`` streams the row groups.

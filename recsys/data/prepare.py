@@ -94,13 +94,21 @@ def _fingerprint(cfg: DataConfig) -> str:
     for key in NOT_IDENTITY:
         if key != "row_group_size":  # the prepared files' row groups
             fields.pop(key)
+    def files_of(path: str):
+        p = Path(path)
+        if not p.exists():  # an object-store URL (Spark): its name
+            return path
+        files = sorted(p.rglob("*")) if p.is_dir() else [p]
+        return [(str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns) for f in files if f.is_file()]
+
     for key in ("path", "test_path"):
         if fields[key]:
-            p = Path(fields[key])
-            if not p.exists():  # an object-store URL (Spark): its name
-                continue
-            files = sorted(p.rglob("*")) if p.is_dir() else [p]
-            fields[key] = [(str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns) for f in files if f.is_file()]
+            fields[key] = files_of(fields[key])
+    for key in ("item_features", "user_features"):  # added later: absent when unused (earlier datasets keep their name)
+        if fields[key]["path"] is None:
+            fields.pop(key)
+        else:
+            fields[key]["path"] = files_of(fields[key]["path"])
     fields["version"] = PREPARED_VERSION
     return hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
@@ -138,7 +146,7 @@ def prepare(cfg: DataConfig, progress: Optional[bool] = None, engine=None) -> Pa
     try:
         with _staged_dataset(out) as tmp:
             manifest = engine(cfg, tmp, PREPARED_VERSION, progress)
-            for leftover in ("_raw", "_raw_test", "_spill", "_spark"):
+            for leftover in ("_raw", "_raw_test", "_spill", "_spark", "_features_item", "_features_user"):
                 shutil.rmtree(tmp / leftover, ignore_errors=True)
             write_json_atomic(manifest, tmp / "manifest.json")
     except DataError:

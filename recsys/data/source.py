@@ -8,7 +8,9 @@ this interface, never asking which loader they have:
   validation holdout), ``has_valid``, ``manifest``; ``fit_item_counts()`` (logQ),
   ``item_counts()`` (popularity), ``user_counts()``, ``steps_per_epoch(global_batch)``;
 - ``id_rows(which, lo, hi)``: the raw id of each table row of a range (what a rank exports);
-- ``features(include_valid, training)``: the model's inputs (the bags of its ``FeatureSpec``);
+- ``features(include_valid, training)``: the model's inputs (the bags of its ``FeatureSpec``, and
+  the side features); ``side``: the side features (``data.item_features`` / ``user_features``),
+  ``side_tables()`` their tables' names and sizes, for the model;
 - ``eval_sets(max_users, progress)``: the test and validation ``EvalSets`` of this rank's share
   of the evaluated users (all with test / validation items, or a seeded sample of ``max_users``);
 - ``batches(options, epoch, skip, max_batches)``: an epoch's training batches from the (skip+1)-th;
@@ -25,7 +27,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Dict, Iterator, Optional, Protocol, Tuple
+from typing import Dict, Iterator, List, Optional, Protocol, Tuple
 
 import numpy as np
 import pyarrow as pa
@@ -33,9 +35,9 @@ import pyarrow.parquet as pq
 
 from recsys.config import ConfigError
 from recsys.data.batches import BatchOptions, TrainBatches
-from recsys.data.dataset import Dataset, id_rows
+from recsys.data.dataset import CSR, Dataset, id_rows
 from recsys.data.eval_sets import EvalSets, EvalSplit, load_split_sets, sampled_users
-from recsys.data.features import Batch, Features, FeatureSpec, make_features
+from recsys.data.features import Batch, Features, FeatureSpec, SideFeatures, make_features, side_features
 from recsys.data.loader import Pieces, StreamBatches, steps_per_epoch
 from recsys.distributed import owned_share
 
@@ -55,6 +57,9 @@ class DataSource(Protocol):
     """Whether an epoch's batches change with the world size (a resumed epoch on another world
     size then sees another order)."""
 
+    side: Dict[str, SideFeatures]
+
+    def side_tables(self) -> Dict[str, List[Tuple[str, int]]]: ...
     def fit_item_counts(self) -> np.ndarray: ...
     def item_counts(self) -> np.ndarray: ...
     def user_counts(self) -> np.ndarray: ...
@@ -83,6 +88,22 @@ def open_source(path: Path, spec: FeatureSpec, loader: str = "memory",
     return StreamedSource(path, manifest, spec)
 
 
+def missing_counts(path: Path, manifest: Dict) -> Tuple[Optional[np.ndarray], int]:
+    """(per user row, the test interactions without a vector; the test users with no test
+    interaction that has one) of a prepared dataset: what the figure over all test interactions
+    counts as misses. (None, 0) for a dataset prepared before they were counted."""
+    f = Path(path) / "test_missing_user_counts.npy"
+    if not f.exists() or "test_users_without_vectors" not in manifest["counts"]:
+        return None, 0
+    return np.load(f), int(manifest["counts"]["test_users_without_vectors"])
+
+
+def cold_item_rows(side: Dict[str, SideFeatures]) -> Optional[np.ndarray]:
+    """With item side features: which item rows have no training interaction (their vectors come
+    from their features alone); None without item features."""
+    return None if "item" not in side else ~side["item"].has_id
+
+
 class InMemorySource:
     """``data.loader=memory``: the whole prepared dataset in every rank's memory; each epoch is a
     seeded permutation of all fit interactions (``TrainBatches``: the global batch of a step does
@@ -98,6 +119,11 @@ class InMemorySource:
         self.fit_users, self.fit_items = self.dataset.fit_pairs()
         self.num_fit = len(self.fit_users)
         self._features: Dict[Tuple[bool, bool], Features] = {}
+        self.side = side_features(self.path, self.manifest, self.num_users, self.num_items, self.user_counts(),
+                                  self.item_counts())
+
+    def side_tables(self) -> Dict[str, List[Tuple[str, int]]]:
+        return {role: s.tables for role, s in self.side.items()}
 
     def fit_item_counts(self) -> np.ndarray:
         return self.dataset.item_counts(include_valid=False)
@@ -131,7 +157,7 @@ class InMemorySource:
         histories (testing, exporting) or without (training, validating)."""
         key = (include_valid, training)
         if key not in self._features:
-            self._features[key] = make_features(self.spec, self.dataset, include_valid, training)
+            self._features[key] = make_features(self.spec, self.dataset, include_valid, training, self.side)
         return self._features[key]
 
     def eval_sets(self, max_users: int, progress: bool = False) -> EvalSets:
@@ -140,14 +166,29 @@ class InMemorySource:
         d = self.dataset
         test_csr = d.test_csr()
         users, of = sampled_users(test_csr.counts(), max_users, "test")
-        test = EvalSplit(users, self.num_users, self.num_items, self.features(), d.train_csr(), test_csr)
+        train_csr = d.train_csr()
+        test = EvalSplit(users, self.num_users, self.num_items, self.features(), train_csr, test_csr,
+                         *missing_counts(self.path, self.manifest), users_of=of)
         valid = None
         if d.has_valid:
             valid_csr = d.valid_csr()
             valid = EvalSplit(sampled_users(valid_csr.counts(), max_users, "validation")[0], self.num_users,
                               self.num_items,
                               self.features(include_valid=False), d.train_csr(include_valid=False), valid_csr)
-        return EvalSets(test, valid, {"eval_users": len(users), "eval_users_of": of})
+        cold = None
+        cold_items = self.cold_items()
+        if cold_items is not None:
+            keep = cold_items[d.test_items]
+            cold_csr = CSR.from_pairs(d.test_users[keep], d.test_items[keep], self.num_users)
+            if keep.any():
+                cold_users, cold_of = sampled_users(cold_csr.counts(), max_users, "cold-item test")
+                cold = EvalSplit(cold_users, self.num_users, self.num_items, self.features(), train_csr, cold_csr,
+                                 users_of=cold_of)
+        return EvalSets(test, valid, cold=cold, info={"eval_users": len(users), "eval_users_of": of})
+
+    def cold_items(self) -> Optional[np.ndarray]:
+        """With item side features: which item rows have no training interaction (None without)."""
+        return cold_item_rows(self.side)
 
     def batches(self, options: BatchOptions, epoch: int, skip: int = 0,
                 max_batches: Optional[int] = None) -> Iterator[Batch]:
@@ -178,6 +219,12 @@ class StreamedSource:
         self.has_valid = counts["valid_interactions"] > 0
         self.pieces = Pieces.read(path)
         self.num_fit = self.pieces.total_fit
+        self.side = side_features(self.path, manifest, self.num_users, self.num_items, self.user_counts(),
+                                  self.item_counts())
+        self._features = Features(side=self.side)
+
+    def side_tables(self) -> Dict[str, List[Tuple[str, int]]]:
+        return {role: s.tables for role, s in self.side.items()}
 
     def fit_item_counts(self) -> np.ndarray:
         return np.load(self.path / "item_counts.npy")
@@ -218,8 +265,8 @@ class StreamedSource:
         return np.concatenate(users), np.concatenate(items)
 
     def features(self, include_valid: bool = True, training: bool = False) -> Features:
-        """The model's inputs: the ids only (a streamed model has no history bags)."""
-        return Features()
+        """The model's inputs: the ids and the side features (a streamed model has no history bags)."""
+        return self._features
 
     def eval_sets(self, max_users: int, progress: bool = False) -> EvalSets:
         """The sets of this rank's own evaluated users (``owned_share``) (a seeded sample of at most
@@ -227,15 +274,26 @@ class StreamedSource:
         one over ``test/`` (with a progress bar when `progress`)."""
         test_users, of = sampled_users(np.load(self.path / "test_user_counts.npy"), max_users, "test")
         wanted = {"test": owned_share(test_users, self.num_users)[0]}
-        valid_users = None
+        valid_users = cold_users = None
         if self.has_valid:
             valid_users, _ = sampled_users(np.load(self.path / "valid_user_counts.npy"), max_users, "validation")
             wanted["valid"] = owned_share(valid_users, self.num_users)[0]
-        sets = load_split_sets(self.path, wanted, progress=progress)
-        test = EvalSplit(test_users, self.num_users, self.num_items, Features(), *sets["test"])
-        valid = EvalSplit(valid_users, self.num_users, self.num_items, Features(), *sets["valid"]) if self.has_valid else None
-        return EvalSets(test, valid, {"eval_users": len(test_users), "eval_users_of": of})
+        cold_items = cold_item_rows(self.side)
+        if cold_items is not None and (self.path / "test_cold_user_counts.npy").exists():
+            cold_users, cold_of = sampled_users(np.load(self.path / "test_cold_user_counts.npy"), max_users,
+                                                "cold-item test")
+            if len(cold_users):
+                wanted["cold"] = owned_share(cold_users, self.num_users)[0]
+        sets = load_split_sets(self.path, wanted, progress=progress, cold_items=cold_items)
+        test = EvalSplit(test_users, self.num_users, self.num_items, self._features, *sets["test"],
+                         *missing_counts(self.path, self.manifest), users_of=of)
+        valid = (EvalSplit(valid_users, self.num_users, self.num_items, self._features, *sets["valid"])
+                 if self.has_valid else None)
+        cold = (EvalSplit(cold_users, self.num_users, self.num_items, self._features, *sets["cold"], users_of=cold_of)
+                if "cold" in sets else None)
+        return EvalSets(test, valid, cold=cold, info={"eval_users": len(test_users), "eval_users_of": of})
 
     def batches(self, options: BatchOptions, epoch: int, skip: int = 0,
                 max_batches: Optional[int] = None) -> Iterator[Batch]:
-        return iter(StreamBatches(self.pieces, self.num_items, options, epoch, skip=skip, max_batches=max_batches))
+        return iter(StreamBatches(self.pieces, self.num_items, options, epoch, skip=skip, max_batches=max_batches,
+                                  features=self._features))

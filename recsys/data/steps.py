@@ -69,7 +69,8 @@ class Dialect:
                            else f"floor(epoch({col}))")
                 select.append(f"CAST({seconds} AS BIGINT) AS timestamp")
             else:
-                select.append(f"CAST({col} AS {'BIGINT' if kind == 'int' else 'DOUBLE'}) AS {role}")
+                sql_type = {"int": "BIGINT", "text": "STRING" if spark else "VARCHAR"}.get(kind, "DOUBLE")
+                select.append(f"CAST({col} AS {sql_type}) AS {role}")
         return select
 
 
@@ -102,6 +103,18 @@ class Options:
     seed: int
     min_rating: Optional[float] = None
     rating: bool = False
+    item_features: int = 0
+    """Feature columns of data.item_features (0: none); the staged relation ``item_feat_raw``."""
+    item_feature_buckets: int = 0
+    """0: a vocabulary of each column's values; N: values hashed into N rows."""
+    user_features: int = 0
+    user_feature_buckets: int = 0
+
+    def features(self, role: str) -> int:
+        return self.item_features if role == "item" else self.user_features
+
+    def feature_buckets(self, role: str) -> int:
+        return self.item_feature_buckets if role == "item" else self.user_feature_buckets
 
 
 class Steps:
@@ -119,6 +132,10 @@ class Steps:
     def split_key(self, user_code: str, item_code: str, seed: int) -> str:
         """``recsys.data.hashing.split_key`` in SQL."""
         return _mix(_mix(_mix(f"{_residue(user_code)} + {seed_term(seed, 0)}") + f" + {_residue(item_code)}"))
+
+    def cold_key(self, code: str) -> str:
+        """``recsys.data.hashing.cold_item_key`` in SQL."""
+        return _mix(_mix(f"{_residue(code)} + {seed_term(self.o.seed, 3)}"))
 
     def hash_row(self, code: str, num_rows: int) -> str:
         """``recsys.data.hashing.rows_from_codes`` in SQL."""
@@ -223,6 +240,10 @@ class Steps:
         col, n = ("user_id", self.o.num_users) if role == "user" else ("item_id", self.o.num_items)
         string = self.o.string_users if role == "user" else self.o.string_items
         counts = f"SELECT {col}, count(*) AS n FROM train GROUP BY {col}"
+        if self.o.features(role):  # the feature file's ids without a training interaction get rows too (n = 0)
+            in_range = f" AND {col} >= 0 AND {col} < {n}" if self.o.id_mapping == "identity" else ""
+            counts = (f"SELECT {col}, CAST(sum(n) AS BIGINT) AS n FROM ({counts} UNION ALL SELECT DISTINCT {col}, "
+                      f"CAST(0 AS BIGINT) AS n FROM {role}_feat_raw WHERE {col} IS NOT NULL{in_range}) a GROUP BY {col}")
         if self.o.id_mapping == "vocab":
             return f"SELECT {col}, CAST(row_number() OVER (ORDER BY n DESC, {col}) - 1 AS BIGINT) AS row, n FROM ({counts}) c"
         if self.o.id_mapping == "identity":
@@ -241,6 +262,11 @@ class Steps:
                               "FROM pairs_test")]
         elif o.split == "random":  # the holdout straight from the repeats' aggregate: one table less
             out += [("split", self._holdout(f"({self._dedup('raw')})", o.test_fraction, o.seed, "is_test"))]
+        elif o.split == "cold_items":  # a seeded share of the items, with all their interactions
+            cols = ", ".join(["user_id", "item_id", *self.extras])
+            out += [("pairs", self._dedup("raw")),
+                    ("split", f"SELECT {cols}, {self.cold_key(self.code('item_id', o.string_items))} < "
+                              f"{int(o.test_fraction * P)} AS is_test FROM pairs")]
         else:
             out += [("pairs", self._dedup("raw")), ("split", self._temporal("pairs", train_rows))]
         cols = ", ".join(["user_id", "item_id", *self.extras])
@@ -316,7 +342,66 @@ class Steps:
                     ("valid_user_counts", "user", f"SELECT {user} AS r, count(*) FROM {source} WHERE t.valid GROUP BY r")]
         out.append(("test_user_counts", "user", "SELECT u.row, count(*) FROM split t JOIN users u ON t.user_id = "
                     "u.user_id JOIN items i ON t.item_id = i.item_id WHERE t.is_test GROUP BY u.row"))
+        # test rows of known users whose item has no row (no vector): misses of the figure over all test rows
+        out.append(("test_missing_user_counts", "user", "SELECT u.row, count(*) FROM split t JOIN users u ON "
+                    "t.user_id = u.user_id LEFT JOIN items i ON t.item_id = i.item_id WHERE t.is_test AND i.row IS NULL "
+                    "GROUP BY u.row"))
+        if self.o.item_features:  # test rows of items without a training interaction (vectors from features)
+            out.append(("test_cold_user_counts", "user", "SELECT u.row, count(*) FROM split t JOIN users u ON "
+                        "t.user_id = u.user_id JOIN items i ON t.item_id = i.item_id WHERE t.is_test AND i.n = 0 "
+                        "GROUP BY u.row"))
         return out
+
+    def unseen_users(self) -> str:
+        """(distinct test users without a row, their test rows)."""
+        return ("SELECT count(DISTINCT user_id), count(*) FROM split t WHERE t.is_test AND t.user_id NOT IN "
+                "(SELECT user_id FROM users)")
+
+
+    # -- side features (recsys.data.side_features stages the file as {role}_feat_raw) --------------
+
+    def feature_tables(self, role: str) -> List[Tuple[str, str]]:
+        """(name, SQL) of the feature tables of `role`, created after the vocabularies:
+        ``{role}_feat`` (row, feature, value) of the ids that have a row, distinct, and
+        ``{role}_feat_values`` (feature, value, code, n: the rows having it): the code is the
+        value's rank by n descending then value (a vocabulary per column) or its hashed row."""
+        col, table = ("user_id", "users") if role == "user" else ("item_id", "items")
+        kept = (f"SELECT DISTINCT v.row AS row, f.feature AS feature, f.value AS value FROM {role}_feat_raw f "
+                f"JOIN {table} v ON f.{col} = v.{col}")
+        buckets = self.o.feature_buckets(role)
+        counted = f"SELECT feature, value, count(*) AS n FROM {role}_feat GROUP BY feature, value"
+        if buckets:
+            code = self.hash_row(self.code("value", True), buckets)
+        else:
+            code = "row_number() OVER (PARTITION BY feature ORDER BY n DESC, value) - 1"
+        values = f"SELECT feature, value, CAST({code} AS BIGINT) AS code, n FROM ({counted}) c"
+        return [(f"{role}_feat", kept), (f"{role}_feat_values", values)]
+
+    def feature_rows(self, role: str) -> str:
+        """The prepared ``{items,users}_features.parquet``: (row, feature, code), distinct, sorted."""
+        return (f"SELECT DISTINCT f.row AS row, CAST(f.feature AS INT) AS feature, v.code AS code FROM {role}_feat f "
+                f"JOIN {role}_feat_values v ON f.feature = v.feature AND f.value = v.value ORDER BY row, feature, code")
+
+    def feature_values(self, role: str) -> str:
+        """The prepared ``{items,users}_feature_values.parquet``: each column's values, code, rows."""
+        return (f"SELECT CAST(feature AS INT) AS feature, value, code, CAST(n AS BIGINT) AS n FROM {role}_feat_values "
+                "ORDER BY feature, code, value")
+
+    def feature_sizes(self, role: str) -> str:
+        """(feature, distinct values, rows of the table: values or buckets)."""
+        buckets = self.o.feature_buckets(role)
+        size = str(buckets) if buckets else "max(code) + 1"
+        return f"SELECT feature, count(*), {size} FROM {role}_feat_values GROUP BY feature ORDER BY feature"
+
+    def feature_counts(self, role: str) -> str:
+        """(distinct ids of the file, of them with a training interaction, ids with a row in
+        the file, training ids without any feature value, file ids left without a row)."""
+        col, table = ("user_id", "users") if role == "user" else ("item_id", "items")
+        ids = f"(SELECT DISTINCT {col} FROM {role}_feat_raw WHERE {col} IS NOT NULL)"
+        return (f"SELECT (SELECT count(*) FROM {ids} a), "
+                f"(SELECT count(*) FROM {ids} a JOIN {table} v ON a.{col} = v.{col} WHERE v.n > 0), "
+                f"(SELECT count(*) FROM {ids} a JOIN {table} v ON a.{col} = v.{col}), "
+                f"(SELECT count(*) FROM {table} v WHERE v.n > 0 AND v.row NOT IN (SELECT row FROM {role}_feat))")
 
 
 def sql_string(text: str) -> str:

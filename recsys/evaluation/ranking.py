@@ -187,8 +187,12 @@ def ranking_metric_sums(
     user_chunk: int = 1024,
     item_chunk: int = 0,
     score_budget_mb: int = 256,
+    missing: Optional[np.ndarray] = None,
 ) -> Dict[str, float]:
-    """Sums over `users` of recall@K and ndcg@K, and their count (key ``users``).
+    """Sums over `users` of recall@K and ndcg@K, and their count (key ``users``). With `missing`
+    (per user of `users`: test interactions whose item has no vector, never found), also
+    ``all_recall@K`` / ``all_ndcg@K``: the same hits over the user's test interactions including
+    those (recall's denominator and NDCG's ideal count them).
 
     `user_vecs[i]` is the vector of user row `users[i]`; `item_vecs` holds every item. `train`
     (masked) and `test` (relevant) are CSRs over all user rows or `ItemSets` covering `users`.
@@ -213,7 +217,8 @@ def ranking_metric_sums(
     buffer_size = max(p for _, p in plans.values()) * min(rows, max(len(users), 1))
     discount = 1.0 / torch.log2(torch.arange(2, kmax + 2, device=device, dtype=torch.float64))
     ideal = torch.cumsum(discount, 0)
-    per_user = np.zeros((len(users), 2 * len(ks)))  # recall@k for each k, then ndcg@k
+    extra = None if missing is None else np.asarray(missing, dtype=np.float64)
+    per_user = np.zeros((len(users), (2 if extra is None else 4) * len(ks)))  # recall@k, ndcg@k[, all_ of both]
 
     def score_block(first: int, buffer: torch.Tensor) -> None:
         chunk = users[first : first + rows]
@@ -240,6 +245,12 @@ def ranking_metric_sums(
         for k in ks:
             idcg = ideal[(torch.clamp(n_test, max=k) - 1).long()]
             out.append((rel[:, :k] * discount[:k]).sum(1) / idcg)
+        if extra is not None:
+            n_all = n_test + torch.from_numpy(extra[first : first + c]).to(device)
+            for k in ks:
+                out.append(rel[:, :k].sum(1) / n_all)
+            for k in ks:
+                out.append((rel[:, :k] * discount[:k]).sum(1) / ideal[(torch.clamp(n_all, max=k) - 1).long()])
         per_user[first : first + c] = torch.stack(out, 1).cpu().numpy()
 
     firsts = iter(range(0, len(users), rows))
@@ -269,6 +280,9 @@ def ranking_metric_sums(
     totals = per_user.sum(0)
     sums = {f"recall@{k}": float(totals[i]) for i, k in enumerate(ks)}
     sums.update({f"ndcg@{k}": float(totals[len(ks) + i]) for i, k in enumerate(ks)})
+    if extra is not None:
+        sums.update({f"all_recall@{k}": float(totals[2 * len(ks) + i]) for i, k in enumerate(ks)})
+        sums.update({f"all_ndcg@{k}": float(totals[3 * len(ks) + i]) for i, k in enumerate(ks)})
     sums["users"] = float(len(users))
     return sums
 
@@ -281,6 +295,6 @@ def reduce_means(sums: Dict[str, float], device: torch.device) -> Dict[str, floa
         dist.all_reduce(t)
     total = dict(zip(keys, t.tolist()))
     n = total.pop("users")
-    out = {k: total[k] / n for k in sorted(total, key=lambda s: (s.split("@")[0], int(s.split("@")[1])))}
+    out = {k: total[k] / max(n, 1.0) for k in sorted(total, key=lambda s: (s.split("@")[0], int(s.split("@")[1])))}
     out["users"] = int(n)
     return out

@@ -85,9 +85,11 @@ _VOLATILE = {
 # Options added after run directories existed: hashed only when not at their default, so a run
 # directory written before they existed keeps its hash (and resumes).
 _ADDED = {
-    "data": ("loader", "stream_min_rows", "row_group_size", "num_workers", "shuffle_buffer"),
+    "data": ("loader", "stream_min_rows", "row_group_size", "num_workers", "shuffle_buffer", "item_features",
+             "user_features"),
     "model": ("init", "spectral_alpha", "spectral_niter", "spectral_refit", "table_dtype", "stack_spectral_dim",
-              "stack_spectral_weights", "pretrained_items", "pretrained_users"),
+              "stack_spectral_weights", "pretrained_items", "pretrained_users", "feature_pooling", "feature_weights",
+              "feature_combine"),
     "eval": ("max_users",),
     "optim": ("stochastic_rounding",),
 }

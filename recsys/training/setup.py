@@ -13,7 +13,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -55,15 +55,17 @@ class ShardedModel:
 
 
 def build_model(cfg: Config, num_users: int, num_items: int, device: torch.device, world: int,
-                item_counts: Optional[np.ndarray] = None, initialise: bool = True) -> ShardedModel:
+                item_counts: Optional[np.ndarray] = None, initialise: bool = True,
+                side_tables: Optional[Dict[str, List[Tuple[str, int]]]] = None) -> ShardedModel:
     """The model of `cfg` built on the meta device and sharded by the planner; with `initialise`,
     its tables filled with their sharding-independent initialisation (not needed when a checkpoint
     is loaded next). `item_counts` (training counts per item) gives the loss's logQ correction
-    when ``loss.logq_correction``. Collective."""
+    when ``loss.logq_correction``; `side_tables` the data's side-feature tables
+    (``DataSource.side_tables``). Collective."""
     item_log_prob = None
     if cfg.loss.logq_correction and item_counts is not None:
         item_log_prob = torch.from_numpy(np.log(np.maximum(item_counts, 1) / item_counts.sum())).float().to(device)
-    task = build_task(cfg.model, cfg.loss, num_users, num_items, item_log_prob)
+    task = build_task(cfg.model, cfg.loss, num_users, num_items, item_log_prob, side_tables)
     o = cfg.optim
     # GPU memory the planner must leave free: the evaluation's item vectors (every rank scores its
     # users against all items) and its score blocks
@@ -108,7 +110,8 @@ def load_trained(path: Path, device: str = "auto") -> Trained:
     cfg = config_from_meta(meta, ckpt)
     info = init_distributed(device)
     data = open_data(cfg, Path(meta.get("data", {}).get("path") or ""))
-    sharded = build_model(cfg, data.num_users, data.num_items, info.device, info.world_size, initialise=False)
+    sharded = build_model(cfg, data.num_users, data.num_items, info.device, info.world_size, initialise=False,
+                          side_tables=data.side_tables())
     check_compatible(meta, cfg.model.name, table_shapes(sharded.dmp), ckpt)
     _, best = load_checkpoint(ckpt, sharded.dmp, None, load_best=True)
     if best is not None:
