@@ -115,6 +115,16 @@ class DataConfig:
     ``hash``: ids of any type hashed (seeded with ``seed``) into ``num_users`` / ``num_items``
     rows, for unbounded id spaces; no vocabulary is needed to train, distinct ids sharing a row
     are counted (the collision rate is in the manifest and the log)."""
+    min_count: int = 1
+    """``data.oov_buckets > 0``: items with fewer training interactions than this are rare: they
+    share the OOV rows instead of a row each (unless the item feature file gives them features)."""
+    oov_buckets: int = 0
+    """N > 0 (``id_mapping=vocab``): N hashed item rows after the others, shared by the rare items
+    (a trained "rare item" vector); a test item never seen in training (and without features) is
+    hashed into them too instead of being dropped, and so can a serving system (the export's
+    ``oov/items/`` holds their vectors by bucket; ``recsys.data.hashing.oov_rows``). 0: every
+    training item has a row; unseen ones have none. Items only: a user row is also what the
+    evaluation ranks for, which rows shared by users would merge."""
     engine: str = "duckdb"
     """What prepares the data: ``duckdb`` (embedded, in process) or ``spark`` (a local Spark session
     here; on a cluster run ``spark-submit jobs/spark/prepare.py`` with the same overrides). Both
@@ -184,6 +194,14 @@ class DataConfig:
         if self.id_mapping == "hash":
             _check(self.num_users > 0 and self.num_items > 0,
                    "data.id_mapping=hash needs data.num_users and data.num_items (the table sizes) positive")
+        _check(self.min_count >= 1, f"data.min_count must be >= 1, got {self.min_count}")
+        _check(self.oov_buckets >= 0, f"data.oov_buckets must be >= 0, got {self.oov_buckets}")
+        if self.min_count > 1:
+            _check(self.oov_buckets > 0, f"data.min_count={self.min_count} sends rare ids to the OOV rows: set "
+                   "data.oov_buckets > 0 (how many)")
+        if self.oov_buckets:
+            _check(self.id_mapping == "vocab", f"data.oov_buckets is for data.id_mapping=vocab (with "
+                   f"{self.id_mapping} every id already has a row of its own or a hashed one)")
         if self.id_mapping == "identity":
             _check(self.name != "synthetic", "data=synthetic makes its own ids: data.id_mapping=identity is for files")
             _check(self.num_users > 0 and self.num_items > 0,

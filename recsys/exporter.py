@@ -265,16 +265,20 @@ def write_export(out_dir: Path, user_ids: pa.Array, user_vecs: np.ndarray, item_
 
 @torch.no_grad()
 def _write_share(path: Path, tower, id_name: str, ids: pa.Array, rows: np.ndarray, lo: int, hi: int,
-                 max_share: int, dim: int, chunk: int, device,
-                 has_id: Optional[np.ndarray] = None) -> Tuple[Optional[Dict], Optional[Exception]]:
+                 max_share: int, dim: int, chunk: int, device, has_id: Optional[np.ndarray] = None,
+                 oov: Optional[Tuple[Path, int, int]] = None) -> Tuple[Optional[Dict], Optional[Exception]]:
     """This rank's part: the vectors of table rows [lo, hi), a chunk at a time, each with the ids
     of its row; (its manifest entry, None) or (None, the error). Every rank makes the same number of
     tower calls (sharded lookups are collective), after an error too, so that no rank waits forever.
     `has_id` (side features): which rows have a trained id embedding; the others are flagged
-    ``from_features``."""
-    writer, error = None, None
+    ``from_features``. `oov` (path, first row, buckets): the OOV rows of this share are also
+    written there with their bucket number (a serving system's unseen ids hash into them); the
+    manifest entry then has ``oov``: the file's entry."""
+    writer, error, oov_writer = None, None, None
     try:
         writer = PartWriter(path, id_name, ids.type, dim, flagged=has_id is not None)
+        if oov is not None:
+            oov_writer = PartWriter(oov[0], "bucket", pa.int64(), dim)
     except Exception as e:  # reported to every rank after the collective calls
         error = e
     for call in range(-(-max_share // chunk)):
@@ -286,11 +290,18 @@ def _write_share(path: Path, tower, id_name: str, ids: pa.Array, rows: np.ndarra
                 a, b = np.searchsorted(rows, [c0, c1])
                 writer.write(ids.slice(a, b - a), vecs[rows[a:b] - c0],
                              None if has_id is None else ~has_id[rows[a:b]])
+                if oov_writer is not None:
+                    first, buckets = oov[1], oov[2]
+                    r = np.arange(max(c0, first), min(c1, first + buckets))
+                    oov_writer.write(pa.array(r - first, pa.int64()), vecs[r - c0])
             except Exception as e:
                 error = e
     if error is None:
         try:
-            return writer.close(), None
+            entry = writer.close()
+            if oov_writer is not None:
+                entry["oov"] = oov_writer.close()
+            return entry, None
         except Exception as e:
             error = e
     return None, error
@@ -298,15 +309,16 @@ def _write_share(path: Path, tower, id_name: str, ids: pa.Array, rows: np.ndarra
 
 def export_model(model, features, id_rows: IdRows, num_users: int, num_items: int, out_dir: Path, device,
                  config_hash: str, chunk: int = 4096, options: Optional[ExportConfig] = None,
-                 extra: Optional[Dict] = None) -> Optional[Path]:
+                 extra: Optional[Dict] = None, oov: Optional[Dict[str, Dict]] = None) -> Optional[Path]:
     """Write the vectors of a (sharded) two-tower model, a part per rank; rank 0 commits.
 
     ``id_rows(which, lo, hi)`` gives the raw ids of rows [lo, hi) of the ``num_users`` x D user
     table / ``num_items`` x D item table: with ``data.id_mapping=hash`` several ids share a row
     (each gets its row's vector) and a row may have no id (not exported). User vectors are the user
     tower's outputs (with each user's history bag from ``features``); ``options`` adds the serving
-    artefacts and ``extra`` manifest entries. An error on any rank is raised on every rank (the
-    staging directory removed). Collective; returns the directory on rank 0."""
+    artefacts and ``extra`` manifest entries; ``oov`` (a prepared manifest's ``oov`` entry) adds
+    each table's OOV rows under ``oov/<table>/`` (``bucket``, ``vector``). An error on any rank is
+    raised on every rank (the staging directory removed). Collective; returns the directory on rank 0."""
     rank, world = rank_and_world()
     staging: List[Staging] = []  # rank 0's
 
@@ -326,9 +338,12 @@ def export_model(model, features, id_rows: IdRows, num_users: int, num_items: in
             except Exception as e:  # raised on every rank below
                 error = e
         side = features.side.get(name[:-1])  # users -> user, items -> item
+        oov_rows = (oov or {}).get(name)
+        oov_target = None if oov_rows is None else (tmp / "oov" / name / PART.format(rank), oov_rows["first_row"],
+                                                    oov_rows["buckets"])
         entry, failed = _write_share(tmp / name / PART.format(rank), towers[name], id_name, ids, np.asarray(rows), lo,
                                      hi, int(np.diff(rank_bounds(count, world)).max()), model.embedding_dim, chunk, device,
-                                     None if side is None else side.has_id)
+                                     None if side is None else side.has_id, oov_target)
         mine[name], error = (f"{name}/{PART.format(rank)}", entry), error or failed
     everyone = all_gather_objects((mine, error))
     errors = [e for _, e in everyone if e is not None]
@@ -340,7 +355,16 @@ def export_model(model, features, id_rows: IdRows, num_users: int, num_items: in
     flagged = {name: sum(e[FROM_FEATURES] for _, e in parts[name]) for name in parts
                if parts[name] and FROM_FEATURES in parts[name][0][1]}
     extra = {**(extra or {}), **({FROM_FEATURES: flagged} if flagged else {})}
+    oov_files = {}
+    if oov:  # each table's OOV rows: bucket + vector, and how an id finds its bucket
+        extra["oov"] = {}
+        for name in oov:
+            files = [(f"oov/{name}/{PART.format(r)}", e.pop("oov")) for r, (_, e) in enumerate(parts[name])]
+            oov_files.update(files)
+            extra["oov"][name] = {**oov[name], "parts": [f for f, _ in files],
+                                  "bucket_of_an_id": "recsys.data.hashing.oov_rows(ids, 0, buckets, seed)"}
     manifest = _manifest(model.embedding_dim, parts, model.normalize, config_hash, extra)
+    manifest["files"].update(oov_files)
     path = from_rank0(lambda: str(staging[0].commit(manifest, options)), Exception)
     return Path(path) if rank == 0 else None
 
@@ -355,7 +379,7 @@ def export_data(model, features, data: DataSource, out_dir: Path, device, config
     if "hash" in data.manifest:
         extra["hash"] = data.manifest["hash"]
     return export_model(model, features, data.id_rows, data.num_users, data.num_items, out_dir, device, config_hash,
-                        options=options, extra=extra)
+                        options=options, extra=extra, oov=data.manifest.get("oov"))
 
 
 # ---------------------------------------------------------------------------------------------

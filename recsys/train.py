@@ -217,6 +217,10 @@ def run_metrics(end: RunEnd, state: TrainState, wall: float, data: DataSource, e
                        "loader": data.loader, **eval_info}
     if "hash" in data.manifest:  # data.id_mapping=hash: distinct ids, rows used, collision rate
         metrics["data"]["hash"] = data.manifest["hash"]
+    if "oov" in data.manifest:  # rare items and unseen test items in the OOV rows
+        metrics["data"]["oov"] = data.manifest["oov"]
+    if "features" in data.manifest:  # side features: ids without interactions (new), without features, ...
+        metrics["data"]["features"] = {stem: entry["counts"] for stem, entry in data.manifest["features"].items()}
     if state.pretrained:
         metrics["pretrained"] = state.pretrained
     metrics["run_hash"] = rhash

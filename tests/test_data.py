@@ -98,8 +98,10 @@ def test_given_split(tmp_path):
     test = write(tmp_path, "test.parquet", user_id=pa.array(["u1", "u3", "u2"]), item_id=pa.array([2, 1, 7]))
     out = prepare(parquet_cfg(tmp_path, train, test_path=test, split="given"))
     m = json.loads((out / "manifest.json").read_text())
+    # (u3, 1): an unseen user; (u2, 7): an unseen item, u2's only test row: neither has a vector
     assert m["counts"] == {"raw_interactions": 3, "num_users": 2, "num_items": 2, "train_interactions": 3,
-                           "test_interactions": 1, "test_users": 1, "valid_interactions": 0}
+                           "test_interactions": 1, "test_users": 1, "valid_interactions": 0,
+                           "test_interactions_without_vectors": 2, "test_users_without_vectors": 2}
     assert m["dropped"]["test_unseen_user"] == 1 and m["dropped"]["test_unseen_item"] == 1
 
 

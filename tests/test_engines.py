@@ -156,20 +156,44 @@ def same_dataset(a: Path, b: Path) -> None:
         ta, tb = [pa.concat_tables([pq.read_table(f) for f in sorted((x / part).glob("part-*.parquet"))]) for x in (a, b)]
         assert ta.column_names == tb.column_names and all(ta[c].equals(tb[c]) for c in ta.column_names)
         assert json.loads((a / part / "pieces.json").read_text()) == json.loads((b / part / "pieces.json").read_text())
-    for name in ("user_counts", "item_counts", "item_counts_all", "valid_user_counts", "test_user_counts"):
-        assert np.array_equal(np.load(a / f"{name}.npy"), np.load(b / f"{name}.npy"))
+    for name in ("user_counts", "item_counts", "item_counts_all", "valid_user_counts", "test_user_counts",
+                 "test_missing_user_counts", "test_cold_user_counts"):
+        assert (a / f"{name}.npy").exists() == (b / f"{name}.npy").exists(), name
+        if (a / f"{name}.npy").exists():
+            assert np.array_equal(np.load(a / f"{name}.npy"), np.load(b / f"{name}.npy")), name
+    for stem in ("items", "users"):
+        for f in (f"{stem}_features.parquet", f"{stem}_feature_values.parquet"):
+            assert (a / f).exists() == (b / f).exists(), f
+            if (a / f).exists():
+                ta, tb = pq.read_table(a / f), pq.read_table(b / f)
+                assert ta.column_names == tb.column_names and all(ta[c].equals(tb[c]) for c in ta.column_names), f
     ma, mb = (json.loads((x / "manifest.json").read_text()) for x in (a, b))
-    for key in ("counts", "dropped", "kept", "schema", "hash"):
+    for key in ("counts", "dropped", "kept", "schema", "hash", "oov"):
         assert ma.get(key) == mb.get(key), key
+    assert json.dumps(ma.get("features"), sort_keys=True) == json.dumps(mb.get("features"), sort_keys=True)
     assert (ma["engine"]["name"], mb["engine"]["name"]) == ("duckdb", "spark")
 
 
-@pytest.mark.parametrize("mapping", ["vocab", "hash"])
+@pytest.mark.parametrize("mapping", ["vocab", "hash", "features"])
 def test_spark_equals_duckdb(tmp_path, spark, mapping):
+    """vocab, hash; features: side features of items (a vocabulary) and users (hashed), OOV item
+    rows, held-out items (data.split=cold_items)."""
+    from recsys.config import FeatureFileConfig
     from recsys.data.spark_engine import spark_runner
     path = uneven_log(tmp_path / "log", strings=True, sizes=(40, 300, 700), weights=mapping == "vocab")
-    kw = dict(name="parquet", path=str(path), id_mapping=mapping, num_users=64, num_items=32, valid_fraction=0.1,
-              row_group_size=64, weight_column="weight" if mapping == "vocab" else None)
+    kw = dict(name="parquet", path=str(path), id_mapping="vocab" if mapping == "features" else mapping, num_users=64,
+              num_items=32, valid_fraction=0.1, row_group_size=64, weight_column="weight" if mapping == "vocab" else None)
+    if mapping == "features":
+        items = [f"sku-{7 * k}é" for k in range(0, 60, 2)] + ["new-a", "new-b"]  # half the items, and new ones
+        pq.write_table(pa.table({"item_id": items, "genre": [f"g{k % 3}" for k in range(len(items))],
+                                 "tags": [[k % 4, 9] if k % 5 else None for k in range(len(items))]}),
+                       tmp_path / "items.parquet")
+        pq.write_table(pa.table({"user_id": [f"user-{u * u + 1000}" for u in range(0, 120, 3)],
+                                 "region": [u % 5 for u in range(0, 120, 3)]}), tmp_path / "users.parquet")
+        kw.update(split="cold_items", min_count=3, oov_buckets=4,
+                  item_features=FeatureFileConfig(path=str(tmp_path / "items.parquet"), columns=["genre", "tags"]),
+                  user_features=FeatureFileConfig(path=str(tmp_path / "users.parquet"), columns=["region"],
+                                                  hash_buckets=3))
     a = prepare(DataConfig(root=str(tmp_path / "duckdb"), **kw), progress=False)
     b = prepare(DataConfig(root=str(tmp_path / "spark"), **kw), progress=False, engine=spark_runner(spark))
     assert a.name == b.name  # one identity: training finds a Spark-prepared dataset

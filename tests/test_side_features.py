@@ -300,3 +300,54 @@ def test_feature_popularity_is_the_mean_count_of_the_items_sharing_a_value():
     value_mean = [(4 + 2 + 6) / 3, 6 / 1]  # value 0: items 0, 1, 2; value 1: item 2 (3 and 4 untrained)
     want = [value_mean[0], value_mean[0], (value_mean[0] + value_mean[1]) / 2, value_mean[1], value_mean[1]]
     np.testing.assert_allclose(feature_popularity(side, counts), want)
+
+
+def test_rare_and_unseen_items_share_the_oov_rows(tmp_path, train_here):
+    """data.min_count / data.oov_buckets: rare training items and unseen test items are in the OOV
+    rows given by the Python reference (recsys.data.hashing.oov_rows), no test row is dropped, and
+    the export's oov/items/ holds those rows' vectors by bucket, the vectors the rare ids get."""
+    from collections import Counter
+
+    from recsys.data.hashing import oov_rows
+    from recsys.exporter import read_vectors
+
+    rng = np.random.default_rng(0)
+    users, items = rng.integers(0, 60, 1500), np.minimum(rng.zipf(1.4, 1500), 80) * 11
+    pq.write_table(pa.table({"user_id": users, "item_id": items}), tmp_path / "train.parquet")
+    test_items = np.array([11, 22, 5, 7, 9999, 13, 880, 11])  # 5, 7, 9999, 13: never in training
+    pq.write_table(pa.table({"user_id": users[:8], "item_id": test_items}), tmp_path / "test.parquet")
+    run = tmp_path / "run"
+    train_here(["data=parquet", f"data.path={tmp_path / 'train.parquet'}", f"data.test_path={tmp_path / 'test.parquet'}",
+                "data.split=given", "data.timestamp_column=null", f"data.root={tmp_path / 'data'}", "data.min_count=3",
+                "data.oov_buckets=5", "train.epochs=1", "train.batch_size=64", "loss.num_negatives=8",
+                "model.embedding_dim=8", "eval.ks=[5]", "eval.select_metric=recall@5", "train.progress=false",
+                "log.plots=false"], run)
+    metrics = json.loads((run / "metrics.json").read_text())
+    prepared = Path(metrics["data"]["path"])
+    manifest = json.loads((prepared / "manifest.json").read_text())
+    oov = manifest["oov"]["items"]
+    counts = Counter(pair[1] for pair in {(u, i) for u, i in zip(users.tolist(), items.tolist())})  # duplicates dropped
+    frequent = sorted((i for i, n in counts.items() if n >= 3), key=lambda i: (-counts[i], i))
+    rare = sorted(i for i, n in counts.items() if n < 3)
+    assert oov["first_row"] == len(frequent) and oov["rare_ids"] == len(rare) > 0
+    assert manifest["counts"]["num_items"] == len(frequent) + 5
+    vocab = pq.read_table(prepared / "items.parquet").to_pydict()
+    row_of = dict(zip(vocab["item_id"], vocab["row"]))
+    assert [row_of[i] for i in frequent] == list(range(len(frequent)))
+    assert [row_of[i] for i in rare] == oov_rows(pa.array(rare), len(frequent), 5, 0).tolist()
+    # every test row kept, the unseen items in the OOV rows
+    assert manifest["dropped"]["test_unseen_item"] == 0 and oov["test_rows_of_unseen_ids"] == 4
+    got = sorted(pq.read_table(next((prepared / "test").glob("*.parquet"))).column("item").to_pylist())
+    want = [row_of[i] if i in row_of else int(oov_rows(pa.array([int(i)]), len(frequent), 5, 0)[0])
+            for i in test_items.tolist()]
+    assert got == sorted(want)
+    # the export: each bucket's vector is the vector of the rare ids in it
+    export = json.loads((run / "export" / "manifest.json").read_text())
+    assert export["oov"]["items"]["buckets"] == 5
+    buckets = pa.concat_tables([pq.read_table(run / "export" / f) for f in export["oov"]["items"]["parts"]])
+    assert sorted(buckets["bucket"].to_pylist()) == list(range(5))
+    by_bucket = dict(zip(buckets["bucket"].to_pylist(), np.stack(buckets["vector"].to_numpy(zero_copy_only=False))))
+    ids, vecs = read_vectors(run / "export", "items")
+    for i, v in zip(ids, vecs):
+        if i in rare:
+            np.testing.assert_array_equal(v, by_bucket[row_of[i] - len(frequent)])

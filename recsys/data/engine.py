@@ -225,7 +225,8 @@ def options(cfg: DataConfig, staged: Staged) -> Options:
                    item_features=len(cfg.item_features.columns) if cfg.item_features.path else 0,
                    item_feature_buckets=cfg.item_features.hash_buckets,
                    user_features=len(cfg.user_features.columns) if cfg.user_features.path else 0,
-                   user_feature_buckets=cfg.user_features.hash_buckets)
+                   user_feature_buckets=cfg.user_features.hash_buckets, min_count=cfg.min_count,
+                   oov_buckets=cfg.oov_buckets)
 
 
 FEATURE_FILES = {"item": ("item_features", "items"), "user": ("user_features", "users")}
@@ -464,6 +465,7 @@ def _run(engine: Engine, steps: Steps, o: Options, cfg: DataConfig, staged: Stag
     write_pieces(tmp, "test")
     hash_stats = _write_vocabularies(engine, steps, cfg, tmp, counts)
     features = write_features(engine, steps, staged_features, cfg, tmp, counts)
+    oov = oov_figures(engine, steps, cfg, counts)
     for name, role, sql in steps.counts():
         counts_npy(engine.batches(sql), counts["num_users" if role == "user" else "num_items"], tmp / f"{name}.npy")
     if o.valid_fraction <= 0:  # no validation rows: the fit counts are all the training counts
@@ -509,7 +511,26 @@ def _run(engine: Engine, steps: Steps, o: Options, cfg: DataConfig, staged: Stag
         manifest["hash"] = hash_stats
     if features:
         manifest["features"] = features
+    if oov:
+        manifest["oov"] = oov
     return manifest
+
+
+def oov_figures(engine: Engine, steps: Steps, cfg: DataConfig, counts: Dict[str, int]) -> Optional[Dict[str, Dict]]:
+    """``data.oov_buckets``: for the item table, where its OOV rows start, how many rare ids and training
+    interactions they took, how many test rows of unseen ids were hashed into them (logged)."""
+    if not cfg.oov_buckets:
+        return None
+    out = {}
+    for role, stem in (("item", "items"),):
+        rare, rare_rows, test_rows = (int(x or 0) for x in engine.fetchall(steps.oov_counts(role))[0])
+        first = counts[f"num_{stem}"] - cfg.oov_buckets
+        out[stem] = {"first_row": first, "buckets": cfg.oov_buckets, "min_count": cfg.min_count, "seed": cfg.seed,
+                     "rare_ids": rare, "rare_interactions": rare_rows, "test_rows_of_unseen_ids": test_rows}
+        logger.info("OOV rows of the %s: %d rare ids (fewer than %d training interactions, %d interactions) share "
+                    "rows %d..%d; %d test rows of %s unseen in training hashed into them", stem, rare, cfg.min_count,
+                    rare_rows, first, first + cfg.oov_buckets - 1, test_rows, stem)
+    return out
 
 
 def _where(relation: Relation, f: str, row: int) -> str:
@@ -619,7 +640,7 @@ def _check_split(engine: Engine, steps: Steps, cfg: DataConfig, staged: Staged,
                "no user has enough)" if cfg.split == "random" and n_test == 0 else "")
         raise DataError(f"{staged.test_name}: the test split is empty{why}; rows dropped: {dropped}")
     if cfg.id_mapping == "vocab":
-        num_users, num_items = engine.fetchall("SELECT (SELECT count(*) FROM users), (SELECT count(*) FROM items)")[0]
+        num_users, num_items = engine.fetchall(f"SELECT ({steps.num_rows('user')}), ({steps.num_rows('item')})")[0]
     else:
         num_users, num_items = cfg.num_users, cfg.num_items
     return {"num_users": int(num_users), "num_items": int(num_items), "test_interactions": n_kept}

@@ -81,6 +81,13 @@ def cold_item_key(ids, seed: int) -> np.ndarray:
     return mix(mix(id_codes(ids) % P + seed_term(seed, 3)))
 
 
+def oov_rows(ids, first_row: int, buckets: int, seed: int) -> np.ndarray:
+    """``data.oov_buckets``: the table row of ids that have no row of their own (rare in training,
+    or never seen: a serving system's new ids): one of the `buckets` OOV rows from `first_row`
+    (a prepared manifest's ``oov`` entry gives the three numbers)."""
+    return first_row + rows_from_codes(id_codes(ids), seed, buckets)
+
+
 def hash_rows(ids, seed: int, num_rows: int) -> np.ndarray:
     """The row of each raw id with ``data.id_mapping=hash`` (same id -> same row, in every engine,
     file and run)."""

@@ -109,6 +109,9 @@ def _fingerprint(cfg: DataConfig) -> str:
             fields.pop(key)
         else:
             fields[key]["path"] = files_of(fields[key]["path"])
+    for key, default in (("min_count", 1), ("oov_buckets", 0)):
+        if fields[key] == default:
+            fields.pop(key)
     fields["version"] = PREPARED_VERSION
     return hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()[:12]
 

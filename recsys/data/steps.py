@@ -109,6 +109,10 @@ class Options:
     """0: a vocabulary of each column's values; N: values hashed into N rows."""
     user_features: int = 0
     user_feature_buckets: int = 0
+    min_count: int = 1
+    oov_buckets: int = 0
+    """> 0: items with fewer than min_count training interactions (and no features) share this
+    many hashed rows after the others; unseen test items are hashed into them too."""
 
     def features(self, role: str) -> int:
         return self.item_features if role == "item" else self.user_features
@@ -244,6 +248,18 @@ class Steps:
             in_range = f" AND {col} >= 0 AND {col} < {n}" if self.o.id_mapping == "identity" else ""
             counts = (f"SELECT {col}, CAST(sum(n) AS BIGINT) AS n FROM ({counts} UNION ALL SELECT DISTINCT {col}, "
                       f"CAST(0 AS BIGINT) AS n FROM {role}_feat_raw WHERE {col} IS NOT NULL{in_range}) a GROUP BY {col}")
+        if self.o.id_mapping == "vocab" and self.o.oov_buckets and role == "item":
+            # own rows for the frequent ids (and those with features, or only features); the rare ones
+            # hashed into the OOV rows that follow them
+            featured, fjoin = "false", ""
+            if self.o.features(role):
+                featured = "f._fid IS NOT NULL"
+                fjoin = f" LEFT JOIN (SELECT DISTINCT {col} AS _fid FROM {role}_feat_raw) f ON c.{col} = f._fid"
+            own = f"(c.n >= {self.o.min_count} OR c.n = 0 OR {featured})"
+            hashed = self.hash_row(self.code(f"c.{col}", string), self.o.oov_buckets)
+            return (f"SELECT {col}, CAST(CASE WHEN _own THEN row_number() OVER (PARTITION BY _own ORDER BY n DESC, {col}) "
+                    f"- 1 ELSE sum(CASE WHEN _own THEN 1 ELSE 0 END) OVER () + _h END AS BIGINT) AS row, n, NOT _own AS oov "
+                    f"FROM (SELECT c.{col}, c.n, {own} AS _own, {hashed} AS _h FROM ({counts}) c{fjoin}) o")
         if self.o.id_mapping == "vocab":
             return f"SELECT {col}, CAST(row_number() OVER (ORDER BY n DESC, {col}) - 1 AS BIGINT) AS row, n FROM ({counts}) c"
         if self.o.id_mapping == "identity":
@@ -275,8 +291,38 @@ class Steps:
             out.append(("train", self._holdout(f"({fit})", o.valid_fraction, o.seed + 1, "valid")))
         else:
             out.append(("train", f"SELECT {cols}, false AS valid FROM split WHERE NOT is_test", "view"))
-        out += [("users", self._vocab("user")), ("items", self._vocab("item"))]
+        out += [("users", self._vocab("user")), ("items", self._vocab("item")), ("test_mapped", self._test_mapped())]
         return out
+
+    def oov_base(self, role: str) -> str:
+        """SQL of the first OOV row of `role` (the number of ids with a row of their own)."""
+        return f"SELECT count(*) AS b FROM {'users' if role == 'user' else 'items'} WHERE NOT oov"
+    # OOV rows are the items' only: a user row is also an evaluated entity (its training items
+    # masked, its test items relevant), which rows shared by users would merge.
+
+    def _test_mapped(self) -> str:
+        """The test rows with their user and item rows (NULL: no row, the row is dropped); with OOV
+        rows, an id unseen in training is hashed into them (``user_new`` / ``item_new`` say which)."""
+        urow, irow, bases = "u.row", "i.row", ""
+        if self.o.oov_buckets:
+            irow = (f"COALESCE(i.row, ib.b + {self.hash_row(self.code('t.item_id', self.o.string_items), self.o.oov_buckets)})")
+            bases = f" CROSS JOIN ({self.oov_base('item')}) ib"
+        return (f"SELECT t.user_id, t.item_id, CAST({urow} AS BIGINT) AS user_row, CAST({irow} AS BIGINT) AS item_row, "
+                "u.row IS NULL AS user_new, i.row IS NULL AS item_new, i.n AS item_n FROM split t LEFT JOIN users u ON "
+                f"t.user_id = u.user_id LEFT JOIN items i ON t.item_id = i.item_id{bases} WHERE t.is_test")
+
+    def num_rows(self, role: str) -> str:
+        """The number of table rows of `role` (vocab): its ids, or its own ids plus the OOV rows."""
+        table = "users" if role == "user" else "items"
+        if self.o.oov_buckets and role == "item":
+            return f"SELECT count(*) + {self.o.oov_buckets} FROM {table} WHERE NOT oov"
+        return f"SELECT count(*) FROM {table}"
+
+    def oov_counts(self, role: str) -> str:
+        """(rare ids sent to the OOV rows, their training interactions, unseen test ids' rows hashed into them)."""
+        table, new = ("users", "user_new") if role == "user" else ("items", "item_new")
+        return (f"SELECT (SELECT count(*) FROM {table} WHERE oov), (SELECT sum(n) FROM {table} WHERE oov), "
+                f"(SELECT count(*) FROM test_mapped WHERE {new})")
 
     # -- outputs --------------------------------------------------------------------------------
 
@@ -302,15 +348,13 @@ class Steps:
                 + ", ".join(f"{c} ASC NULLS LAST" for c in cols.split(", ")))
 
     def test_rows(self) -> str:
-        return ("SELECT u.row AS user, i.row AS item FROM split t JOIN users u ON t.user_id = u.user_id "
-                "JOIN items i ON t.item_id = i.item_id WHERE t.is_test ORDER BY user, item")
+        return ("SELECT user_row AS user, item_row AS item FROM test_mapped WHERE user_row IS NOT NULL AND item_row IS "
+                "NOT NULL ORDER BY user, item")
 
     def unseen(self) -> str:
-        """(test rows, with an unseen user, with a seen user and an unseen item)."""
-        return ("SELECT count(*) AS n, sum(CASE WHEN u.row IS NULL THEN 1 ELSE 0 END) AS users, "
-                "sum(CASE WHEN u.row IS NOT NULL AND i.row IS NULL THEN 1 ELSE 0 END) AS items "
-                "FROM split t LEFT JOIN users u ON t.user_id = u.user_id LEFT JOIN items i ON t.item_id = i.item_id "
-                "WHERE t.is_test")
+        """(test rows, without a user row, with a user row and without an item row): the dropped ones."""
+        return ("SELECT count(*) AS n, sum(CASE WHEN user_row IS NULL THEN 1 ELSE 0 END) AS users, "
+                "sum(CASE WHEN user_row IS NOT NULL AND item_row IS NULL THEN 1 ELSE 0 END) AS items FROM test_mapped")
 
     def first_unseen(self, role: str) -> str:
         """The distinct unseen test ids of a role: how many, and the smallest."""
@@ -322,7 +366,7 @@ class Steps:
     def vocab_rows(self, role: str) -> str:
         col = "user_id" if role == "user" else "item_id"
         table = "users" if role == "user" else "items"
-        if self.o.id_mapping == "hash":
+        if self.o.id_mapping == "hash" or self.o.oov_buckets and role == "item":  # rows shared: each id with its row
             return f"SELECT {col}, row FROM {table} ORDER BY row, {col}"
         return f"SELECT {col} FROM {table} ORDER BY row"
 
@@ -340,22 +384,19 @@ class Steps:
         if self.o.valid_fraction > 0:  # else: item_counts = item_counts_all, no validation rows
             out += [("item_counts", "item", f"SELECT {item} AS r, count(*) FROM {source} WHERE NOT t.valid GROUP BY r"),
                     ("valid_user_counts", "user", f"SELECT {user} AS r, count(*) FROM {source} WHERE t.valid GROUP BY r")]
-        out.append(("test_user_counts", "user", "SELECT u.row, count(*) FROM split t JOIN users u ON t.user_id = "
-                    "u.user_id JOIN items i ON t.item_id = i.item_id WHERE t.is_test GROUP BY u.row"))
+        out.append(("test_user_counts", "user", "SELECT user_row, count(*) FROM test_mapped WHERE user_row IS NOT NULL "
+                    "AND item_row IS NOT NULL GROUP BY user_row"))
         # test rows of known users whose item has no row (no vector): misses of the figure over all test rows
-        out.append(("test_missing_user_counts", "user", "SELECT u.row, count(*) FROM split t JOIN users u ON "
-                    "t.user_id = u.user_id LEFT JOIN items i ON t.item_id = i.item_id WHERE t.is_test AND i.row IS NULL "
-                    "GROUP BY u.row"))
+        out.append(("test_missing_user_counts", "user", "SELECT user_row, count(*) FROM test_mapped WHERE user_row IS "
+                    "NOT NULL AND item_row IS NULL GROUP BY user_row"))
         if self.o.item_features:  # test rows of items without a training interaction (vectors from features)
-            out.append(("test_cold_user_counts", "user", "SELECT u.row, count(*) FROM split t JOIN users u ON "
-                        "t.user_id = u.user_id JOIN items i ON t.item_id = i.item_id WHERE t.is_test AND i.n = 0 "
-                        "GROUP BY u.row"))
+            out.append(("test_cold_user_counts", "user", "SELECT user_row, count(*) FROM test_mapped WHERE user_row IS "
+                        "NOT NULL AND item_n = 0 GROUP BY user_row"))
         return out
 
     def unseen_users(self) -> str:
         """(distinct test users without a row, their test rows)."""
-        return ("SELECT count(DISTINCT user_id), count(*) FROM split t WHERE t.is_test AND t.user_id NOT IN "
-                "(SELECT user_id FROM users)")
+        return "SELECT count(DISTINCT user_id), count(*) FROM test_mapped WHERE user_row IS NULL"
 
 
     # -- side features (recsys.data.side_features stages the file as {role}_feat_raw) --------------

@@ -86,7 +86,7 @@ _VOLATILE = {
 # directory written before they existed keeps its hash (and resumes).
 _ADDED = {
     "data": ("loader", "stream_min_rows", "row_group_size", "num_workers", "shuffle_buffer", "item_features",
-             "user_features"),
+             "user_features", "min_count", "oov_buckets"),
     "model": ("init", "spectral_alpha", "spectral_niter", "spectral_refit", "table_dtype", "stack_spectral_dim",
               "stack_spectral_weights", "pretrained_items", "pretrained_users", "feature_pooling", "feature_weights",
               "feature_combine"),
