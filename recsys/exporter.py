@@ -265,12 +265,12 @@ def write_export(out_dir: Path, user_ids: pa.Array, user_vecs: np.ndarray, item_
 
 @torch.no_grad()
 def _write_share(path: Path, tower, id_name: str, ids: pa.Array, rows: np.ndarray, lo: int, hi: int,
-                 max_share: int, dim: int, chunk: int, device, has_id: Optional[np.ndarray] = None,
+                 max_share: int, dim: int, chunk: int, device, has_id: Optional[Callable] = None,
                  oov: Optional[Tuple[Path, int, int]] = None) -> Tuple[Optional[Dict], Optional[Exception]]:
     """This rank's part: the vectors of table rows [lo, hi), a chunk at a time, each with the ids
     of its row; (its manifest entry, None) or (None, the error). Every rank makes the same number of
     tower calls (sharded lookups are collective), after an error too, so that no rank waits forever.
-    `has_id` (side features): which rows have a trained id embedding; the others are flagged
+    `has_id(rows)` (side features): which rows have a trained id embedding; the others are flagged
     ``from_features``. `oov` (path, first row, buckets): the OOV rows of this share are also
     written there with their bucket number (a serving system's unseen ids hash into them); the
     manifest entry then has ``oov``: the file's entry."""
@@ -289,7 +289,7 @@ def _write_share(path: Path, tower, id_name: str, ids: pa.Array, rows: np.ndarra
             try:
                 a, b = np.searchsorted(rows, [c0, c1])
                 writer.write(ids.slice(a, b - a), vecs[rows[a:b] - c0],
-                             None if has_id is None else ~has_id[rows[a:b]])
+                             None if has_id is None else ~has_id(rows[a:b]))
                 if oov_writer is not None:
                     first, buckets = oov[1], oov[2]
                     r = np.arange(max(c0, first), min(c1, first + buckets))

@@ -296,7 +296,7 @@ def test_feature_popularity_is_the_mean_count_of_the_items_sharing_a_value():
     # 5 items: 0-3 trained (counts 4, 2, 6, 0 -> item 3 has none), item 4 new; one column, 2 values
     bag = CSR(np.array([0, 1, 2, 4, 5, 6]), np.array([0, 0, 0, 1, 1, 1]))  # item 2 has both values
     counts = np.array([4, 2, 6, 0, 0])
-    side = SideFeatures(["c"], [2], [bag], counts > 0)
+    side = SideFeatures(["c"], [2], [bag], counts)
     value_mean = [(4 + 2 + 6) / 3, 6 / 1]  # value 0: items 0, 1, 2; value 1: item 2 (3 and 4 untrained)
     want = [value_mean[0], value_mean[0], (value_mean[0] + value_mean[1]) / 2, value_mean[1], value_mean[1]]
     np.testing.assert_allclose(feature_popularity(side, counts), want)
@@ -351,3 +351,31 @@ def test_rare_and_unseen_items_share_the_oov_rows(tmp_path, train_here):
     for i, v in zip(ids, vecs):
         if i in rare:
             np.testing.assert_array_equal(v, by_bucket[row_of[i] - len(frequent)])
+
+
+def test_both_loaders_give_the_same_side_features_and_cold_sets(config, tmp_path):
+    """One preparation with features and held-out items, read by the memory and the streaming
+    loader: the same model inputs for any rows and the same cold-item evaluation sets."""
+    from recsys.data.eval_sets import as_item_sets
+    from recsys.data.features import FeatureSpec
+    from recsys.data.prepare import prepare
+    from recsys.data.source import InMemorySource, StreamedSource
+
+    cfg = config([*TINY, f"data.root={tmp_path / 'data'}", *feature_overrides(tmp_path), "data.split=cold_items"])
+    prepared = Path(prepare(cfg.data))
+    memory = InMemorySource(prepared, FeatureSpec())
+    stream = StreamedSource(prepared, json.loads((prepared / "manifest.json").read_text()), FeatureSpec())
+    rows = np.arange(memory.num_items)
+    users = np.arange(memory.num_users)
+    a, b = memory.features().batch(users, rows), stream.features().batch(users, rows)
+    for kjt_a, kjt_b in ((a.items, b.items), (a.users, b.users)):
+        assert kjt_a.keys() == kjt_b.keys() and len(kjt_a.keys()) > 1
+        assert kjt_a.values().equal(kjt_b.values()) and kjt_a.lengths().equal(kjt_b.lengths())
+    assert a.item_feature_counts.equal(b.item_feature_counts) and a.item_feature_counts.shape[1] == 2
+    sets_a, sets_b = memory.eval_sets(0), stream.eval_sets(0)
+    assert sets_a.cold is not None and np.array_equal(sets_a.cold.users, sets_b.cold.users)
+    n = memory.num_items
+    for got, want in ((sets_b.cold.relevant, sets_a.cold.relevant), (sets_b.cold.masked, sets_a.cold.masked)):
+        pa_, pb_ = as_item_sets(want, n).pairs(sets_a.cold.users), as_item_sets(got, n).pairs(sets_a.cold.users)
+        assert sorted(zip(*map(list, pa_))) == sorted(zip(*map(list, pb_)))
+    assert np.array_equal(sets_a.test.missing, sets_b.test.missing)

@@ -37,7 +37,7 @@ import pyarrow.parquet as pq
 from tqdm import tqdm
 
 from recsys.config import DataConfig
-from recsys.data.layout import counts_npy, cut_row_groups, write_pieces
+from recsys.data.layout import counts_npy, cut_row_groups, feature_csr_npy, write_pieces
 from recsys.data.readers import (ROLE_WORD, DataError, Source, _one_line, check_source, read_lightgcn,
                                  read_movielens)
 from recsys.data.side_features import StagedFeatures, stage_feature_file
@@ -264,6 +264,8 @@ def write_features(engine: "Engine", steps: Steps, staged_features: Dict[str, St
         for name, sql in steps.feature_tables(role):
             engine.create_table(name, sql)
         engine.write_file(steps.feature_rows(role), tmp / f"{stem}_features.parquet")
+        feature_csr_npy(tmp / f"{stem}_features.parquet", tmp / f"{stem}_features", counts[f"num_{stem}"],
+                        len(sf.columns))
         engine.write_file(steps.feature_values(role), tmp / f"{stem}_feature_values.parquet")
         sizes = {int(f): (int(n), int(rows)) for f, n, rows in engine.fetchall(steps.feature_sizes(role))}
         file_ids, trained, with_row, bare = (int(x or 0) for x in engine.fetchall(steps.feature_counts(role))[0])

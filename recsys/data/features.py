@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
 import numpy as np
-import pyarrow.parquet as pq
 import torch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 from torchrec.streamable import Pipelineable
@@ -35,38 +34,36 @@ SIDE_PREFIX = {"item": "if_", "user": "uf_"}
 class SideFeatures:
     """The side features of one role (``data.item_features`` / ``user_features``) as prepared:
     per column, each row's value codes (a CSR over the table's rows) and the column's table size;
-    which rows have a training interaction (their id embedding is used; the others' vectors come
-    from their features alone). Every rank holds it whole: it grows with the number of ids (like
-    the per-row counts), not of interactions."""
+    the training interactions of each row (a row with none has no trained id embedding: its
+    vector comes from its features alone). The arrays are memory-mapped from the prepared
+    dataset (``recsys.data.layout.feature_csr_npy``): a rank holds the pages of the rows it reads,
+    not every id's values."""
 
     names: List[str]
     sizes: List[int]
     """Rows of each column's table (its distinct values, or the hash buckets)."""
     bags: List[CSR]
-    has_id: np.ndarray
-    """bool per row: trained id embedding (a training interaction, validation ones included)."""
+    counts: np.ndarray
+    """Training interactions per row (validation ones included)."""
 
     @property
     def tables(self) -> List[Tuple[str, int]]:
         return list(zip(self.names, self.sizes))
 
+    def has_id(self, rows: np.ndarray) -> np.ndarray:
+        """Which of `rows` have a trained id embedding (a training interaction)."""
+        return np.asarray(self.counts[rows]) > 0
+
     @staticmethod
-    def load(path: Path, stem: str, num_rows: int, counts: np.ndarray) -> "SideFeatures":
-        """The prepared ``<stem>_features.parquet`` (``items`` / ``users``) of dataset `path`;
+    def load(path: Path, stem: str, counts: np.ndarray) -> "SideFeatures":
+        """The prepared side features ``<stem>`` (``items`` / ``users``) of dataset `path`;
         `counts`: training interactions per row."""
         manifest = json.loads((Path(path) / "manifest.json").read_text())["features"][stem]
         names = [c["name"] for c in manifest["columns"]]
-        table = pq.read_table(Path(path) / f"{stem}_features.parquet")
-        rows = table["row"].to_numpy().astype(np.int64)
-        feature = table["feature"].to_numpy()
-        codes = table["code"].to_numpy().astype(np.int64)
-        bags = []
-        for k in range(len(names)):
-            mine = feature == k  # the file is sorted by (row, feature, code): rows ascending here
-            r = rows[mine]
-            indptr = np.concatenate([[0], np.cumsum(np.bincount(r, minlength=num_rows))]).astype(np.int64)
-            bags.append(CSR(indptr, codes[mine]))
-        return SideFeatures(names, [int(c["rows"]) for c in manifest["columns"]], bags, np.asarray(counts) > 0)
+        directory = Path(path) / f"{stem}_features"
+        bags = [CSR(np.load(directory / f"feature-{k}.indptr.npy", mmap_mode="r"),
+                    np.load(directory / f"feature-{k}.codes.npy", mmap_mode="r")) for k in range(len(names))]
+        return SideFeatures(names, [int(c["rows"]) for c in manifest["columns"]], bags, counts)
 
 
 def side_tables_of(manifest: Dict) -> Dict[str, List[Tuple[str, int]]]:
@@ -76,13 +73,13 @@ def side_tables_of(manifest: Dict) -> Dict[str, List[Tuple[str, int]]]:
             for role, stem in (("item", "items"), ("user", "users")) if stem in features}
 
 
-def side_features(path: Path, manifest: Dict, num_users: int, num_items: int, user_counts: np.ndarray,
-                  item_counts: np.ndarray) -> Dict[str, SideFeatures]:
-    """The side features a prepared dataset has: ``{"item": ..., "user": ...}`` (either may be absent)."""
+def side_features(path: Path, manifest: Dict) -> Dict[str, SideFeatures]:
+    """The side features a prepared dataset has: ``{"item": ..., "user": ...}`` (either may be
+    absent), their arrays and the per-row training counts memory-mapped."""
     out = {}
-    for role, stem, n, counts in (("item", "items", num_items, item_counts), ("user", "users", num_users, user_counts)):
+    for role, stem, counts in (("item", "items", "item_counts_all"), ("user", "users", "user_counts")):
         if stem in manifest.get("features", {}):
-            out[role] = SideFeatures.load(path, stem, n, counts)
+            out[role] = SideFeatures.load(path, stem, np.load(Path(path) / f"{counts}.npy", mmap_mode="r"))
     return out
 
 
@@ -176,7 +173,7 @@ class Features:
         if side is None:
             return np.zeros((len(rows), 0), dtype=np.float32)
         key, _, ids = features[0]
-        has = side.has_id[rows]
+        has = side.has_id(rows)
         features[0] = (key, has.astype(np.int64), ids[has])
         counts = np.zeros((len(rows), len(side.names)), dtype=np.float32)
         for k, (name, bag) in enumerate(zip(side.names, side.bags)):

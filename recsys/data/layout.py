@@ -21,6 +21,8 @@
                                    code (the value's row in the column's table), sorted, distinct
     items_feature_values.parquet   feature, value (text), code, n (rows having it): the value
                                    vocabulary (or the hashed rows); users_*: the same for users
+    items_features/feature-K.{indptr,codes}.npy   the same as one CSR per column (memory-mapped
+                                   by the loaders)
     manifest.json                  counts, schema, split, rows dropped and kept and why, the engine,
                                    the side features (columns, table sizes, what was counted)
 
@@ -148,6 +150,41 @@ def counts_npy(batches: Iterable[pa.RecordBatch], num_rows: int, path: Path) -> 
             out[rows] += batch.column(1).to_numpy(zero_copy_only=False).astype(np.int64)
     out.flush()
     return out
+
+
+def feature_csr_npy(path: Path, directory: Path, num_rows: int, num_features: int) -> None:
+    """The prepared ``<stem>_features.parquet`` (row, feature, code; sorted by row, feature, code)
+    as one CSR per feature column, ``<directory>/feature-K.indptr.npy`` (int64, num_rows + 1) and
+    ``feature-K.codes.npy`` (int64): what the loaders memory-map, so that a rank holds the pages
+    of the rows it reads rather than every id's values. Two passes over the file a row group at a
+    time (memory: one row group); the codes of a feature are in CSR order in the file already."""
+    directory.mkdir(parents=True, exist_ok=True)
+    pf = pq.ParquetFile(path)
+    counts = [np.zeros(num_rows, dtype=np.int64) for _ in range(num_features)]
+    for g in range(pf.num_row_groups):
+        t = pf.read_row_group(g, columns=["row", "feature"])
+        rows, feature = t["row"].to_numpy(), t["feature"].to_numpy()
+        for k in range(num_features):
+            counts[k] += np.bincount(rows[feature == k], minlength=num_rows)
+    codes, cursor = [], [0] * num_features
+    for k in range(num_features):
+        indptr = np.lib.format.open_memmap(directory / f"feature-{k}.indptr.npy", mode="w+", dtype=np.int64,
+                                           shape=(num_rows + 1,))
+        indptr[0] = 0
+        np.cumsum(counts[k], out=indptr[1:])
+        indptr.flush()
+        codes.append(np.lib.format.open_memmap(directory / f"feature-{k}.codes.npy", mode="w+", dtype=np.int64,
+                                               shape=(int(indptr[-1]),)))
+        del indptr
+    for g in range(pf.num_row_groups):
+        t = pf.read_row_group(g, columns=["feature", "code"])
+        feature, code = t["feature"].to_numpy(), t["code"].to_numpy()
+        for k in range(num_features):
+            mine = code[feature == k]
+            codes[k][cursor[k] : cursor[k] + len(mine)] = mine
+            cursor[k] += len(mine)
+    for c in codes:
+        c.flush()
 
 
 def parts_to_file(parts: List[Path], dest: Path, schema: pa.Schema) -> int:

@@ -101,7 +101,7 @@ def missing_counts(path: Path, manifest: Dict) -> Tuple[Optional[np.ndarray], in
 def cold_item_rows(side: Dict[str, SideFeatures]) -> Optional[np.ndarray]:
     """With item side features: which item rows have no training interaction (their vectors come
     from their features alone); None without item features."""
-    return None if "item" not in side else ~side["item"].has_id
+    return None if "item" not in side else np.asarray(side["item"].counts) == 0
 
 
 class InMemorySource:
@@ -119,8 +119,7 @@ class InMemorySource:
         self.fit_users, self.fit_items = self.dataset.fit_pairs()
         self.num_fit = len(self.fit_users)
         self._features: Dict[Tuple[bool, bool], Features] = {}
-        self.side = side_features(self.path, self.manifest, self.num_users, self.num_items, self.user_counts(),
-                                  self.item_counts())
+        self.side = side_features(self.path, self.manifest)
 
     def side_tables(self) -> Dict[str, List[Tuple[str, int]]]:
         return {role: s.tables for role, s in self.side.items()}
@@ -219,8 +218,7 @@ class StreamedSource:
         self.has_valid = counts["valid_interactions"] > 0
         self.pieces = Pieces.read(path)
         self.num_fit = self.pieces.total_fit
-        self.side = side_features(self.path, manifest, self.num_users, self.num_items, self.user_counts(),
-                                  self.item_counts())
+        self.side = side_features(self.path, manifest)
         self._features = Features(side=self.side)
 
     def side_tables(self) -> Dict[str, List[Tuple[str, int]]]:

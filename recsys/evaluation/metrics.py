@@ -80,7 +80,7 @@ def feature_popularity(side: SideFeatures, item_counts: np.ndarray) -> np.ndarra
     for bag, size in zip(side.bags, side.sizes):
         lengths = bag.counts()
         rows = np.repeat(np.arange(len(lengths)), lengths)
-        trained = side.has_id[rows]
+        trained = side.has_id(rows)
         total = np.bincount(bag.indices[trained], weights=counts[rows[trained]], minlength=size)
         items = np.bincount(bag.indices[trained], minlength=size)
         value_mean = total / np.maximum(items, 1)
