@@ -26,7 +26,7 @@ from recsys.config import ConfigError
 from recsys.distributed import rank_and_world
 from recsys.finish import finish_run, stack_options
 from recsys.parallelize import destroy_distributed
-from recsys.report import metrics_table
+from recsys.report import metrics_table, result_rows
 from recsys.training.setup import load_trained
 
 
@@ -60,9 +60,8 @@ def main(dcfg: DictConfig) -> None:
         finally:
             destroy_distributed()
     if "path" in out:
-        rows = [("model", out["test"])] + ([("popularity", out["popularity"])] if "popularity" in out else [])
         ks = sorted({int(k.split("@")[1]) for k in out["test"] if k != "users"})
-        print(metrics_table(rows, ks))
+        print(metrics_table(result_rows(out), ks))
         print(f"checkpoint {out['checkpoint']} (step {out['step']}); {out['test']['users']} test users; "
               f"metrics: {out['path']}", flush=True)
 

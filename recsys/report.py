@@ -13,7 +13,7 @@ import json
 import logging
 import os
 from pathlib import Path
-from typing import Dict, Mapping, Optional, Sequence
+from typing import Dict, List, Mapping, Optional, Sequence
 
 import numpy as np
 
@@ -278,6 +278,17 @@ def plot_norms(user_norms: np.ndarray, item_norms: np.ndarray, path: Path, norma
 # ---------------------------------------------------------------------------------------------
 # summary.md of a run
 # ---------------------------------------------------------------------------------------------
+
+
+def result_rows(metrics: Mapping) -> List[tuple]:
+    """The console table's rows of a run's (or an evaluation's) metrics: the model, the
+    popularity baseline, the model over all test interactions, the cold items."""
+    rows = [("model", metrics["test"])] + ([("popularity", metrics["popularity"])] if "popularity" in metrics else [])
+    if "test_all" in metrics:  # over every test interaction: those without a vector are misses
+        rows.append(("model, all test", metrics["test_all"]["model"]))
+    for name, m in metrics.get("cold_items", {}).items():
+        rows.append((f"cold items: {name.replace('_', ' ')}", m))
+    return rows
 
 
 def metrics_table(rows: Sequence[tuple], ks: Sequence[int]) -> str:

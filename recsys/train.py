@@ -35,7 +35,7 @@ from recsys.finish import ExportTarget, RunEnd, finish_run, stack_options
 from recsys.memory import PhasePeaks
 from recsys.parallelize import (describe_plan, destroy_distributed, init_distributed, local_optimizer_bytes,
                                 local_table_bytes, restore_weights)
-from recsys.report import count_quantiles, metrics_table, run_plots, write_summary
+from recsys.report import count_quantiles, metrics_table, result_rows, run_plots, write_summary
 from recsys.spectral import closed_form_end, init_spectral
 from recsys.training.checkpoint import Checkpointer, find_resume, run_hash, table_shapes
 from recsys.training.loop import LoopOptions, train_epochs
@@ -238,13 +238,8 @@ def run_metrics(end: RunEnd, state: TrainState, wall: float, data: DataSource, e
 def write_results(run_dir: Path, metrics: Dict, end: RunEnd, data: DataSource, cfg: Config) -> None:
     """Rank 0: metrics.json, the console table, the plots and summary.md."""
     write_json_atomic(metrics, run_dir / "metrics.json")
-    rows = [("model", metrics["test"])] + ([("popularity", metrics["popularity"])] if "popularity" in metrics else [])
-    if "test_all" in metrics:  # over every test interaction: those without a vector are misses
-        rows.append(("model, all test", metrics["test_all"]["model"]))
-    for name, m in metrics.get("cold_items", {}).items():
-        rows.append((f"cold items: {name.replace('_', ' ')}", m))
     t = metrics["train"]
-    lines = [metrics_table(rows, cfg.eval.ks),
+    lines = [metrics_table(result_rows(metrics), cfg.eval.ks),
              f"{t['steps']} steps in {t['wall_s']:.1f}s ({t['interactions_per_s']:,.0f} interactions/s) on "
              f"{t['world_size']} rank(s); {metrics['test']['users']} test users", f"metrics: {run_dir / 'metrics.json'}"]
     if "export" in metrics:
