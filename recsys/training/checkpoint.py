@@ -90,6 +90,7 @@ _ADDED = {
               "stack_spectral_weights", "pretrained_items", "pretrained_users"),
     "eval": ("max_users",),
     "optim": ("stochastic_rounding",),
+    "train": ("warm_start", "warm_start_optimizer"),
 }
 
 
