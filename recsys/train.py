@@ -80,6 +80,9 @@ def train(cfg: Config, run_dir: Path, config_hash: str = "") -> Dict:
         if resume_from is None and t.warm_start:  # an earlier run's rows, mapped through both vocabularies
             warm = init_warm_start(dmp, optimizer, data, Path(t.warm_start), cfg.model.name, table_shapes(dmp),
                                    run_dir, t.warm_start_optimizer)
+        elif t.warm_start:
+            logger.info("train.warm_start=%s not applied: the run resumes from %s (its own tables)", t.warm_start,
+                        resume_from)
         if resume_from is None:  # tables from given vectors, or the closed form of the fit interactions
             pretrained = init_all_pretrained(dmp, data, cfg.model)
         if cfg.model.init == "spectral" and resume_from is None:
