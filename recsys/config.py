@@ -435,6 +435,17 @@ class TrainConfig:
     directory to continue from (its tables must match this config)."""
     overwrite: bool = False
     """Replace a different run (another config) found in the run directory instead of refusing."""
+    warm_start: Optional[str] = None
+    """An earlier run (its directory, or one of its checkpoint directories) whose trained id tables
+    this run starts from, on a new dataset (daily retraining): ids known to both runs keep their
+    rows (old row -> raw id -> new row, through both prepared datasets' vocabularies; with hashed
+    ids a row gets the mean of its ids' old vectors), new ids get the usual initialisation, ids
+    gone are counted. Carries ``user``, ``item`` and a two_tower's ``history`` / ``item_history``
+    tables present in both models (same model.name and embedding_dim). Only when the run starts
+    afresh, not when it resumes its own checkpoint. The figures are in metrics.json (``warm_start``)."""
+    warm_start_optimizer: bool = False
+    """``warm_start``: also carry the fused table optimizer's per-row state (row-wise Adagrad's
+    momentum) of the carried rows (new rows start with none)."""
 
     def __post_init__(self) -> None:
         _check(self.timeout_minutes > 0, f"train.timeout_minutes must be positive, got {self.timeout_minutes}")
@@ -444,6 +455,8 @@ class TrainConfig:
         _check(self.checkpoint_every_minutes >= 0, f"train.checkpoint_every_minutes must be >= 0, got {self.checkpoint_every_minutes}")
         _check(self.keep_checkpoints >= 1, f"train.keep_checkpoints must be >= 1, got {self.keep_checkpoints}")
         _check(bool(self.resume), "train.resume must be auto, never or a checkpoint directory")
+        _check(not self.warm_start_optimizer or bool(self.warm_start),
+               "train.warm_start_optimizer=true carries an earlier run's optimizer state: set train.warm_start too")
         _check(self.max_steps is None or self.max_steps > 0, f"train.max_steps must be positive, got {self.max_steps}")
         _check(self.batch_size > 0, f"train.batch_size must be positive, got {self.batch_size}")
         _check(self.patience >= 0, f"train.patience must be >= 0, got {self.patience}")
@@ -634,6 +647,10 @@ class Config:
                    "take side features (data.item_features / data.user_features)")
         _check(self.train.epochs > 0 or self.model.init == "spectral",
                "train.epochs=0 trains nothing: it is for model.init=spectral (the closed-form tables)")
+        _check(not self.train.warm_start or not (self.model.pretrained_items or self.model.pretrained_users
+                                                 or self.model.init == "spectral"),
+               "train.warm_start starts the tables from an earlier run; model.pretrained_items / pretrained_users "
+               "and model.init=spectral start them otherwise: use one of them")
         if self.model.stack_spectral_dim and len(set(self.model.stack_spectral_weights)) > 1:
             _check(self.data.valid_fraction > 0,
                    "model.stack_spectral_weights: several weights are chosen among on the validation holdout: "

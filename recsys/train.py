@@ -43,6 +43,7 @@ from recsys.training.pretrained import init_all_pretrained
 from recsys.training.progress import TrainLog, learning_rates
 from recsys.training.setup import build_model, open_data
 from recsys.training.state import TrainState
+from recsys.training.warm_start import init_warm_start
 
 logger = logging.getLogger("recsys.train")
 
@@ -64,6 +65,7 @@ def train(cfg: Config, run_dir: Path, config_hash: str = "") -> Dict:
         check_world_size(cfg, world)
         seed_everything(cfg.seed)
         rhash = run_hash(cfg)
+        t = cfg.train
         resume_from = find_resume(run_dir, cfg.train.resume, rhash, cfg.train.overwrite)
         data = open_data(cfg)
         check_data(cfg, data.num_users, data.num_items, data.num_fit, data.has_valid)
@@ -75,7 +77,13 @@ def train(cfg: Config, run_dir: Path, config_hash: str = "") -> Dict:
         dmp, optimizer = sharded.dmp, sharded.optimizer
         local_bytes = local_table_bytes(dmp) + local_optimizer_bytes(optimizer)  # weights + optimizer state
         table_bytes = {"local_table_bytes": local_bytes, "total_table_bytes": sum(all_gather_objects(local_bytes))}
-        pretrained = None
+        pretrained = warm = None
+        if resume_from is None and t.warm_start:  # an earlier run's rows, mapped through both vocabularies
+            warm = init_warm_start(dmp, optimizer, data, Path(t.warm_start), cfg.model.name, table_shapes(dmp),
+                                   run_dir, t.warm_start_optimizer)
+        elif t.warm_start:
+            logger.info("train.warm_start=%s not applied: the run resumes from %s (its own tables)", t.warm_start,
+                        resume_from)
         if resume_from is None:  # tables from given vectors, or the closed form of the fit interactions
             pretrained = init_all_pretrained(dmp, data, cfg.model)
         if cfg.model.init == "spectral" and resume_from is None:
@@ -86,8 +94,7 @@ def train(cfg: Config, run_dir: Path, config_hash: str = "") -> Dict:
         sets = data.eval_sets(cfg.eval.max_users, progress=rank == 0 and cfg.train.progress)
         peaks.mark("evaluation sets")
         state = TrainState(loss_curve={"every_steps": cfg.train.log_every_steps, "step": [], "loss": []},
-                           pretrained=pretrained)
-        t = cfg.train
+                           pretrained=pretrained, warm_start=warm)
         checkpointer = Checkpointer(run_dir, {
             "run_hash": rhash, "config_hash": config_hash, "config_yaml": OmegaConf.to_yaml(OmegaConf.structured(cfg)),
             "model": {"name": cfg.model.name, "tables": table_shapes(dmp)}, "data": {"path": str(data.path), **counts}},
@@ -223,6 +230,8 @@ def run_metrics(end: RunEnd, state: TrainState, wall: float, data: DataSource, e
         metrics["data"]["features"] = {stem: entry["counts"] for stem, entry in data.manifest["features"].items()}
     if state.pretrained:
         metrics["pretrained"] = state.pretrained
+    if state.warm_start:
+        metrics["warm_start"] = state.warm_start
     metrics["run_hash"] = rhash
     metrics["checkpoint"] = checkpointer.summary()
     if end.norms is not None:

@@ -164,3 +164,25 @@ def vectors_for(path: Path, wanted: pa.Array, dim: int, preferred_id: str) -> Fo
     return Found(np.concatenate(positions) if positions else np.zeros(0, dtype=np.int64),
                  np.concatenate(vectors) if vectors else np.zeros((0, dim), dtype=np.float32), file_rows,
                  np.concatenate(repeated) if repeated else np.zeros(0, dtype=np.int64))
+
+
+def ids_present(path: Path, column: str, wanted: pa.Array) -> np.ndarray:
+    """Which of the distinct `wanted` ids column `column` of the Parquet file at `path` holds (a
+    prepared dataset's ``users.parquet`` / ``items.parquet``), read a row group at a time."""
+    present = np.zeros(len(wanted), dtype=bool)
+    if len(wanted) == 0:
+        return present
+    lookup = _Lookup(wanted)
+    pf = pq.ParquetFile(path)
+    for group in range(pf.num_row_groups):
+        ids = pf.read_row_group(group, columns=[column])[column].combine_chunks()
+        if pa.types.is_dictionary(ids.type):
+            ids = ids.dictionary_decode()
+        where = lookup.positions(ids)
+        present[where[where >= 0]] = True
+    return present
+
+
+def id_kind(t: pa.DataType) -> str:
+    """``integer``, ``string`` or the type's name: ids of one kind can be matched with each other."""
+    return _kind(t)

@@ -92,6 +92,7 @@ _ADDED = {
               "feature_combine"),
     "eval": ("max_users",),
     "optim": ("stochastic_rounding",),
+    "train": ("warm_start", "warm_start_optimizer"),
 }
 
 

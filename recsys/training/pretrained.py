@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Dict, Optional
+from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 import pyarrow as pa
@@ -31,6 +31,51 @@ TABLES = {"items": ("item", "item_id"), "users": ("user", "user_id")}
 """which -> (the id table's name in the model, the id column of a recsys export)."""
 
 
+def local_ids(data: DataSource, which: str, shards: List[tuple]) -> Tuple[pa.Array, np.ndarray]:
+    """(raw ids, their table rows) of the rows of this rank's `shards` (``local_blocks``) of a
+    ``which`` (``users`` / ``items``) table: column shards of one row range share it, read once."""
+    ranges = sorted({(r0, nr) for _, (r0, _), (nr, _) in shards})
+    id_parts, row_parts = [], []
+    for r0, nr in ranges:
+        ids, rows = data.id_rows(which, r0, r0 + nr)
+        id_parts.append(ids)
+        row_parts.append(rows)
+    if not id_parts:
+        return data.id_rows(which, 0, 0)[0], np.zeros(0, dtype=np.int64)
+    return pa.concat_arrays(id_parts), np.concatenate(row_parts)
+
+
+def row_means(target: np.ndarray, vectors: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+    """(distinct rows, the mean of their vectors, float64): `vectors[k]` goes to row `target[k]`
+    (hashed ids: several ids per row, averaged)."""
+    rows_hit, inverse = np.unique(target, return_inverse=True)
+    means = np.zeros((len(rows_hit), vectors.shape[1]), dtype=np.float64)
+    np.add.at(means, inverse, vectors)
+    means /= np.bincount(inverse, minlength=len(rows_hit))[:, None]
+    return rows_hit, means
+
+
+def write_rows(shards: List[tuple], rows: np.ndarray, values: np.ndarray) -> None:
+    """Write `values` (one full-width row each) into the table rows `rows` of this rank's `shards`."""
+    for tensor, (r0, c0), (nr, nc) in shards:
+        here = (rows >= r0) & (rows < r0 + nr)
+        if here.any():
+            index = torch.from_numpy(rows[here] - r0).to(tensor.device)
+            tensor[index] = torch.from_numpy(values[here][:, c0 : c0 + nc]).to(device=tensor.device,
+                                                                               dtype=tensor.dtype)
+
+
+def counted_once(shards: List[tuple]):
+    """(count(rows), rows of the ranges counted): the rows of `rows` that this rank counts, each row
+    counted once over ranks, by the shard holding its first columns (column shards repeat rows)."""
+    firsts = sorted({(r0, nr) for _, (r0, c0), (nr, _) in shards if c0 == 0})
+
+    def count(rows: np.ndarray) -> int:
+        return int(sum(((rows >= r0) & (rows < r0 + nr)).sum() for r0, nr in firsts))
+
+    return count, sum(nr for _, nr in firsts)
+
+
 @torch.no_grad()
 def init_pretrained(model: torch.nn.Module, data: DataSource, which: str, path: Path) -> Dict:
     """Write the vectors of the file at `path` into the ``which`` (``items`` / ``users``) id table of
@@ -39,35 +84,13 @@ def init_pretrained(model: torch.nn.Module, data: DataSource, which: str, path: 
     weight = table_weights(model)[table]
     dim = weight.size(1)
     shards = local_blocks(weight)
-    # the rows of this rank's shards (column shards of one row range share it): their ids, read once
-    ranges = sorted({(r0, nr) for _, (r0, _), (nr, _) in shards})
-    id_parts, row_parts = [], []
-    for r0, nr in ranges:
-        ids, rows = data.id_rows(which, r0, r0 + nr)
-        id_parts.append(ids)
-        row_parts.append(rows)
-    wanted = pa.concat_arrays(id_parts) if id_parts else data.id_rows(which, 0, 0)[0]
+    wanted, all_rows = local_ids(data, which, shards)
     # every rank reads the whole file (no rows here too): a bad file fails on every rank alike
     found = vectors_for(Path(path), wanted, dim, export_column)
-    target = np.concatenate(row_parts)[found.positions] if row_parts else np.zeros(0, dtype=np.int64)
-    rows_hit, inverse = np.unique(target, return_inverse=True)  # hashed ids: several ids per row, averaged
-    means = np.zeros((len(rows_hit), dim), dtype=np.float64)
-    np.add.at(means, inverse, found.vectors)
-    means /= np.bincount(inverse, minlength=len(rows_hit))[:, None]
-    for tensor, (r0, c0), (nr, nc) in shards:
-        here = (rows_hit >= r0) & (rows_hit < r0 + nr)
-        if here.any():
-            index = torch.from_numpy(rows_hit[here] - r0).to(tensor.device)
-            tensor[index] = torch.from_numpy(means[here][:, c0 : c0 + nc]).to(device=tensor.device, dtype=tensor.dtype)
-    # counted once over ranks: the rows of ranges whose first columns are here (column shards repeat rows)
-    firsts = sorted({(r0, nr) for _, (r0, c0), (nr, _) in shards if c0 == 0})
-
-    def counted(rows: np.ndarray) -> int:
-        return int(sum(((rows >= r0) & (rows < r0 + nr)).sum() for r0, nr in firsts))
-
-    all_rows = np.concatenate(row_parts) if row_parts else np.zeros(0, dtype=np.int64)
-    matched, rows_counted = counted(rows_hit), sum(nr for _, nr in firsts)
-    file_rows, repeated = found.file_rows, counted(all_rows[found.repeated])
+    rows_hit, means = row_means(all_rows[found.positions], found.vectors)
+    write_rows(shards, rows_hit, means)
+    counted, rows_counted = counted_once(shards)
+    matched, file_rows, repeated = counted(rows_hit), found.file_rows, counted(all_rows[found.repeated])
     parts = all_gather_objects((matched, rows_counted, repeated, file_rows))  # a rank may hold no shard
     total_matched, total_rows = sum(p[0] for p in parts), sum(p[1] for p in parts)
     figures = {"path": str(path), "rows": total_rows, "rows_matched": total_matched,

@@ -47,6 +47,8 @@ class TrainState:
     """This rank's loss summed over the batches of ``epoch`` done (carried over a resume)."""
     pretrained: Optional[Dict[str, Any]] = None
     """How many rows started from pre-trained vectors (``recsys.training.pretrained``), by table."""
+    warm_start: Optional[Dict[str, Any]] = None
+    """How many rows an earlier run's tables gave (``recsys.training.warm_start``), by table."""
     _clock_start: float = field(default=0.0, repr=False)
 
     # ---- time
@@ -78,7 +80,7 @@ class TrainState:
         return {"epoch": self.epoch, "batch": self.batch, "finished": self.finished, "history": self.history,
                 "loss_curve": self.loss_curve, "since_best": self.since_best, "best_epoch": self.best_epoch,
                 "best_value": self.best_value, "valid_s": self.valid_s, "train_wall_s": self.elapsed(),
-                "pretrained": self.pretrained}
+                "pretrained": self.pretrained, "warm_start": self.warm_start}
 
     def load_state_dict(self, loop: Dict[str, Any], step: int, loss_sums: List[float], rank: int, world: int,
                         best_weights: Optional[List[torch.Tensor]]) -> None:
@@ -90,6 +92,7 @@ class TrainState:
         self.best_epoch, self.best_value, self.best_weights = loop["best_epoch"], loop["best_value"], best_weights
         self.valid_s, self.train_wall_s = loop["valid_s"], loop["train_wall_s"]
         self.pretrained = loop.get("pretrained")  # absent from checkpoints written before it existed
+        self.warm_start = loop.get("warm_start")
         if len(loss_sums) == world:
             self.loss_sum = loss_sums[rank]
         else:
