@@ -37,6 +37,7 @@ from recsys.model import RetrievalTask
 from recsys.model import build_task as train_module
 from recsys.parallelize import (GIB, PlanRecorder, RankMemory, TablePlacement, describe_plan, embedding_modules,
                                 format_bytes, fuse_table_optimizer, plan_sharding)
+from recsys.training.pretrained import pretrained_dims
 
 __all__ = ["PlanError", "dry_run", "run"]
 
@@ -73,8 +74,9 @@ class DryRun:
 
 def build_task(cfg: Config, num_users: int, num_items: int) -> RetrievalTask:
     """The training module of ``recsys.train`` with its tables on the meta device and the table
-    optimizer fused into the backward (so the planner sees the fused kernels and their state)."""
-    task = train_module(cfg.model, cfg.loss, num_users, num_items)
+    optimizer fused into the backward (so the planner sees the fused kernels and their state); the
+    frozen pre-trained tables' dimensions (``model.pretrained_frozen``) are read from their files."""
+    task = train_module(cfg.model, cfg.loss, num_users, num_items, pretrained_dims=pretrained_dims(cfg.model))
     fuse_table_optimizer(task, cfg.optim.name, cfg.optim.lr, cfg.optim.eps)
     return task
 

@@ -87,7 +87,7 @@ _VOLATILE = {
 _ADDED = {
     "data": ("loader", "stream_min_rows", "row_group_size", "num_workers", "shuffle_buffer"),
     "model": ("init", "spectral_alpha", "spectral_niter", "spectral_refit", "table_dtype", "stack_spectral_dim",
-              "stack_spectral_weights", "pretrained_items", "pretrained_users"),
+              "stack_spectral_weights", "pretrained_items", "pretrained_users", "pretrained_frozen"),
     "eval": ("max_users",),
     "optim": ("stochastic_rounding",),
 }

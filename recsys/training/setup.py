@@ -25,6 +25,7 @@ from recsys.model import build_task, feature_spec
 from recsys.parallelize import PlacedPlan, init_distributed, init_tables, restore_weights, shard_model
 from recsys.training.checkpoint import (check_compatible, config_from_meta, load_checkpoint, read_meta,
                                         resolve_checkpoint, table_shapes)
+from recsys.training.pretrained import frozen_dims_of, pretrained_dims
 
 logger = logging.getLogger("recsys.train")
 
@@ -55,15 +56,19 @@ class ShardedModel:
 
 
 def build_model(cfg: Config, num_users: int, num_items: int, device: torch.device, world: int,
-                item_counts: Optional[np.ndarray] = None, initialise: bool = True) -> ShardedModel:
+                item_counts: Optional[np.ndarray] = None, initialise: bool = True,
+                frozen_dims: Optional[Dict[str, int]] = None) -> ShardedModel:
     """The model of `cfg` built on the meta device and sharded by the planner; with `initialise`,
     its tables filled with their sharding-independent initialisation (not needed when a checkpoint
     is loaded next). `item_counts` (training counts per item) gives the loss's logQ correction
-    when ``loss.logq_correction``. Collective."""
+    when ``loss.logq_correction``. The frozen pre-trained tables (``model.pretrained_frozen``) take
+    their dimension from the vector files, read here on every rank, unless `frozen_dims` gives
+    them (a checkpoint's model: the files are not needed again). Collective."""
     item_log_prob = None
     if cfg.loss.logq_correction and item_counts is not None:
         item_log_prob = torch.from_numpy(np.log(np.maximum(item_counts, 1) / item_counts.sum())).float().to(device)
-    task = build_task(cfg.model, cfg.loss, num_users, num_items, item_log_prob)
+    task = build_task(cfg.model, cfg.loss, num_users, num_items, item_log_prob,
+                      pretrained_dims(cfg.model) if frozen_dims is None else frozen_dims)
     o = cfg.optim
     # GPU memory the planner must leave free: the evaluation's item vectors (every rank scores its
     # users against all items) and its score blocks
@@ -72,7 +77,7 @@ def build_model(cfg: Config, num_users: int, num_items: int, device: torch.devic
                                        max(cfg.train.batch_size // world, 1), o.stochastic_rounding, reserved)
     if initialise:
         init_tables(dmp, cfg.model.init_std, cfg.seed)
-        dmp.module.model.reset_dense_parameters()
+        dmp.module.model.reset_dense_parameters(cfg.seed)
     return ShardedModel(dmp, optimizer, plan)
 
 
@@ -108,7 +113,8 @@ def load_trained(path: Path, device: str = "auto") -> Trained:
     cfg = config_from_meta(meta, ckpt)
     info = init_distributed(device)
     data = open_data(cfg, Path(meta.get("data", {}).get("path") or ""))
-    sharded = build_model(cfg, data.num_users, data.num_items, info.device, info.world_size, initialise=False)
+    sharded = build_model(cfg, data.num_users, data.num_items, info.device, info.world_size, initialise=False,
+                          frozen_dims=frozen_dims_of(meta.get("model", {}).get("tables") or {}))
     check_compatible(meta, cfg.model.name, table_shapes(sharded.dmp), ckpt)
     _, best = load_checkpoint(ckpt, sharded.dmp, None, load_best=True)
     if best is not None:
