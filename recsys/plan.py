@@ -11,7 +11,8 @@ error): the planner cannot place them, or the configuration is invalid.
 
 Table sizes come from the prepared dataset (``recsys.data.prepare``, reused when already
 prepared) unless ``plan.num_users`` and ``plan.num_items`` are given, in which case no data is
-read: a billion-row table can be planned on a laptop.
+read: a billion-row table can be planned on a laptop. (With ``model.pretrained_frozen`` the vector
+files' dimensions are read: their schema or first vector.)
 """
 
 from __future__ import annotations
