@@ -285,12 +285,22 @@ class ModelConfig:
     pretrained_items: Optional[str] = None
     """A Parquet file (or directory of them) of raw item id + ``vector`` (another model's item
     embeddings, or a ``recsys`` export's ``items/``): the item id table's rows of the ids it has
-    start from their vectors (of dimension ``embedding_dim``), then train as usual; the others get
-    the usual initialisation. The match rate is logged and recorded in metrics.json."""
+    start from their vectors (of dimension ``embedding_dim``; any with ``pretrained_frozen``), then
+    train as usual; the others get the usual initialisation. The match rate is logged and recorded
+    in metrics.json."""
     pretrained_users: Optional[str] = None
     """The same for the user id table. Only the id tables start from vectors (a two_tower's own
     history table does not); a two_tower export's ``users/`` vectors already hold the history
     term, so seeding a history model's user ids from them counts the history twice."""
+    pretrained_frozen: bool = False
+    """With ``pretrained_items`` / ``pretrained_users``: keep each file's vectors frozen in a table
+    of their own (of the file's dimension P, any P) under a trained linear map P -> ``embedding_dim``
+    (dense, Adam at ``optim.dense_lr``): the id term becomes id row + map(pre-trained row). The
+    matched ids' id rows start at zero (a matched id starts from its mapped vector), the others'
+    as usual (their pre-trained row is zero). The map starts as the identity when P equals
+    ``embedding_dim``, else as a seeded random orthogonal map scaled by sqrt(max(P / D, 1)) (norms
+    kept: exactly when P < D, on average when P > D). Off: the vectors seed the id rows, fine-tuned
+    (P must equal ``embedding_dim``)."""
 
     feature_pooling: str = "mean"
     """Side features (``data.item_features`` / ``user_features``): ``mean`` or ``sum`` of each
@@ -338,6 +348,14 @@ class ModelConfig:
         _check(self.init != "spectral" or not (self.pretrained_items or self.pretrained_users),
                "model.pretrained_items / pretrained_users start tables from given vectors; model.init=spectral "
                "computes them from the data: use one of the two")
+        _check(not self.pretrained_frozen or bool(self.pretrained_items or self.pretrained_users),
+               "model.pretrained_frozen=true freezes the vectors of model.pretrained_items / pretrained_users: "
+               "set one of them (or leave model.pretrained_frozen=false)")
+        _check(not (self.pretrained_frozen and self.pretrained_items and self.history_weights[0] > 0
+                    and self.share_item_table),
+               "model.pretrained_frozen=true with model.pretrained_items: the user history bag would pool the "
+               "shared item table without the frozen pre-trained term (matched rows start at zero); set "
+               "model.share_item_table=false (a history table of its own)")
         _check(self.stack_spectral_dim >= 0, f"model.stack_spectral_dim must be >= 0, got {self.stack_spectral_dim}")
         if self.stack_spectral_dim:
             weights = list(self.stack_spectral_weights)

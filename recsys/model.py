@@ -7,6 +7,7 @@ dot product of the two vectors (of L2-normalised vectors when ``normalize``).
 
 from __future__ import annotations
 
+import math
 from typing import Dict, List, Optional, Tuple
 
 import torch
@@ -15,7 +16,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torchrec.modules.embedding_configs import DataType, EmbeddingBagConfig, PoolingType
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
-from torchrec.sparse.jagged_tensor import KeyedTensor
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
 from recsys.config import LossConfig, ModelConfig
 from recsys.data.features import (HISTORY_FEATURE, ITEM_FEATURE, ITEM_HISTORY_FEATURE, SIDE_PREFIX, USER_FEATURE, Batch,
@@ -29,6 +30,50 @@ torch.fx.wrap("bpr_loss")
 
 TABLE_DTYPES = {"fp32": DataType.FP32, "fp16": DataType.FP16}
 """``model.table_dtype`` -> the storage type of the table weights (TorchRec's ``data_type``)."""
+
+
+class FrozenPretrained(nn.Module):
+    """Frozen pre-trained vectors of an id table under a trained linear map: ``map(pretrained(row))``.
+
+    The vectors (dimension P, any) sit in a table of their own (``<table>_pretrained``: the id
+    table's rows, looked up with its ids) in an ``EmbeddingBagCollection`` of its own, whose
+    lookup runs under ``torch.no_grad()``. Why its rows never change: the sharding fuses the table
+    optimizer into the lookup kernel's backward (FBGEMM updates the rows there, no gradient is
+    kept), and a lookup made without grad records no autograd node, kernel or output
+    all-to-all alike (TorchRec's communication ops hang their backward on a tensor that requires
+    grad; under no_grad nothing is recorded), so the backward never reaches the kernel: no
+    update, not even a zero one. ``nn.Linear(P, D, bias=False)`` is a dense parameter trained by
+    the dense optimizer (``reset_parameters``: its start)."""
+
+    def __init__(self, table: str, feature: str, rows: int, dim: int, embedding_dim: int, data_type: DataType,
+                 device: torch.device) -> None:
+        super().__init__()
+        self.feature = feature
+        self.ebc = EmbeddingBagCollection(tables=[EmbeddingBagConfig(
+            name=f"{table}_pretrained", embedding_dim=dim, num_embeddings=rows, feature_names=[feature],
+            pooling=PoolingType.SUM, data_type=data_type)], device=device)
+        self.map = nn.Linear(dim, embedding_dim, bias=False, device=device)
+
+    @torch.no_grad()
+    def reset_parameters(self, seed: int) -> None:
+        """The identity when P == D; else a seeded random orthogonal map (orthonormal columns when
+        P < D: every vector keeps its norm and every dot product; orthonormal rows when P > D,
+        scaled by sqrt(P / D) so that norms are kept on average)."""
+        out_dim, in_dim = self.map.weight.shape
+        if out_dim == in_dim:
+            w = torch.eye(out_dim)
+        else:
+            g = torch.Generator().manual_seed(seed)
+            q, r = torch.linalg.qr(torch.randn(max(out_dim, in_dim), min(out_dim, in_dim), generator=g,
+                                               dtype=torch.float64))
+            q = q * torch.sign(torch.diagonal(r))  # the unique (Haar) orthogonal factor
+            w = q if out_dim > in_dim else q.T * math.sqrt(in_dim / out_dim)
+        self.map.weight.copy_(w.to(self.map.weight.dtype))
+
+    def forward(self, features: KeyedJaggedTensor) -> torch.Tensor:
+        with torch.no_grad():  # see the class docstring: what keeps the rows bit-identical
+            pooled = self.ebc(features)[self.feature]
+        return self.map(pooled)
 
 
 class TwoTower(nn.Module):
@@ -61,6 +106,10 @@ class TwoTower(nn.Module):
     the loss and the fused optimizer's state stay in float32; each update is computed in float32
     and rounded into the row (to nearest on CPU; stochastically on CUDA, FBGEMM's default, so
     updates smaller than the rounding step are not lost on average).
+
+    ``pretrained_dims`` (``{"item": P, "user": P'}``, either or none): frozen pre-trained vectors
+    of that dimension under a trained linear map added to the table's id embedding
+    (``FrozenPretrained``, in ``self.pretrained``).
     """
 
     def __init__(self, num_users: int, num_items: int, embedding_dim: int, normalize: bool,
@@ -69,7 +118,7 @@ class TwoTower(nn.Module):
                  device: Optional[torch.device] = None, table_dtype: str = "fp32",
                  side_tables: Optional[Dict[str, List[Tuple[str, int]]]] = None,
                  feature_weights: Optional[Dict[str, float]] = None, feature_pooling: str = "mean",
-                 feature_combine: str = "sum") -> None:
+                 feature_combine: str = "sum", pretrained_dims: Optional[Dict[str, int]] = None) -> None:
         super().__init__()
         if table_dtype not in TABLE_DTYPES:
             raise ValueError(f"table_dtype must be one of {sorted(TABLE_DTYPES)}, got {table_dtype!r}")
@@ -110,20 +159,35 @@ class TwoTower(nn.Module):
         self.side_projection = nn.ModuleDict({
             role: nn.Linear((1 + len(names)) * embedding_dim, embedding_dim, bias=False, device=device)
             for role, names in self.side.items() if names and feature_combine == "concat"})
+        rows = {"user": (num_users, USER_FEATURE), "item": (num_items, ITEM_FEATURE)}
+        self.pretrained = nn.ModuleDict({
+            t: FrozenPretrained(t, rows[t][1], rows[t][0], p, embedding_dim, TABLE_DTYPES[table_dtype], device)
+            for t, p in sorted((pretrained_dims or {}).items())})
 
     @property
     def has_history(self) -> bool:
         return self.history_weight > 0
 
-    def reset_dense_parameters(self) -> None:
+    def reset_dense_parameters(self, seed: int = 0) -> None:
         """Dense parts start as the identity (the pooled bag unchanged; the concatenated side
-        features summed)."""
+        features summed); the pre-trained maps as ``FrozenPretrained.reset_parameters`` says
+        (seeded by `seed` and the table)."""
         with torch.no_grad():
             if self.projection is not None:
                 self.projection.weight.copy_(torch.eye(self.embedding_dim, device=self.projection.weight.device))
             for linear in self.side_projection.values():
                 eye = torch.eye(self.embedding_dim, device=linear.weight.device)
                 linear.weight.copy_(eye.repeat(1, linear.weight.shape[1] // self.embedding_dim))
+        for i, (_, term) in enumerate(sorted(self.pretrained.items())):
+            term.reset_parameters(seed * 2 + i)
+
+    def _id(self, table: str, kt: KeyedTensor, features: KeyedJaggedTensor) -> torch.Tensor:
+        """The id embeddings of `table` (``user`` / ``item``) in `kt`, plus the mapped frozen
+        pre-trained vectors (looked up in `features`) when the table has them."""
+        v = kt[USER_FEATURE if table == "user" else ITEM_FEATURE]
+        if table in self.pretrained:
+            v = v + self.pretrained[table](features)
+        return v
 
     def _with_side(self, role: str, v: torch.Tensor, kt: KeyedTensor, counts: torch.Tensor) -> torch.Tensor:
         """A tower's id term `v` combined with its pooled side features (class docstring)."""
@@ -151,15 +215,16 @@ class TwoTower(nn.Module):
             v = (1.0 - self.history_weight) * user_emb + self.history_weight * pooled
         return v
 
-    def _item(self, item_kt: KeyedTensor, n: int, counts: torch.Tensor, side_counts: torch.Tensor) -> torch.Tensor:
-        v = item_kt[ITEM_FEATURE][:n]
+    def _item(self, item_kt: KeyedTensor, n: int, counts: torch.Tensor, side_counts: torch.Tensor,
+              features: KeyedJaggedTensor) -> torch.Tensor:
+        v = self._id("item", item_kt, features)[:n]
         if self.item_history_weight > 0:
             pooled = item_kt[ITEM_HISTORY_FEATURE][:n] / counts.clamp(min=1.0)[:, None]
             v = (1.0 - self.item_history_weight) * v + self.item_history_weight * pooled
         return self._with_side("item", v, item_kt, side_counts)
 
     def _user(self, user_kt: KeyedTensor, pooled: Optional[torch.Tensor], batch: Batch) -> torch.Tensor:
-        v = self._combine(user_kt[USER_FEATURE], pooled, batch.history_counts)
+        v = self._combine(self._id("user", user_kt, batch.users), pooled, batch.history_counts)
         return self._with_side("user", v, user_kt, batch.user_feature_counts)
 
     def finish(self, v: torch.Tensor) -> torch.Tensor:
@@ -176,7 +241,8 @@ class TwoTower(nn.Module):
         if self.has_history:
             pooled = (item_kt if self.share_item_table else user_kt)[HISTORY_FEATURE][:b]
         return self._user(user_kt, pooled, batch), self._item(item_kt, batch.item_ids.shape[0],
-                                                              batch.item_history_counts, batch.item_feature_counts)
+                                                              batch.item_history_counts, batch.item_feature_counts,
+                                                              batch.items)
 
     def user_vectors(self, batch: Batch) -> torch.Tensor:
         """Vectors of the batch's users (its items are ignored)."""
@@ -190,7 +256,7 @@ class TwoTower(nn.Module):
     def item_vectors(self, batch: Batch) -> torch.Tensor:
         """Vectors of the batch's items."""
         return self.finish(self._item(self.item_ebc(batch.items), batch.item_ids.shape[0], batch.item_history_counts,
-                                      batch.item_feature_counts))
+                                      batch.item_feature_counts, batch.items))
 
 
 class RetrievalTask(nn.Module):
@@ -236,10 +302,12 @@ def feature_spec(mc: ModelConfig, seed: int) -> FeatureSpec:
 
 def build_task(mc: ModelConfig, loss: LossConfig, num_users: int, num_items: int,
                item_log_prob: Optional[torch.Tensor] = None,
-               side_tables: Optional[Dict[str, List[Tuple[str, int]]]] = None) -> RetrievalTask:
+               side_tables: Optional[Dict[str, List[Tuple[str, int]]]] = None,
+               pretrained_dims: Optional[Dict[str, int]] = None) -> RetrievalTask:
     """The model of `mc` (tables on the meta device) wrapped with the loss of `loss`: what gets
     sharded and trained. The dry run (recsys.plan) builds the same module. `side_tables`: the
-    data's side-feature tables (``DataSource.side_tables``)."""
+    data's side-feature tables (``DataSource.side_tables``); `pretrained_dims`: the dimension of
+    each frozen pre-trained table (``model.pretrained_frozen``; read from the files)."""
     history_weight, item_history_weight = mc.history_weights
     model = TwoTower(num_users, num_items, mc.embedding_dim, mc.normalize,
                      history_weight=history_weight,
@@ -247,6 +315,7 @@ def build_task(mc: ModelConfig, loss: LossConfig, num_users: int, num_items: int
                      projection=mc.projection,
                      item_history_weight=item_history_weight,
                      table_dtype=mc.table_dtype, side_tables=side_tables, feature_weights=dict(mc.feature_weights),
-                     feature_pooling=mc.feature_pooling, feature_combine=mc.feature_combine)
+                     feature_pooling=mc.feature_pooling, feature_combine=mc.feature_combine,
+                     pretrained_dims=pretrained_dims)
     return RetrievalTask(model, loss.name, loss.temperature, loss.mask_accidental_hits, item_log_prob,
                          loss.margin, loss.l2)

@@ -11,7 +11,8 @@ error): the planner cannot place them, or the configuration is invalid.
 
 Table sizes come from the prepared dataset (``recsys.data.prepare``, reused when already
 prepared) unless ``plan.num_users`` and ``plan.num_items`` are given, in which case no data is
-read: a billion-row table can be planned on a laptop.
+read: a billion-row table can be planned on a laptop. (With ``model.pretrained_frozen`` the vector
+files' dimensions are read: their schema or first vector.)
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ from recsys.model import RetrievalTask
 from recsys.model import build_task as train_module
 from recsys.parallelize import (GIB, PlanRecorder, RankMemory, TablePlacement, describe_plan, embedding_modules,
                                 format_bytes, fuse_table_optimizer, plan_sharding)
+from recsys.training.pretrained import pretrained_dims
 
 __all__ = ["PlanError", "dry_run", "run"]
 
@@ -75,8 +77,10 @@ class DryRun:
 def build_task(cfg: Config, num_users: int, num_items: int,
                side_tables: Optional[Dict[str, List[Tuple[str, int]]]] = None) -> RetrievalTask:
     """The training module of ``recsys.train`` with its tables on the meta device and the table
-    optimizer fused into the backward (so the planner sees the fused kernels and their state)."""
-    task = train_module(cfg.model, cfg.loss, num_users, num_items, side_tables=side_tables)
+    optimizer fused into the backward (so the planner sees the fused kernels and their state); the
+    frozen pre-trained tables' dimensions (``model.pretrained_frozen``) are read from their files."""
+    task = train_module(cfg.model, cfg.loss, num_users, num_items, side_tables=side_tables,
+                        pretrained_dims=pretrained_dims(cfg.model))
     fuse_table_optimizer(task, cfg.optim.name, cfg.optim.lr, cfg.optim.eps)
     return task
 

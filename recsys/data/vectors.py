@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import List
+from typing import List, Optional
 
 import numpy as np
 import pandas as pd
@@ -71,6 +71,24 @@ def id_column(schema: pa.Schema, file: Path, preferred: str) -> str:
     return others[0]
 
 
+def vector_dim(path: Path, preferred_id: str) -> Optional[int]:
+    """The length of the vector file's vectors: from the schema (a fixed-size list), else from its
+    first non-null vector (the first row group, normally); None when it has no vector at all.
+    Cheap: every rank reads it before the model is built. (``vectors_for`` checks every row.)"""
+    for file in vector_files(path):
+        pf = pq.ParquetFile(file)
+        id_column(pf.schema_arrow, file, preferred_id)  # a vector column of floats, an id column
+        vtype = pf.schema_arrow.field(VECTOR_COLUMN).type
+        if pa.types.is_fixed_size_list(vtype):
+            return vtype.list_size
+        for group in range(pf.num_row_groups):
+            lengths = pc.list_value_length(pf.read_row_group(group, columns=[VECTOR_COLUMN])[VECTOR_COLUMN])
+            valid = lengths.drop_null()
+            if len(valid):
+                return int(valid[0].as_py())
+    return None
+
+
 class _Lookup:
     """Positions of ids in `wanted` (distinct ids), -1 where absent; built once for the whole file
     (a sorted array for integer ids, a pandas hash index for strings)."""
@@ -112,7 +130,8 @@ def vectors_for(path: Path, wanted: pa.Array, dim: int, preferred_id: str) -> Fo
     """The vectors of the `wanted` raw ids (each distinct) that the vector file at `path` has.
 
     One-line ``DataError`` (naming the file and the column) for a file that is not a vector file,
-    ids of another type than `wanted`'s, or vectors of another length than `dim`."""
+    ids of another type than `wanted`'s, or vectors of another length than `dim` (the table's
+    width, checked against the file's first vector by the caller, ``vector_dim``)."""
     positions: List[np.ndarray] = []
     vectors: List[np.ndarray] = []
     file_rows = 0
@@ -142,7 +161,7 @@ def vectors_for(path: Path, wanted: pa.Array, dim: int, preferred_id: str) -> Fo
             if np.any(lengths != dim):  # every row checked, wanted or not: a wrong file fails the same way
                 bad = int(lengths[np.flatnonzero(lengths != dim)[0]])
                 raise DataError(f"{file}: column '{VECTOR_COLUMN}' has vectors of length "
-                                f"{bad if bad >= 0 else 'null'}; model.embedding_dim is {dim}")
+                                f"{bad if bad >= 0 else 'null'} and of length {dim}: all must have one length")
             values = pc.list_flatten(column_vectors)
             if values.null_count or not np.isfinite(values.to_numpy(zero_copy_only=False)).all():
                 raise DataError(f"{file}: column '{VECTOR_COLUMN}' has null, NaN or infinite values")

@@ -89,7 +89,7 @@ _ADDED = {
              "user_features", "min_count", "oov_buckets"),
     "model": ("init", "spectral_alpha", "spectral_niter", "spectral_refit", "table_dtype", "stack_spectral_dim",
               "stack_spectral_weights", "pretrained_items", "pretrained_users", "feature_pooling", "feature_weights",
-              "feature_combine"),
+              "feature_combine", "pretrained_frozen"),
     "eval": ("max_users",),
     "optim": ("stochastic_rounding",),
     "train": ("warm_start", "warm_start_optimizer"),

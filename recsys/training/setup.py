@@ -25,6 +25,7 @@ from recsys.model import build_task, feature_spec
 from recsys.parallelize import PlacedPlan, init_distributed, init_tables, restore_weights, shard_model
 from recsys.training.checkpoint import (check_compatible, config_from_meta, load_checkpoint, read_meta,
                                         resolve_checkpoint, table_shapes)
+from recsys.training.pretrained import frozen_dims_of, pretrained_dims
 
 logger = logging.getLogger("recsys.train")
 
@@ -56,16 +57,20 @@ class ShardedModel:
 
 def build_model(cfg: Config, num_users: int, num_items: int, device: torch.device, world: int,
                 item_counts: Optional[np.ndarray] = None, initialise: bool = True,
-                side_tables: Optional[Dict[str, List[Tuple[str, int]]]] = None) -> ShardedModel:
+                side_tables: Optional[Dict[str, List[Tuple[str, int]]]] = None,
+                frozen_dims: Optional[Dict[str, int]] = None) -> ShardedModel:
     """The model of `cfg` built on the meta device and sharded by the planner; with `initialise`,
     its tables filled with their sharding-independent initialisation (not needed when a checkpoint
     is loaded next). `item_counts` (training counts per item) gives the loss's logQ correction
     when ``loss.logq_correction``; `side_tables` the data's side-feature tables
-    (``DataSource.side_tables``). Collective."""
+    (``DataSource.side_tables``). The frozen pre-trained tables (``model.pretrained_frozen``) take
+    their dimension from the vector files, read here on every rank, unless `frozen_dims` gives
+    them (a checkpoint's model: the files are not needed again). Collective."""
     item_log_prob = None
     if cfg.loss.logq_correction and item_counts is not None:
         item_log_prob = torch.from_numpy(np.log(np.maximum(item_counts, 1) / item_counts.sum())).float().to(device)
-    task = build_task(cfg.model, cfg.loss, num_users, num_items, item_log_prob, side_tables)
+    task = build_task(cfg.model, cfg.loss, num_users, num_items, item_log_prob, side_tables,
+                      pretrained_dims(cfg.model) if frozen_dims is None else frozen_dims)
     o = cfg.optim
     # GPU memory the planner must leave free: the evaluation's item vectors (every rank scores its
     # users against all items) and its score blocks
@@ -74,7 +79,7 @@ def build_model(cfg: Config, num_users: int, num_items: int, device: torch.devic
                                        max(cfg.train.batch_size // world, 1), o.stochastic_rounding, reserved)
     if initialise:
         init_tables(dmp, cfg.model.init_std, cfg.seed)
-        dmp.module.model.reset_dense_parameters()
+        dmp.module.model.reset_dense_parameters(cfg.seed)
     return ShardedModel(dmp, optimizer, plan)
 
 
@@ -111,7 +116,8 @@ def load_trained(path: Path, device: str = "auto") -> Trained:
     info = init_distributed(device)
     data = open_data(cfg, Path(meta.get("data", {}).get("path") or ""))
     sharded = build_model(cfg, data.num_users, data.num_items, info.device, info.world_size, initialise=False,
-                          side_tables=data.side_tables())
+                          side_tables=data.side_tables(),
+                          frozen_dims=frozen_dims_of(meta.get("model", {}).get("tables") or {}))
     check_compatible(meta, cfg.model.name, table_shapes(sharded.dmp), ckpt)
     _, best = load_checkpoint(ckpt, sharded.dmp, None, load_best=True)
     if best is not None:
