@@ -91,7 +91,8 @@ class DataConfig:
     get vectors from ``data.item_features`` alone; the evaluation then also reports them apart)."""
     test_fraction: float = 0.2
     """Share of each user's interactions (random), of the log by time (temporal) or of the items
-    (cold_items) held out."""
+    (cold_items) held out. With cold_items, ``valid_fraction`` still holds out a per-user share of
+    the training interactions (of warm items) for model selection."""
     valid_fraction: float = 0.0
     """Share of each user's training interactions held out for model selection (epochs, early
     stopping); 0: no validation split. The test split is never used for selection."""
@@ -200,6 +201,10 @@ class DataConfig:
             _check(self.oov_buckets > 0, f"data.min_count={self.min_count} sends rare ids to the OOV rows: set "
                    "data.oov_buckets > 0 (how many)")
         if self.oov_buckets:
+            _check(self.min_count > 1, "data.oov_buckets: with data.min_count=1 no training item is rare, so the OOV "
+                   "rows would never be trained (an unseen item would get an untrained vector): set data.min_count "
+                   ">= 2")
+        if self.oov_buckets:
             _check(self.id_mapping == "vocab", f"data.oov_buckets is for data.id_mapping=vocab (with "
                    f"{self.id_mapping} every id already has a row of its own or a hashed one)")
         if self.id_mapping == "identity":
@@ -222,6 +227,9 @@ class DataConfig:
             _check(self.num_users > 0 and self.num_items > 1, "data.num_users and data.num_items must be positive")
             _check(self.num_interactions >= self.num_users,
                    "data.num_interactions must be at least data.num_users (every user interacts)")
+        if self.split == "cold_items":
+            _check(self.id_mapping == "vocab", "data.split=cold_items needs data.id_mapping=vocab: with hashed or "
+                   "identity rows a held-out item's row may be a trained one")
 
 
 @dataclass
@@ -307,7 +315,8 @@ class ModelConfig:
     feature's bag of values."""
     feature_weights: Dict[str, float] = field(default_factory=dict)
     """Side features: the weight of a feature column's pooled vector (default 1.0), given per column
-    as a new key: ``+model.feature_weights.genre=0.5``; 0 leaves the column out."""
+    as a new key: ``+model.feature_weights.genre=0.5``; 0 leaves the column out. A name both
+    feature files have applies to both towers."""
     feature_combine: str = "sum"
     """Side features: a tower's output is ``sum`` (the id embedding plus the weighted pooled
     features) or ``concat`` (the id embedding and the weighted pooled features concatenated, then

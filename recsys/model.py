@@ -265,7 +265,7 @@ class RetrievalTask(nn.Module):
 
     def __init__(self, model: TwoTower, loss: str = "sampled_softmax", temperature: float = 0.2,
                  mask_accidental_hits: bool = True, item_log_prob: Optional[torch.Tensor] = None,
-                 margin: float = 0.0, l2: float = 0.0) -> None:
+                 margin: float = 0.0, l2: float = 0.0, negative_pool: Optional[int] = None) -> None:
         super().__init__()
         self.model = model
         self.loss = loss
@@ -273,7 +273,8 @@ class RetrievalTask(nn.Module):
         self.mask_accidental_hits = mask_accidental_hits
         # A plain attribute, not a buffer: nothing to broadcast or checkpoint.
         self.item_log_prob = item_log_prob
-        self.num_items = 0 if item_log_prob is None else len(item_log_prob)
+        # the rows uniform negatives are drawn from (their logQ is -log of it): all, or those trained
+        self.num_items = negative_pool or (0 if item_log_prob is None else len(item_log_prob))
         self.margin = margin
         self.l2 = l2
 
@@ -303,11 +304,12 @@ def feature_spec(mc: ModelConfig, seed: int) -> FeatureSpec:
 def build_task(mc: ModelConfig, loss: LossConfig, num_users: int, num_items: int,
                item_log_prob: Optional[torch.Tensor] = None,
                side_tables: Optional[Dict[str, List[Tuple[str, int]]]] = None,
-               pretrained_dims: Optional[Dict[str, int]] = None) -> RetrievalTask:
+               pretrained_dims: Optional[Dict[str, int]] = None, negative_pool: Optional[int] = None) -> RetrievalTask:
     """The model of `mc` (tables on the meta device) wrapped with the loss of `loss`: what gets
     sharded and trained. The dry run (recsys.plan) builds the same module. `side_tables`: the
     data's side-feature tables (``DataSource.side_tables``); `pretrained_dims`: the dimension of
-    each frozen pre-trained table (``model.pretrained_frozen``; read from the files)."""
+    each frozen pre-trained table (``model.pretrained_frozen``; read from the files);
+    `negative_pool`: how many rows uniform negatives are drawn from (None: all item rows)."""
     history_weight, item_history_weight = mc.history_weights
     model = TwoTower(num_users, num_items, mc.embedding_dim, mc.normalize,
                      history_weight=history_weight,
@@ -318,4 +320,4 @@ def build_task(mc: ModelConfig, loss: LossConfig, num_users: int, num_items: int
                      feature_pooling=mc.feature_pooling, feature_combine=mc.feature_combine,
                      pretrained_dims=pretrained_dims)
     return RetrievalTask(model, loss.name, loss.temperature, loss.mask_accidental_hits, item_log_prob,
-                         loss.margin, loss.l2)
+                         loss.margin, loss.l2, negative_pool)

@@ -145,6 +145,9 @@ def table_sizes(cfg: Config) -> Tuple[int, int, str, Dict[str, List[Tuple[str, i
     """(num_users, num_items, where they came from, the side-feature tables): ``plan.num_*`` (no
     side-feature table: their sizes come from the data) or the prepared dataset."""
     if cfg.plan.num_users:
+        if cfg.data.item_features.path or cfg.data.user_features.path:
+            logger.warning("plan.num_users / plan.num_items: the side-feature tables are not planned (their sizes "
+                           "come from the prepared data; leave plan.num_* unset to read them)")
         return cfg.plan.num_users, cfg.plan.num_items, "plan.num_users / plan.num_items", {}
     data_dir = prepare(data_config(cfg))  # as training prepares it (the loader resolved for this model)
     manifest = json.loads((data_dir / "manifest.json").read_text())

@@ -72,8 +72,10 @@ def train(cfg: Config, run_dir: Path, config_hash: str = "") -> Dict:
         for line in ignored_options(cfg, data.loader, data.has_valid) if rank == 0 else ():
             logger.warning("%s", line)
         counts = describe_data(data)
+        negative_rows = data.negative_rows()
         sharded = build_model(cfg, data.num_users, data.num_items, device, world, data.fit_item_counts(),
-                              side_tables=data.side_tables())
+                              side_tables=data.side_tables(),
+                              negative_pool=None if negative_rows is None else len(negative_rows))
         dmp, optimizer = sharded.dmp, sharded.optimizer
         local_bytes = local_table_bytes(dmp) + local_optimizer_bytes(optimizer)  # weights + optimizer state
         table_bytes = {"local_table_bytes": local_bytes, "total_table_bytes": sum(all_gather_objects(local_bytes))}
@@ -110,7 +112,7 @@ def train(cfg: Config, run_dir: Path, config_hash: str = "") -> Dict:
                        cfg.eval.select_metric)
         state.start_clock()
         batches = BatchOptions(t.batch_size, cfg.loss.num_negatives, cfg.seed, rank, world, cfg.data.num_workers,
-                               cfg.data.shuffle_buffer, pin_memory=device.type == "cuda")
+                               cfg.data.shuffle_buffer, pin_memory=device.type == "cuda", negative_rows=negative_rows)
         model = train_epochs(dmp, optimizer, device, data, batches, state, options, checkpointer, log,
                              epoch_evaluator(sets, cfg.eval, device))
         closed_form_valid = None

@@ -353,15 +353,19 @@ def test_rare_and_unseen_items_share_the_oov_rows(tmp_path, train_here):
             np.testing.assert_array_equal(v, by_bucket[row_of[i] - len(frequent)])
 
 
-def test_both_loaders_give_the_same_side_features_and_cold_sets(config, tmp_path):
-    """One preparation with features and held-out items, read by the memory and the streaming
-    loader: the same model inputs for any rows and the same cold-item evaluation sets."""
+@pytest.mark.parametrize("case", ["cold_items", "oov", "hash"])
+def test_both_loaders_give_the_same_side_features_and_cold_sets(config, tmp_path, case):
+    """One preparation with features (held-out items; OOV rows; hashed ids), read by the memory
+    and the streaming loader: the same model inputs for any rows, the same cold-item evaluation
+    sets (every cold user with a cold item), the same negatives' rows."""
     from recsys.data.eval_sets import as_item_sets
     from recsys.data.features import FeatureSpec
     from recsys.data.prepare import prepare
     from recsys.data.source import InMemorySource, StreamedSource
 
-    cfg = config([*TINY, f"data.root={tmp_path / 'data'}", *feature_overrides(tmp_path), "data.split=cold_items"])
+    more = {"cold_items": ["data.split=cold_items"], "oov": ["data.min_count=3", "data.oov_buckets=4"],
+            "hash": ["data.id_mapping=hash", "data.num_users=400", "data.num_items=150"]}[case]
+    cfg = config([*TINY, f"data.root={tmp_path / 'data'}", *feature_overrides(tmp_path), *more])
     prepared = Path(prepare(cfg.data))
     memory = InMemorySource(prepared, FeatureSpec())
     stream = StreamedSource(prepared, json.loads((prepared / "manifest.json").read_text()), FeatureSpec())
@@ -373,9 +377,53 @@ def test_both_loaders_give_the_same_side_features_and_cold_sets(config, tmp_path
         assert kjt_a.values().equal(kjt_b.values()) and kjt_a.lengths().equal(kjt_b.lengths())
     assert a.item_feature_counts.equal(b.item_feature_counts) and a.item_feature_counts.shape[1] == 2
     sets_a, sets_b = memory.eval_sets(0), stream.eval_sets(0)
-    assert sets_a.cold is not None and np.array_equal(sets_a.cold.users, sets_b.cold.users)
+    assert np.array_equal(memory.negative_rows(), stream.negative_rows())
+    assert not np.isin(np.flatnonzero(np.load(prepared / "item_counts.npy") == 0), memory.negative_rows()).any()
+    assert np.array_equal(sets_a.test.missing, sets_b.test.missing)
+    assert (sets_a.cold is None) == (sets_b.cold is None) == (case != "cold_items")  # no new item is tested else
+    if sets_a.cold is None:
+        return
+    assert np.array_equal(sets_a.cold.users, sets_b.cold.users)
     n = memory.num_items
+    assert (as_item_sets(sets_a.cold.relevant, n).counts(sets_a.cold.users) > 0).all()
     for got, want in ((sets_b.cold.relevant, sets_a.cold.relevant), (sets_b.cold.masked, sets_a.cold.masked)):
         pa_, pb_ = as_item_sets(want, n).pairs(sets_a.cold.users), as_item_sets(got, n).pairs(sets_a.cold.users)
         assert sorted(zip(*map(list, pa_))) == sorted(zip(*map(list, pb_)))
-    assert np.array_equal(sets_a.test.missing, sets_b.test.missing)
+
+
+
+def test_the_all_test_figure_averages_over_every_test_user(brute_force):
+    """evaluate_popularity with all_test: the users without any vector score 0 and count in the
+    mean; the others' misses count in their denominators (numpy brute force over all users)."""
+    import torch
+
+    from recsys.config import EvalConfig
+    from recsys.data.dataset import CSR
+    from recsys.data.eval_sets import EvalSplit
+    from recsys.data.features import Features
+    from recsys.evaluation.metrics import evaluate_popularity
+
+    rng = np.random.default_rng(3)
+    users, items, ks = 12, 30, [3, 10]
+    counts = rng.integers(0, 50, items)
+    train = [set(rng.choice(items, 3, replace=False).tolist()) for _ in range(users)]
+    test = [set(rng.choice(sorted(set(range(items)) - train[u]), 1 + u % 3, replace=False).tolist()) if u % 4
+            else set() for u in range(users)]  # every 4th user: no test item with a vector
+    missing = rng.integers(0, 3, users)
+    missing[0] = 2  # a user whose test items all lack a vector
+    without = 3  # and 3 test users unseen in training
+    csr = lambda sets: CSR.from_pairs(np.repeat(np.arange(users), [len(x) for x in sets]),  # noqa: E731
+                                      np.array([i for x in sets for i in sorted(x)], dtype=np.int64), users)
+    evaluated = np.array([u for u in range(users) if test[u]])
+    zero_users = without + sum(1 for u in range(users) if not test[u] and missing[u])
+    split = EvalSplit(evaluated, users, items, Features(), csr(train), csr(test), missing, zero_users,
+                      len(evaluated))
+    got = evaluate_popularity(counts, split, ks, torch.device("cpu"), EvalConfig(ks=ks), all_test=True)["all"]
+    wide = np.concatenate([np.tile(counts.astype(float), (users, 1)), np.full((users, missing.max()), -np.inf)], 1)
+    wide_test = [test[u] | {items + j for j in range(missing[u])} for u in evaluated]
+    want = brute_force(wide[evaluated], [train[u] for u in evaluated], wide_test, ks)
+    total = len(evaluated) + zero_users
+    assert got["users"] == total
+    for k in ks:
+        for m in ("recall", "ndcg"):  # the evaluated users' mean, the others 0
+            assert got[f"{m}@{k}"] == pytest.approx(want[f"{m}@{k}"] * len(evaluated) / total, abs=1e-12)

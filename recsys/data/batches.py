@@ -40,6 +40,15 @@ class BatchOptions:
     """Streamed datasets: rows of each worker's shuffle buffer (``data.shuffle_buffer``)."""
     pin_memory: bool = False
     """Pin each batch for the pipeline's non-blocking copy (CUDA only)."""
+    negative_rows: Optional[np.ndarray] = None
+    """The item rows uniform negatives are drawn from (``DataSource.negative_rows``: those with
+    training interactions, when some rows have none); None: every row."""
+
+    def draw_negatives(self, rng: np.random.Generator, num_items: int, size: int) -> np.ndarray:
+        """`size` uniform negatives: rows of [0, num_items), or of `negative_rows`."""
+        if self.negative_rows is None:
+            return rng.integers(0, num_items, size=size)
+        return self.negative_rows[rng.integers(0, len(self.negative_rows), size=size)]
 
     def __post_init__(self) -> None:  # a programming error: the run's config is refused earlier
         if self.global_batch % self.world_size or self.num_negatives % self.world_size:
@@ -85,7 +94,7 @@ class TrainBatches:
         for step in range(self.num_batches):
             start = step * o.global_batch + o.rank * b
             idx = perm[start : start + b]
-            negatives = neg_rng.integers(0, self.num_items, size=n * o.world_size)[o.rank * n : (o.rank + 1) * n]
+            negatives = o.draw_negatives(neg_rng, self.num_items, n * o.world_size)[o.rank * n : (o.rank + 1) * n]
             batch = self.features.batch(self.users[idx], np.concatenate([self.items[idx], negatives]), bag_rng)
             yield batch.pin_memory() if o.pin_memory else batch
 

@@ -268,7 +268,8 @@ def write_features(engine: "Engine", steps: Steps, staged_features: Dict[str, St
                         len(sf.columns))
         engine.write_file(steps.feature_values(role), tmp / f"{stem}_feature_values.parquet")
         sizes = {int(f): (int(n), int(rows)) for f, n, rows in engine.fetchall(steps.feature_sizes(role))}
-        file_ids, trained, with_row, bare = (int(x or 0) for x in engine.fetchall(steps.feature_counts(role))[0])
+        file_ids, trained, with_row, bare, with_interactions, repeated, untrained_values = (
+            int(x or 0) for x in engine.fetchall(steps.feature_counts(role))[0])
         columns = []
         for k, c in enumerate(sf.columns):
             n, rows = sizes.get(k, (0, sf.hash_buckets))
@@ -279,17 +280,24 @@ def write_features(engine: "Engine", steps: Steps, staged_features: Dict[str, St
                             "rows_without_values": sf.counts["rows_without_values"],
                             "ids": file_ids, "ids_with_interactions": trained,
                             "ids_without_interactions": with_row - trained, "ids_without_row": file_ids - with_row,
-                            f"{stem}_without_features": bare}}
+                            f"{stem}_without_features": bare, "ids_on_several_rows": repeated,
+                            "values_of_new_ids_only": untrained_values}}
         out[stem] = entry
         c = entry["counts"]
         logger.info("%s features %s: %d ids (%d with training interactions, %d new: vectors from features alone); "
                     "%d of the %d %s with interactions have no feature value%s; columns %s", role, sf.source,
-                    c["ids"], trained, c["ids_without_interactions"], bare, counts[f"num_{stem}"] - c["ids_without_interactions"],
-                    stem, f"; {c['ids_without_row']} ids left without a row (data.id_mapping={cfg.id_mapping})"
+                    c["ids"], trained, c["ids_without_interactions"], bare, with_interactions, stem,
+                    f"; {c['ids_without_row']} ids left without a row (data.id_mapping={cfg.id_mapping})"
                     if c["ids_without_row"] else "", ", ".join(f"{x['name']} ({x['values']} values)" for x in columns))
-        for key, what in (("null_ids", "a null id"), ("rows_without_values", "no feature value (all null or empty)")):
+        for key, what in (("null_ids", "rows with a null id"),
+                          ("rows_without_values", "rows with no feature value (all null or empty)"),
+                          ("values_of_new_ids_only", "values that only ids without training interactions have "
+                                                     "(no trained row would hold them)")):
             if c[key]:
-                logger.warning("%s: dropped %d rows with %s", sf.source, c[key], what)
+                logger.warning("%s: dropped %d %s", sf.source, c[key], what)
+        if c["ids_on_several_rows"]:
+            logger.warning("%s: %d ids are on several rows; their values are pooled together", sf.source,
+                           c["ids_on_several_rows"])
     return out
 
 
@@ -527,8 +535,14 @@ def oov_figures(engine: Engine, steps: Steps, cfg: DataConfig, counts: Dict[str,
     for role, stem in (("item", "items"),):
         rare, rare_rows, test_rows = (int(x or 0) for x in engine.fetchall(steps.oov_counts(role))[0])
         first = counts[f"num_{stem}"] - cfg.oov_buckets
+        used = int(engine.fetchall(f"SELECT count(DISTINCT row) FROM {stem} WHERE oov")[0][0])
         out[stem] = {"first_row": first, "buckets": cfg.oov_buckets, "min_count": cfg.min_count, "seed": cfg.seed,
-                     "rare_ids": rare, "rare_interactions": rare_rows, "test_rows_of_unseen_ids": test_rows}
+                     "rare_ids": rare, "rare_interactions": rare_rows, "test_rows_of_unseen_ids": test_rows,
+                     "empty_buckets": cfg.oov_buckets - used}
+        if used < cfg.oov_buckets:
+            logger.warning("%d of the %d OOV rows of the %s hold no rare id: untrained, their vectors are the initial "
+                           "ones (fewer data.oov_buckets, or a larger data.min_count)", cfg.oov_buckets - used,
+                           cfg.oov_buckets, stem)
         logger.info("OOV rows of the %s: %d rare ids (fewer than %d training interactions, %d interactions) share "
                     "rows %d..%d; %d test rows of %s unseen in training hashed into them", stem, rare, cfg.min_count,
                     rare_rows, first, first + cfg.oov_buckets - 1, test_rows, stem)

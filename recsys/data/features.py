@@ -45,25 +45,36 @@ class SideFeatures:
     bags: List[CSR]
     counts: np.ndarray
     """Training interactions per row (validation ones included)."""
+    held: Optional[np.ndarray] = None
+    """Validation interactions per row (not trained on), when counted apart from `counts`."""
+    id_rows_from: Optional[int] = None
+    """Rows from here on always use their id embedding (the OOV rows)."""
 
     @property
     def tables(self) -> List[Tuple[str, int]]:
         return list(zip(self.names, self.sizes))
 
     def has_id(self, rows: np.ndarray) -> np.ndarray:
-        """Which of `rows` have a trained id embedding (a training interaction)."""
-        return np.asarray(self.counts[rows]) > 0
+        """Which of `rows` have a trained id embedding: a training interaction (validation ones
+        excluded, they are not trained on), or an OOV row."""
+        rows = np.asarray(rows)
+        fit = np.asarray(self.counts[rows]) - (0 if self.held is None else np.asarray(self.held[rows]))
+        has = fit > 0
+        if self.id_rows_from is not None:
+            has |= rows >= self.id_rows_from
+        return has
 
     @staticmethod
-    def load(path: Path, stem: str, counts: np.ndarray) -> "SideFeatures":
+    def load(path: Path, stem: str, counts: np.ndarray, held: Optional[np.ndarray] = None,
+             id_rows_from: Optional[int] = None) -> "SideFeatures":
         """The prepared side features ``<stem>`` (``items`` / ``users``) of dataset `path`;
-        `counts`: training interactions per row."""
+        `counts`, `held`, `id_rows_from`: the fields of the same names."""
         manifest = json.loads((Path(path) / "manifest.json").read_text())["features"][stem]
         names = [c["name"] for c in manifest["columns"]]
         directory = Path(path) / f"{stem}_features"
         bags = [CSR(np.load(directory / f"feature-{k}.indptr.npy", mmap_mode="r"),
                     np.load(directory / f"feature-{k}.codes.npy", mmap_mode="r")) for k in range(len(names))]
-        return SideFeatures(names, [int(c["rows"]) for c in manifest["columns"]], bags, counts)
+        return SideFeatures(names, [int(c["rows"]) for c in manifest["columns"]], bags, counts, held, id_rows_from)
 
 
 def side_tables_of(manifest: Dict) -> Dict[str, List[Tuple[str, int]]]:
@@ -77,9 +88,14 @@ def side_features(path: Path, manifest: Dict) -> Dict[str, SideFeatures]:
     """The side features a prepared dataset has: ``{"item": ..., "user": ...}`` (either may be
     absent), their arrays and the per-row training counts memory-mapped."""
     out = {}
-    for role, stem, counts in (("item", "items", "item_counts_all"), ("user", "users", "user_counts")):
-        if stem in manifest.get("features", {}):
-            out[role] = SideFeatures.load(path, stem, np.load(Path(path) / f"{counts}.npy", mmap_mode="r"))
+    path = Path(path)
+    if "items" in manifest.get("features", {}):  # item_counts.npy: the fit counts (validation rows excluded)
+        oov = manifest.get("oov", {}).get("items")
+        out["item"] = SideFeatures.load(path, "items", np.load(path / "item_counts.npy", mmap_mode="r"),
+                                        id_rows_from=None if oov is None else oov["first_row"])
+    if "users" in manifest.get("features", {}):
+        out["user"] = SideFeatures.load(path, "users", np.load(path / "user_counts.npy", mmap_mode="r"),
+                                        np.load(path / "valid_user_counts.npy", mmap_mode="r"))
     return out
 
 

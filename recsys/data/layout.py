@@ -26,8 +26,10 @@
     manifest.json                  counts, schema, split, rows dropped and kept and why, the engine,
                                    the side features (columns, table sizes, what was counted)
 
-Ids of a feature file without a training interaction get rows in the vocabulary after the trained
-ones (a count of 0 in item_counts_all.npy / user_counts.npy).
+Ids of a feature file without a training interaction get rows too (a count of 0 in
+item_counts_all.npy / user_counts.npy): with data.id_mapping=vocab after the trained ones, before
+the OOV rows (data.oov_buckets: the last N item rows, shared by the rare items; items.parquet then
+has the ``row`` column, as with hash).
 
 Both loaders read this one layout: ``data.loader=memory`` loads ``train/`` and ``test/`` whole
 (``recsys.data.dataset.Dataset``), ``data.loader=stream`` streams the row groups.

@@ -155,10 +155,15 @@ def piece_order(num_pieces: int, seed: int, epoch: int) -> np.ndarray:
 
 
 def step_negatives(seed: int, epoch: int, step: int, num_items: int, num_negatives: int, rank: int,
-                   world_size: int) -> np.ndarray:
-    """This rank's share of the step's uniform negatives (drawn for the whole world)."""
+                   world_size: int, negative_rows: Optional[np.ndarray] = None) -> np.ndarray:
+    """This rank's share of the step's uniform negatives (drawn for the whole world) from the rows
+    [0, num_items), or from `negative_rows`."""
     n = num_negatives // world_size
-    drawn = np.random.default_rng([seed, epoch, _NEGATIVES, step]).integers(0, num_items, size=num_negatives)
+    rng = np.random.default_rng([seed, epoch, _NEGATIVES, step])
+    if negative_rows is None:
+        drawn = rng.integers(0, num_items, size=num_negatives)
+    else:
+        drawn = negative_rows[rng.integers(0, len(negative_rows), size=num_negatives)]
     return drawn[rank * n : (rank + 1) * n]
 
 
@@ -214,8 +219,9 @@ class _EpochStream(IterableDataset):
 
     def __init__(self, pieces: Pieces, num_items: int, local_batch: int, num_negatives: int, rank: int,
                  world_size: int, seed: int, epoch: int, num_workers: int, shuffle_buffer: int, skip: int,
-                 stop: int, steps: int, chunk: int) -> None:
+                 stop: int, steps: int, chunk: int, negative_rows: Optional[np.ndarray] = None) -> None:
         super().__init__()
+        self.negative_rows = negative_rows
         self.pieces, self.num_items, self.local_batch = pieces, num_items, local_batch
         self.num_negatives, self.rank, self.world_size = num_negatives, rank, world_size
         self.seed, self.epoch, self.num_workers, self.shuffle_buffer = seed, epoch, num_workers, shuffle_buffer
@@ -243,7 +249,7 @@ class _EpochStream(IterableDataset):
             k += 1
             if rows is not None:
                 negatives = step_negatives(self.seed, self.epoch, step, self.num_items, self.num_negatives,
-                                           self.rank, self.world_size)
+                                           self.rank, self.world_size, self.negative_rows)
                 out_steps.append(step)
                 out_users.append(rows[0])
                 out_items.append(np.concatenate([rows[1], negatives]))
@@ -332,7 +338,8 @@ class StreamBatches:
         self.num_workers, self.pin_memory = o.num_workers, o.pin_memory
         self.features = features or Features()
         self.dataset = _EpochStream(pieces, num_items, o.local_batch, o.num_negatives, o.rank, o.world_size, o.seed,
-                                    epoch, max(o.num_workers, 1), o.shuffle_buffer, self.skip, stop, self.steps, chunk)
+                                    epoch, max(o.num_workers, 1), o.shuffle_buffer, self.skip, stop, self.steps, chunk,
+                                    o.negative_rows)
 
     def __len__(self) -> int:
         return self.num_batches

@@ -27,6 +27,7 @@ from typing import Dict, List, Optional
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.csv as pacsv
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
@@ -87,6 +88,10 @@ def check_feature_files(ff: FeatureFileConfig, role: str, id_kind: str, default_
         files, file_format, what = source_files(Path(ff.path), fmt, separator)
     except DataError as e:
         raise DataError(str(e).replace("(data.path)", f"({key}.path)").replace("data.path;", f"{key}.path;")) from None
+    if fmt == "csv":  # text: the ids read as the interactions' type, the values as text (no guessing, "007" stays)
+        types = {id_column: pa.int64() if id_kind == "int" else pa.string(), **{c: pa.string() for c in ff.columns}}
+        file_format = ds.CsvFileFormat(parse_options=pacsv.ParseOptions(delimiter=separator),
+                                       convert_options=pacsv.ConvertOptions(column_types=types))
     kinds: Dict[str, str] = {}
     for f in files:
         try:
@@ -153,16 +158,16 @@ def stage_feature_file(ff: FeatureFileConfig, role: str, id_kind: str, default_i
                 any_value = np.zeros(n, dtype=bool)
                 for k, c in enumerate(ff.columns):
                     values = batch.column(k + 1)
-                    if kinds[c] == "list":
-                        out.counts[f"null_values.{c}"] += int(values.null_count)
+                    if kinds[c] == "list":  # a null list, and null elements of the lists
+                        out.counts[f"null_values.{c}"] += int(pc.sum(pc.and_(pc.is_null(values),
+                                                                               pa.array(has_id))).as_py() or 0)
                         parent = pc.list_parent_indices(values).to_numpy(zero_copy_only=False)
                         flat = pc.list_flatten(values)
                     else:
                         parent, flat = np.arange(n), values
                     flat = _as_text(flat)
                     keep = pc.is_valid(flat).to_numpy(zero_copy_only=False) & has_id[parent]
-                    if kinds[c] == "scalar":
-                        out.counts[f"null_values.{c}"] += int((~keep & has_id[parent]).sum())
+                    out.counts[f"null_values.{c}"] += int((~keep & has_id[parent]).sum())
                     rows = parent[keep]
                     any_value[rows] = True
                     parts.append(pa.table({"id": ids.take(pa.array(rows)),

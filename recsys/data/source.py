@@ -10,7 +10,8 @@ this interface, never asking which loader they have:
 - ``id_rows(which, lo, hi)``: the raw id of each table row of a range (what a rank exports);
 - ``features(include_valid, training)``: the model's inputs (the bags of its ``FeatureSpec``, and
   the side features); ``side``: the side features (``data.item_features`` / ``user_features``),
-  ``side_tables()`` their tables' names and sizes, for the model;
+  ``side_tables()`` their tables' names and sizes, for the model; ``negative_rows()``: the item
+  rows uniform negatives are drawn from (None: all);
 - ``eval_sets(max_users, progress)``: the test and validation ``EvalSets`` of this rank's share
   of the evaluated users (all with test / validation items, or a seeded sample of ``max_users``);
 - ``batches(options, epoch, skip, max_batches)``: an epoch's training batches from the (skip+1)-th;
@@ -60,6 +61,7 @@ class DataSource(Protocol):
     side: Dict[str, SideFeatures]
 
     def side_tables(self) -> Dict[str, List[Tuple[str, int]]]: ...
+    def negative_rows(self) -> Optional[np.ndarray]: ...
     def fit_item_counts(self) -> np.ndarray: ...
     def item_counts(self) -> np.ndarray: ...
     def user_counts(self) -> np.ndarray: ...
@@ -98,10 +100,27 @@ def missing_counts(path: Path, manifest: Dict) -> Tuple[Optional[np.ndarray], in
     return np.load(f), int(manifest["counts"]["test_users_without_vectors"])
 
 
-def cold_item_rows(side: Dict[str, SideFeatures]) -> Optional[np.ndarray]:
+def cold_item_rows(path: Path, manifest: Dict) -> Optional[np.ndarray]:
     """With item side features: which item rows have no training interaction (their vectors come
-    from their features alone); None without item features."""
-    return None if "item" not in side else np.asarray(side["item"].counts) == 0
+    from their features alone; the OOV rows are not items of their own); None without item
+    features. The same rows as the preparation's ``test_cold_user_counts``."""
+    if "items" not in manifest.get("features", {}):
+        return None
+    cold = np.load(Path(path) / "item_counts_all.npy") == 0
+    oov = manifest.get("oov", {}).get("items")
+    if oov is not None:
+        cold[oov["first_row"]:] = False
+    return cold
+
+
+def negative_rows(path: Path, manifest: Dict) -> Optional[np.ndarray]:
+    """The item rows uniform negatives are drawn from: with side features or OOV rows (rows
+    without a training interaction: new, held-out or unused), those with training interactions
+    (validation ones excluded), so that no held-out item is trained on as a negative; else None
+    (every row)."""
+    if "items" not in manifest.get("features", {}) and "oov" not in manifest:
+        return None
+    return np.flatnonzero(np.load(Path(path) / "item_counts.npy") > 0)
 
 
 class InMemorySource:
@@ -175,7 +194,7 @@ class InMemorySource:
                               self.num_items,
                               self.features(include_valid=False), d.train_csr(include_valid=False), valid_csr)
         cold = None
-        cold_items = self.cold_items()
+        cold_items = cold_item_rows(self.path, self.manifest)
         if cold_items is not None:
             keep = cold_items[d.test_items]
             cold_csr = CSR.from_pairs(d.test_users[keep], d.test_items[keep], self.num_users)
@@ -185,9 +204,8 @@ class InMemorySource:
                                  users_of=cold_of)
         return EvalSets(test, valid, cold=cold, info={"eval_users": len(users), "eval_users_of": of})
 
-    def cold_items(self) -> Optional[np.ndarray]:
-        """With item side features: which item rows have no training interaction (None without)."""
-        return cold_item_rows(self.side)
+    def negative_rows(self) -> Optional[np.ndarray]:
+        return negative_rows(self.path, self.manifest)
 
     def batches(self, options: BatchOptions, epoch: int, skip: int = 0,
                 max_batches: Optional[int] = None) -> Iterator[Batch]:
@@ -223,6 +241,9 @@ class StreamedSource:
 
     def side_tables(self) -> Dict[str, List[Tuple[str, int]]]:
         return {role: s.tables for role, s in self.side.items()}
+
+    def negative_rows(self) -> Optional[np.ndarray]:
+        return negative_rows(self.path, self.manifest)
 
     def fit_item_counts(self) -> np.ndarray:
         return np.load(self.path / "item_counts.npy")
@@ -276,7 +297,7 @@ class StreamedSource:
         if self.has_valid:
             valid_users, _ = sampled_users(np.load(self.path / "valid_user_counts.npy"), max_users, "validation")
             wanted["valid"] = owned_share(valid_users, self.num_users)[0]
-        cold_items = cold_item_rows(self.side)
+        cold_items = cold_item_rows(self.path, self.manifest)
         if cold_items is not None and (self.path / "test_cold_user_counts.npy").exists():
             cold_users, cold_of = sampled_users(np.load(self.path / "test_cold_user_counts.npy"), max_users,
                                                 "cold-item test")

@@ -307,9 +307,12 @@ class Steps:
         if self.o.oov_buckets:
             irow = (f"COALESCE(i.row, ib.b + {self.hash_row(self.code('t.item_id', self.o.string_items), self.o.oov_buckets)})")
             bases = f" CROSS JOIN ({self.oov_base('item')}) ib"
+        # item_n: the training interactions of the item's ROW (hashed and OOV rows hold several
+        # ids); 0: a row without any, whose vector comes from features alone (a cold item)
         return (f"SELECT t.user_id, t.item_id, CAST({urow} AS BIGINT) AS user_row, CAST({irow} AS BIGINT) AS item_row, "
-                "u.row IS NULL AS user_new, i.row IS NULL AS item_new, i.n AS item_n FROM split t LEFT JOIN users u ON "
-                f"t.user_id = u.user_id LEFT JOIN items i ON t.item_id = i.item_id{bases} WHERE t.is_test")
+                "u.row IS NULL AS user_new, i.row IS NULL AS item_new, rn._n AS item_n FROM split t LEFT JOIN users u ON "
+                f"t.user_id = u.user_id LEFT JOIN items i ON t.item_id = i.item_id{bases} LEFT JOIN (SELECT row AS _r, "
+                f"sum(n) AS _n FROM items GROUP BY row) rn ON rn._r = {irow} WHERE t.is_test")
 
     def num_rows(self, role: str) -> str:
         """The number of table rows of `role` (vocab): its ids, or its own ids plus the OOV rows."""
@@ -407,10 +410,13 @@ class Steps:
         ``{role}_feat_values`` (feature, value, code, n: the rows having it): the code is the
         value's rank by n descending then value (a vocabulary per column) or its hashed row."""
         col, table = ("user_id", "users") if role == "user" else ("item_id", "items")
-        kept = (f"SELECT DISTINCT v.row AS row, f.feature AS feature, f.value AS value FROM {role}_feat_raw f "
-                f"JOIN {table} v ON f.{col} = v.{col}")
+        kept = (f"SELECT DISTINCT v.row AS row, f.feature AS feature, f.value AS value, v.n > 0 AS trained FROM "
+                f"{role}_feat_raw f JOIN {table} v ON f.{col} = v.{col}")
         buckets = self.o.feature_buckets(role)
-        counted = f"SELECT feature, value, count(*) AS n FROM {role}_feat GROUP BY feature, value"
+        # a vocabulary of the values of rows with training interactions: a value only new ids have
+        # would get a row no training reaches (hashed values share rows with trained ones)
+        counted = (f"SELECT feature, value, count(*) AS n FROM {role}_feat{'' if buckets else ' WHERE trained'} "
+                   "GROUP BY feature, value")
         if buckets:
             code = self.hash_row(self.code("value", True), buckets)
         else:
@@ -435,14 +441,20 @@ class Steps:
         return f"SELECT feature, count(*), {size} FROM {role}_feat_values GROUP BY feature ORDER BY feature"
 
     def feature_counts(self, role: str) -> str:
-        """(distinct ids of the file, of them with a training interaction, ids with a row in
-        the file, training ids without any feature value, file ids left without a row)."""
+        """(distinct ids of the file, of them with a training interaction, ids with a row in the
+        file, training ids without any feature value, ids with training interactions, ids on
+        several rows of the file, (row, column, value)s left out: values no trained row has)."""
         col, table = ("user_id", "users") if role == "user" else ("item_id", "items")
         ids = f"(SELECT DISTINCT {col} FROM {role}_feat_raw WHERE {col} IS NOT NULL)"
+        repeated = (f"(SELECT {col} FROM {role}_feat_raw WHERE {col} IS NOT NULL GROUP BY {col} HAVING "
+                    "min(_file) <> max(_file) OR min(_row) <> max(_row))")
         return (f"SELECT (SELECT count(*) FROM {ids} a), "
                 f"(SELECT count(*) FROM {ids} a JOIN {table} v ON a.{col} = v.{col} WHERE v.n > 0), "
                 f"(SELECT count(*) FROM {ids} a JOIN {table} v ON a.{col} = v.{col}), "
-                f"(SELECT count(*) FROM {table} v WHERE v.n > 0 AND v.row NOT IN (SELECT row FROM {role}_feat))")
+                f"(SELECT count(*) FROM {table} v WHERE v.n > 0 AND v.row NOT IN (SELECT row FROM {role}_feat)), "
+                f"(SELECT count(*) FROM {table} WHERE n > 0), (SELECT count(*) FROM {repeated} r), "
+                f"(SELECT count(*) FROM {role}_feat f LEFT JOIN {role}_feat_values v ON f.feature = v.feature AND "
+                "f.value = v.value WHERE v.code IS NULL)")
 
 
 def sql_string(text: str) -> str:

@@ -58,19 +58,20 @@ class ShardedModel:
 def build_model(cfg: Config, num_users: int, num_items: int, device: torch.device, world: int,
                 item_counts: Optional[np.ndarray] = None, initialise: bool = True,
                 side_tables: Optional[Dict[str, List[Tuple[str, int]]]] = None,
-                frozen_dims: Optional[Dict[str, int]] = None) -> ShardedModel:
+                frozen_dims: Optional[Dict[str, int]] = None, negative_pool: Optional[int] = None) -> ShardedModel:
     """The model of `cfg` built on the meta device and sharded by the planner; with `initialise`,
     its tables filled with their sharding-independent initialisation (not needed when a checkpoint
     is loaded next). `item_counts` (training counts per item) gives the loss's logQ correction
     when ``loss.logq_correction``; `side_tables` the data's side-feature tables
     (``DataSource.side_tables``). The frozen pre-trained tables (``model.pretrained_frozen``) take
     their dimension from the vector files, read here on every rank, unless `frozen_dims` gives
-    them (a checkpoint's model: the files are not needed again). Collective."""
+    them (a checkpoint's model: the files are not needed again). `negative_pool`: the rows uniform
+    negatives are drawn from (``DataSource.negative_rows``; None: all). Collective."""
     item_log_prob = None
     if cfg.loss.logq_correction and item_counts is not None:
         item_log_prob = torch.from_numpy(np.log(np.maximum(item_counts, 1) / item_counts.sum())).float().to(device)
     task = build_task(cfg.model, cfg.loss, num_users, num_items, item_log_prob, side_tables,
-                      pretrained_dims(cfg.model) if frozen_dims is None else frozen_dims)
+                      pretrained_dims(cfg.model) if frozen_dims is None else frozen_dims, negative_pool)
     o = cfg.optim
     # GPU memory the planner must leave free: the evaluation's item vectors (every rank scores its
     # users against all items) and its score blocks
